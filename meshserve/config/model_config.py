@@ -1,0 +1,135 @@
+"""What the engine needs to know about a model, resolved once from the server arguments.
+
+Every process builds the same ModelConfig from the same ServerArgs, so the tokenizer side and
+the scheduler side can never disagree on context length, vocabulary or end-of-sequence ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers import AutoConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from meshserve.config.server_args import ServerArgs
+
+# Architectures the executor can run; the model registry maps each to its implementation.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class ModelConfigError(ValueError):
+    """The model directory cannot be served; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: str
+    tokenizer_path: str | None  # None with --skip-tokenizer-init
+    served_model_name: str
+    architecture: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    hf_config: PretrainedConfig = field(compare=False, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        explicit = getattr(self.hf_config, "head_dim", None)
+        return explicit or self.hf_config.hidden_size // self.num_heads
+
+    @classmethod
+    def from_server_args(cls, args: ServerArgs) -> ModelConfig:
+        from meshserve.config.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        model_args = args.model
+        if model_args.model_path is None:
+            model_path = str(default_model_path())
+            default_name = DEFAULT_MODEL_NAME
+        else:
+            model_path = model_args.model_path
+            default_name = model_args.model_path
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ModelConfigError(
+                f"--model-path {model_path!r} is not a local Hugging Face model directory (no config.json); "
+                "meshserve never downloads from a model hub"
+            )
+        hf_config = AutoConfig.from_pretrained(
+            model_path, trust_remote_code=model_args.trust_remote_code, local_files_only=True
+        )
+        architectures = getattr(hf_config, "architectures", None) or []
+        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelConfigError(
+                f"architecture {architectures} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return cls(
+            model_path=model_path,
+            tokenizer_path=None if model_args.skip_tokenizer_init else (model_args.tokenizer_path or model_path),
+            served_model_name=model_args.served_model_name or default_name,
+            architecture=arch,
+            dtype=_resolve_dtype(model_args.dtype, hf_config),
+            context_length=_resolve_context_length(model_args.context_length, hf_config),
+            vocab_size=hf_config.vocab_size,
+            eos_token_ids=_eos_token_ids(path, hf_config),
+            hf_config=hf_config,
+        )
+
+
+def _resolve_dtype(requested: str, hf_config: PretrainedConfig) -> str:
+    requested = _DTYPE_ALIASES.get(requested, requested)
+    if requested != "auto":
+        return requested
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
+    name = str(declared).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def _resolve_context_length(requested: int | None, hf_config: PretrainedConfig) -> int:
+    native = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        if native is None:
+            raise ModelConfigError("the model config has no max_position_embeddings; pass --context-length")
+        return native
+    if requested <= 0:
+        raise ModelConfigError(f"--context-length must be positive, got {requested}")
+    if native is not None and requested > native:
+        # Rotary scaling beyond the trained length changes outputs silently; refuse instead.
+        raise ModelConfigError(
+            f"--context-length {requested} exceeds the model's max_position_embeddings {native}"
+        )
+    return requested
+
+
+def _eos_token_ids(path: Path, hf_config: PretrainedConfig) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (which may list several) or else config.json."""
+    ids: list[int] = []
+    for source in (_read_json(path / "generation_config.json").get("eos_token_id"), hf_config.eos_token_id):
+        if source is None:
+            continue
+        for token_id in source if isinstance(source, list) else [source]:
+            if token_id not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

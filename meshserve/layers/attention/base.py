@@ -1,0 +1,31 @@
+"""The attention-backend interface. A backend reads and writes the paged KV pool; models only
+call `AttentionLayer`, which hands the work to the backend carried by the ForwardBatch."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+from meshserve.executor.forward_batch import ForwardMode
+
+if TYPE_CHECKING:
+    from meshserve.executor.forward_batch import ForwardBatch
+    from meshserve.layers.attention.layer import AttentionLayer
+
+
+class AttentionBackend(ABC):
+    def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens. Stores k/v in the pool, returns [T, Hq, D]."""
+        batch.kv_pool.write(layer.layer_id, batch.out_cache_loc, k, v)
+        if batch.mode is ForwardMode.DECODE:
+            return self.decode(layer, q, batch)
+        return self.extend(layer, q, batch)
+
+    @abstractmethod
+    def extend(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...

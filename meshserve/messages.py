@@ -1,0 +1,134 @@
+"""Every message that crosses a process boundary, as msgspec Structs encoded with msgpack.
+
+No pickle on any socket (DESIGN §2): a peer can only ever make us build these plain structs.
+Two directions, each one tagged union:
+
+  TokenizerManager -> scheduler leader:  ToScheduler   (GenerateReq, AbortReq, FlushCacheReq)
+  scheduler leader -> TokenizerManager:  FromScheduler (SchedulerReady, SchedulerFailed,
+                                                        BatchOut, FlushCacheOut, SchedulerStats)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from meshserve.sampling_params import SamplingParams
+
+
+class GenerateReq(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    """One sequence to generate. `rid` is unique among live requests (the TokenizerManager's job)."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+class AbortReq(msgspec.Struct, tag=True, frozen=True):
+    """Stop `rid` wherever it is (waiting, running); its KV is freed and it finishes with "abort"."""
+
+    rid: str
+    message: str = "aborted"
+
+
+class FlushCacheReq(msgspec.Struct, tag=True, frozen=True):
+    """Drop every cached prefix. Refused (success=False) while requests are in flight."""
+
+
+ToScheduler = GenerateReq | AbortReq | FlushCacheReq
+
+
+class FinishReason(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Why a sequence ended. kind "stop": EOS, a stop token or a stop string (matched says which);
+    "length": max_new_tokens or the context length; "abort": client abort or server error."""
+
+    kind: Literal["stop", "length", "abort"]
+    matched: int | str | None = None
+    message: str | None = None
+
+
+class TopLogprob(msgspec.Struct, array_like=True, frozen=True):
+    token_id: int
+    logprob: float
+
+
+class ReqOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What one step added to one sequence. Deltas only: `new_ids` are the tokens since the
+    previous ReqOutput of this rid, `logprobs`/`top_logprobs` (when asked for) align with them.
+    The last ReqOutput of a rid has `finish` set; none follows it."""
+
+    rid: str
+    new_ids: list[int]
+    finish: FinishReason | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[float] = []
+    top_logprobs: list[list[TopLogprob]] = []
+
+
+class BatchOut(msgspec.Struct, tag=True, frozen=True):
+    outputs: list[ReqOutput]
+
+
+class SchedulerReady(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    """Sent once, after the model is loaded and the KV pool is sized."""
+
+    max_total_tokens: int
+    max_running_requests: int
+    context_length: int
+    vocab_size: int
+    device: str
+
+
+class SchedulerFailed(msgspec.Struct, tag=True, frozen=True):
+    """Fatal: the scheduler is exiting. Every in-flight request must get an error."""
+
+    message: str
+
+
+class FlushCacheOut(msgspec.Struct, tag=True, frozen=True):
+    success: bool
+    message: str = ""
+
+
+class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    """Periodic load report (for /metrics and, later, the router)."""
+
+    num_running: int
+    num_waiting: int
+    used_tokens: int
+    max_total_tokens: int
+    cache_hit_tokens: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_retracted: int
+
+
+FromScheduler = SchedulerReady | SchedulerFailed | BatchOut | FlushCacheOut | SchedulerStats
+
+
+class Codec:
+    """Encoder/decoder pair for one direction. Decoding validates types, so a malformed or hostile
+    message raises msgspec.DecodeError instead of building arbitrary objects."""
+
+    def __init__(self, union: object) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(union)
+
+    def encode(self, msg: msgspec.Struct) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode(self, data: bytes):
+        return self._decoder.decode(data)
+
+
+def to_scheduler_codec() -> Codec:
+    return Codec(ToScheduler)
+
+
+def from_scheduler_codec() -> Codec:
+    return Codec(FromScheduler)

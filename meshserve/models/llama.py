@@ -1,0 +1,143 @@
+"""Llama-family decoder (Llama 2/3/3.1, SmolLM2, Mistral; Qwen2 through `attention_bias`).
+
+The model is written against parallel layers only; the TensorParallelGroup decides the shards.
+Checkpoint names map onto fused parameters through `stacked_params` (q/k/v -> qkv_proj,
+gate/up -> gate_up_proj).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.executor.forward_batch import ForwardBatch
+from meshserve.layers.activation import silu_and_mul
+from meshserve.layers.attention.layer import AttentionLayer
+from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.norm import RMSNorm
+from meshserve.layers.rotary import RotaryEmbedding
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=bias, dtype=dtype, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads, num_kv_heads,
+                                          bias=self.qkv_bias(config), dtype=dtype, tp=tp)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        bias=self.o_bias(config), dtype=dtype, tp=tp)
+        self.attn = AttentionLayer(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
+                                   scaling=head_dim**-0.5)
+        self.rotary = rotary
+        self.head_dim = head_dim
+
+    @staticmethod
+    def qkv_bias(config: PretrainedConfig) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    @staticmethod
+    def o_bias(config: PretrainedConfig) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    def project_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook between the projection and rotary: Qwen3 normalises q and k per head here."""
+        return q, k
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q = q.view(-1, self.attn.num_heads, self.head_dim)
+        k = k.view(-1, self.attn.num_kv_heads, self.head_dim)
+        q, k = self.project_qk(q, k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, tp)
+        self.mlp = LlamaMLP(config, dtype, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    # checkpoint-name fragment -> (fused parameter fragment, shard id)
+    stacked_params: tuple[tuple[str, str, int | str], ...] = (
+        ("q_proj", "qkv_proj", "q"),
+        ("k_proj", "qkv_proj", "k"),
+        ("v_proj", "qkv_proj", "v"),
+        ("gate_proj", "gate_up_proj", 0),
+        ("up_proj", "gate_up_proj", 1),
+    )
+
+    def __init__(self, config: PretrainedConfig, *, dtype: torch.dtype, tp: TensorParallelGroup,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
+        self.layers = nn.ModuleList(
+            self.layer_cls(config, i, rotary, dtype, tp) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_to(self.embed_tokens)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch_size, vocab] (float32) of each sequence's last new token."""
+        hidden = self.embed_tokens(batch.input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return self.lm_head.logits(hidden[batch.last_token_index()])
+
+    def checkpoint_name_to_param(self, name: str) -> tuple[str, int | str | None] | None:
+        """Map a checkpoint tensor name to (our parameter name, shard id), or None to skip it."""
+        name = name.removeprefix("model.")
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
+            return None  # tied: the embedding weight is loaded once
+        for fragment, fused, shard_id in self.stacked_params:
+            if f".{fragment}." in name:
+                return name.replace(f".{fragment}.", f".{fused}."), shard_id
+        return name, None

@@ -1,0 +1,76 @@
+"""Per-request sampling parameters: one struct shared by the HTTP layer, the messages and the sampler."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+# Generous but finite: a request may not ask for more than this many new tokens, whatever the
+# context length says. It keeps absurd values out of the scheduler's arithmetic.
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+MAX_TOP_LOGPROBS = 20
+
+
+class SamplingParamsError(ValueError):
+    """A sampling value out of range; the HTTP layer turns it into a 400."""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What one sequence asks of the sampler and of the stop logic.
+
+    `n` is not here: the TokenizerManager fans a request with n > 1 out into n sequences.
+    `temperature == 0` means greedy (argmax), whatever top_p/top_k/min_p say.
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) = no top-k cut
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise SamplingParamsError naming the first bad field."""
+
+        def bad(field: str, why: str) -> SamplingParamsError:
+            return SamplingParamsError(f"{field}: {why}")
+
+        if not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise bad("max_new_tokens", f"must be in [0, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise bad("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        for field, value, low, high in (
+            ("temperature", self.temperature, 0.0, 100.0),
+            ("top_p", self.top_p, 0.0, 1.0),
+            ("min_p", self.min_p, 0.0, 1.0),
+            ("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
+            ("presence_penalty", self.presence_penalty, -2.0, 2.0),
+            ("repetition_penalty", self.repetition_penalty, 0.0, 10.0),
+        ):
+            if not math.isfinite(value) or not low <= value <= high:
+                raise bad(field, f"must be in [{low}, {high}], got {value}")
+        if self.top_p == 0.0:
+            raise bad("top_p", "must be > 0")
+        if self.repetition_penalty == 0.0:
+            raise bad("repetition_penalty", "must be > 0")
+        if self.top_k < -1:
+            raise bad("top_k", f"must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", "must be in [0, 2**63)")
+        if any(not s for s in self.stop):
+            raise bad("stop", "stop strings must not be empty")
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"token ids must be in [0, {vocab_size})")

@@ -1,0 +1,55 @@
+"""Req: one sequence's state inside the scheduler.
+
+KV layout of a request (its row in the ReqToTokenPool), by token position:
+  [0, prefix_len)      slots owned by the prefix cache, kept alive by a lock on `prefix_node`
+  [prefix_len, kv_len) slots this request computed and owns
+  kv_len == len(fill_ids) - 1 after each step that sampled a token: the newest token has no KV yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshserve.cache.radix_cache import RadixNode
+from meshserve.messages import FinishReason, GenerateReq, TopLogprob
+from meshserve.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+    output_ids: list[int] = field(default_factory=list)
+    row: int | None = None  # ReqToTokenPool row while the request holds KV
+    prefix_len: int = 0
+    kv_len: int = 0
+    prefix_node: RadixNode | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    finish: FinishReason | None = None
+
+    # what has not been sent to the TokenizerManager yet
+    unsent_from: int = 0  # index into output_ids
+    unsent_logprobs: list[float] = field(default_factory=list)
+    unsent_top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, msg: GenerateReq) -> Req:
+        return cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling=msg.sampling,
+                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token of the sequence so far; the model must have seen all but the last."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.return_logprob or self.top_logprobs_num > 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
