@@ -88,8 +88,8 @@ class RadixCache:
 
     def insert(self, tokens: list[int], slots: torch.Tensor) -> int:
         """Add `tokens` with their `slots`. Returns how many leading tokens were already cached:
-        the caller still owns `slots[:that]` for the part it computed itself and must free it;
-        the tree now owns the rest."""
+        the cache takes ownership of `slots[that:]`; of `slots[:that]` the caller still owns the
+        part it computed itself (past its own cached prefix) and must free it."""
         node = self.root
         i = 0
         while i < len(tokens):
@@ -190,8 +190,9 @@ class NoPrefixCache:
         return PrefixMatch(torch.empty(0, dtype=torch.int64), None)
 
     def insert(self, tokens: list[int], slots: torch.Tensor) -> int:
+        # Nothing was cached before (0), and the slots are adopted and dropped at once.
         self.pool.free(slots)
-        return len(tokens)  # the caller must not free anything more
+        return 0
 
     def lock(self, node: RadixNode | None) -> None:
         pass

@@ -40,6 +40,13 @@ def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _replicated_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+    """Parameters that every rank holds whole (norms)."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
 def load_model(model_config: ModelConfig, *, device: torch.device, tp: TensorParallelGroup) -> nn.Module:
     dtype = DTYPES[model_config.dtype]
     model_cls = MODEL_REGISTRY[model_config.architecture]
@@ -56,10 +63,11 @@ def load_model(model_config: ModelConfig, *, device: torch.device, tp: TensorPar
         if param is None:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {model_cls.__name__}")
         tensor = tensor.to(device=device, dtype=dtype)
+        loader = getattr(param, "weight_loader", _replicated_weight_loader)
         if shard_id is None:
-            param.weight_loader(param, tensor)
+            loader(param, tensor)
         else:
-            param.weight_loader(param, tensor, shard_id)
+            loader(param, tensor, shard_id)
         loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:

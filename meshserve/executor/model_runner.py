@@ -1,0 +1,93 @@
+"""ModelRunner: the model, its KV cache and one forward step, on one rank."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
+from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.config.model_config import ModelConfig
+from meshserve.config.server_args import ServerArgs
+from meshserve.executor.forward_batch import ForwardBatch, ForwardMode
+from meshserve.executor.loader import DTYPES, load_model
+from meshserve.layers.attention import create_attention_backend
+
+logger = logging.getLogger("meshserve")
+
+# On CPU there is no "free memory" to take a fraction of; without --max-total-tokens the KV
+# cache gets this many bytes (enough for tens of thousands of tokens of a small model).
+CPU_DEFAULT_KV_BYTES = 1 << 30
+DEFAULT_MEM_FRACTION_STATIC = 0.85
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """The host-side description of one step, built by the scheduler."""
+
+    mode: ForwardMode
+    input_ids: list[int]
+    positions: list[int]
+    out_cache_loc: torch.Tensor  # int64 CPU
+    req_rows: list[int]
+    seq_lens: list[int]
+    extend_lens: list[int]
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, *, device: torch.device,
+                 tp: TensorParallelGroup) -> None:
+        self.model_config = model_config
+        self.device = device
+        self.tp = tp
+        if args.scheduler.random_seed is not None:
+            torch.manual_seed(args.scheduler.random_seed)
+        self.model = load_model(model_config, device=device, tp=tp)
+        self.max_total_tokens = self._kv_capacity(args)
+        self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
+        self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
+                              num_kv_heads=self._local_kv_heads, head_dim=model_config.head_dim,
+                              dtype=DTYPES[model_config.dtype], device=device)
+        # +1 column: a request may hold KV for every position below the context length.
+        self.req_to_token = ReqToTokenPool(max_requests=self.max_running_requests,
+                                           max_context=model_config.context_length + 1, device=device)
+        self.attn_backend = create_attention_backend(args.scheduler.attention_backend or "torch_native")
+        logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
+
+    @property
+    def _local_kv_heads(self) -> int:
+        return max(1, self.model_config.num_kv_heads // self.tp.size)
+
+    def _kv_capacity(self, args: ServerArgs) -> int:
+        per_token = KVPool.bytes_per_token(num_layers=self.model_config.num_layers, num_kv_heads=self._local_kv_heads,
+                                           head_dim=self.model_config.head_dim, dtype=DTYPES[self.model_config.dtype])
+        if args.cache.max_total_tokens is not None:
+            return args.cache.max_total_tokens
+        if self.device.type == "cpu":
+            return max(1, CPU_DEFAULT_KV_BYTES // per_token)
+        fraction = args.cache.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * fraction) - (total - free)
+        if budget < per_token * 16:
+            raise RuntimeError(f"--mem-fraction-static {fraction} leaves no room for the KV cache after the weights "
+                               f"({(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB)")
+        return budget // per_token
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Logits [batch, vocab] float32 for each sequence's last new token."""
+        batch = ForwardBatch(
+            mode=step.mode,
+            input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(step.positions, dtype=torch.int64, device=self.device),
+            out_cache_loc=step.out_cache_loc.to(self.device),
+            req_rows=step.req_rows,
+            seq_lens=step.seq_lens,
+            extend_lens=step.extend_lens,
+            kv_pool=self.kv_pool,
+            req_to_token=self.req_to_token,
+            attn_backend=self.attn_backend,
+        )
+        return self.model(batch)

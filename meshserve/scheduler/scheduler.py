@@ -1,0 +1,333 @@
+"""The scheduler: continuous batching over a paged KV cache with a radix prefix cache.
+
+Each `step()` runs one forward pass: an EXTEND batch (new prompts, chunks of long prompts,
+re-admitted retracted requests) when any can be admitted, otherwise a DECODE batch of every
+running sequence. Everything here is deterministic given the order of incoming messages, which
+is what lets every tensor-parallel rank run the same decisions (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from meshserve.cache.radix_cache import NoPrefixCache, RadixCache
+from meshserve.config.model_config import ModelConfig
+from meshserve.config.server_args import ServerArgs
+from meshserve.executor.forward_batch import ForwardMode
+from meshserve.executor.model_runner import ModelRunner, StepInput
+from meshserve.executor.sampler import Sampler, SamplingBatch
+from meshserve.messages import FinishReason, GenerateReq, ReqOutput, SchedulerStats, TopLogprob
+from meshserve.scheduler.finish import FinishChecker
+from meshserve.scheduler.policy import PrefillPolicy
+from meshserve.scheduler.request import Req
+
+logger = logging.getLogger("meshserve")
+
+
+@dataclass
+class _Extend:
+    req: Req
+    slots: torch.Tensor  # KV slots (CPU int64) of the new tokens computed for req in this step
+
+    @property
+    def length(self) -> int:
+        return self.slots.numel()
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None) -> None:
+        self.model_config = model_config
+        self.runner = runner
+        self.pool = runner.kv_pool
+        self.rows = runner.req_to_token
+        self.cache: RadixCache | NoPrefixCache = (
+            NoPrefixCache(self.pool) if args.cache.disable_radix_cache else RadixCache(self.pool))
+        self.policy = PrefillPolicy(
+            schedule_policy=args.scheduler.schedule_policy,
+            max_prefill_tokens=args.scheduler.max_prefill_tokens,
+            chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(),
+        )
+        self.max_running = runner.max_running_requests
+        self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids,
+                                            context_length=model_config.context_length, tokenizer=tokenizer)
+        self.sampler = Sampler()
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
+        self._outputs: list[ReqOutput] = []
+        self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def add_request(self, msg: GenerateReq) -> None:
+        req = Req.from_message(msg)
+        problem = self._invalid(req)
+        if problem is not None:
+            req.finish = FinishReason("abort", message=problem)
+            self._emit(req)
+        elif req.sampling.max_new_tokens == 0:
+            req.finish = FinishReason("length")
+            self._emit(req)
+        else:
+            self.waiting.append(req)
+
+    def _invalid(self, req: Req) -> str | None:
+        """Last line of defence; the TokenizerManager already rejects these with a 400."""
+        if not req.input_ids:
+            return "the prompt is empty"
+        if len(req.input_ids) >= self.model_config.context_length:
+            return f"the prompt has {len(req.input_ids)} tokens, the context length is {self.model_config.context_length}"
+        if min(req.input_ids) < 0 or max(req.input_ids) >= self.model_config.vocab_size:
+            return f"token ids must be in [0, {self.model_config.vocab_size})"
+        if len(req.input_ids) + 1 > self.pool.size:
+            return f"the prompt needs more KV cache ({len(req.input_ids) + 1} tokens) than exists ({self.pool.size})"
+        return None
+
+    def abort(self, rid: str, message: str) -> None:
+        for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
+            if req.rid == rid and not req.finished:
+                req.finish = FinishReason("abort", message=message)
+                self._retire(req)
+                return
+
+    def flush_cache(self) -> tuple[bool, str]:
+        if self.has_work:
+            return False, "cannot flush the cache while requests are in flight"
+        self.cache.reset()
+        return True, ""
+
+    def take_outputs(self) -> list[ReqOutput]:
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def load(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running) + (self.chunked is not None),
+            num_waiting=len(self.waiting),
+            used_tokens=self.pool.size - self.pool.num_free - self.cache.evictable_size,
+            max_total_tokens=self.pool.size,
+            **self.stats,
+        )
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> None:
+        batch = self._admit()
+        if batch:
+            self._run_extend(batch)
+        elif self.running:
+            self._run_decode()
+
+    def _admit(self) -> list[_Extend]:
+        """Pick the extend work of this step: the chunked request first, then waiting requests in
+        policy order, within the token budgets, free request rows and free KV."""
+        budget = self.policy.new_budget()
+        batch: list[_Extend] = []
+        if self.chunked is not None:
+            req, self.chunked = self.chunked, None
+            if not self._plan_extend(req, budget, batch):
+                self.chunked = req  # no KV this step; try again next step
+                return batch
+        if self.chunked is not None:
+            return batch
+        for req in self.policy.order(self.waiting, self.cache):
+            if len(self.running) + len(batch) >= self.max_running or budget.exhausted:
+                break
+            if not self._plan_extend(req, budget, batch):
+                break
+            self.waiting.remove(req)
+            if self.chunked is not None:
+                break  # a chunked request takes what is left of this step's budget
+        return batch
+
+    def _plan_extend(self, req: Req, budget, batch: list[_Extend]) -> bool:
+        """Give `req` a row, its cached prefix and KV slots for its next chunk; False if it must wait."""
+        fresh = req.row is None
+        if fresh:
+            match = self.cache.match_prefix(req.fill_ids[:-1])
+            self.cache.lock(match.node)
+        remaining = len(req.fill_ids) - (match.length if fresh else req.kv_len)
+        take = budget.take(remaining)
+        # Head-room for one decode token of every sequence that will be running after this step,
+        # so admitting a prompt does not immediately force a retraction.
+        reserve = len(self.running) + len(batch) + 1
+        if take <= 0 or not self._ensure_free(take + reserve) or (fresh and self.rows.num_free == 0):
+            if fresh:
+                self.cache.unlock(match.node)
+            return False
+        budget.spend(take)
+        if fresh:
+            req.row = self.rows.alloc()
+            req.prefix_node, req.prefix_len, req.kv_len = match.node, match.length, match.length
+            self.rows.assign(req.row, 0, match.slots)
+            if not req.output_ids:  # a retracted request's re-admission is not a cache hit
+                req.cached_tokens = match.length
+                self.stats["cache_hit_tokens"] += match.length
+        slots = self.pool.alloc(take)
+        assert slots is not None  # _ensure_free guaranteed it
+        self.rows.assign(req.row, req.kv_len, slots)
+        batch.append(_Extend(req, slots))
+        if take < remaining:
+            self.chunked = req
+        return True
+
+    def _ensure_free(self, n: int) -> bool:
+        if self.pool.num_free < n:
+            self.cache.evict(n - self.pool.num_free)
+        return self.pool.num_free >= n
+
+    def _run_extend(self, batch: list[_Extend]) -> None:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for item in batch:
+            start = item.req.kv_len
+            input_ids += item.req.fill_ids[start : start + item.length]
+            positions += range(start, start + item.length)
+        step = StepInput(
+            mode=ForwardMode.EXTEND,
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=torch.cat([item.slots for item in batch]),
+            req_rows=[item.req.row for item in batch],
+            seq_lens=[item.req.kv_len + item.length for item in batch],
+            extend_lens=[item.length for item in batch],
+        )
+        logits = self.runner.forward(step)
+        done: list[tuple[int, Req]] = []
+        for i, item in enumerate(batch):
+            item.req.kv_len += item.length
+            if not item.req.output_ids:
+                self.stats["prompt_tokens"] += item.length
+            if item.req is self.chunked:
+                self._cache_computed_prefix(item.req)
+            else:
+                done.append((i, item.req))
+        if done:
+            rows = torch.tensor([i for i, _ in done], device=logits.device)
+            self._sample_and_advance(logits.index_select(0, rows) if len(done) < len(batch) else logits,
+                                     [req for _, req in done])
+            self.running += [req for _, req in done if not req.finished]
+
+    def _run_decode(self) -> None:
+        self._make_room_for_decode()
+        if not self.running:
+            return
+        reqs = self.running
+        slots = self.pool.alloc(len(reqs))
+        assert slots is not None
+        self.rows.assign_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        step = StepInput(
+            mode=ForwardMode.DECODE,
+            input_ids=[req.fill_ids[-1] for req in reqs],
+            positions=[req.kv_len for req in reqs],
+            out_cache_loc=slots,
+            req_rows=[req.row for req in reqs],
+            seq_lens=[req.kv_len + 1 for req in reqs],
+            extend_lens=[1] * len(reqs),
+        )
+        logits = self.runner.forward(step)
+        for req in reqs:
+            req.kv_len += 1
+        self._sample_and_advance(logits, list(reqs))
+        self.running = [req for req in self.running if not req.finished]
+
+    def _make_room_for_decode(self) -> None:
+        """Every running sequence needs one slot; evict cached prefixes, then retract sequences
+        (newest first — they have the least work to redo) until that fits."""
+        while self.running and not self._ensure_free(len(self.running)):
+            victim = max(self.running, key=lambda r: (len(r.output_ids) == 0, -len(r.fill_ids)))
+            self.running.remove(victim)
+            self._release(victim, finished=False)
+            self.waiting.appendleft(victim)
+            self.stats["num_retracted"] += 1
+            logger.info("KV cache full: retracted request %s (%d tokens) to the waiting queue",
+                        victim.rid, len(victim.fill_ids))
+
+    def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> None:
+        batch = SamplingBatch.build(
+            [r.sampling for r in reqs], [r.output_ids for r in reqs], self.model_config.eos_token_ids,
+            self.model_config.vocab_size, logits.device,
+            top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs])
+        out = self.sampler.sample(logits, batch)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
+        for i, (req, token) in enumerate(zip(reqs, token_ids)):
+            req.output_ids.append(token)
+            self.stats["generation_tokens"] += 1
+            if req.wants_logprobs and logprobs is not None:
+                req.unsent_logprobs.append(logprobs[i])
+                if req.top_logprobs_num and top_ids is not None:
+                    n = req.top_logprobs_num
+                    req.unsent_top_logprobs.append(
+                        [TopLogprob(t, v) for t, v in zip(top_ids[i][:n], top_vals[i][:n])])
+            req.finish = self.finish_checker.check(req)
+            if req.finished:
+                self._retire(req)
+            else:
+                self._emit(req)
+
+    # -- KV ownership (see Req's docstring for the layout) ---------------------------------
+
+    def _retire(self, req: Req) -> None:
+        """A finished or aborted request: give its KV to the cache or the pool, send its last output."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+        if req.row is not None:
+            self._release(req, finished=True)
+        self._emit(req)
+
+    def _release(self, req: Req, *, finished: bool) -> None:
+        """Hand the request's computed KV to the prefix cache (which frees what it already had)
+        and drop its row. A finished request's tokens stay reusable by later requests; a
+        retracted one is re-admitted through the same cache."""
+        assert req.row is not None
+        slots = self.rows.slots(req.row, req.kv_len).cpu()
+        already = self.cache.insert(req.fill_ids[: req.kv_len], slots)
+        if already > req.prefix_len:
+            self.pool.free(slots[req.prefix_len : already])
+        self.cache.unlock(req.prefix_node)
+        self.rows.free(req.row)
+        req.row, req.prefix_node, req.prefix_len, req.kv_len = None, None, 0, 0
+
+    def _cache_computed_prefix(self, req: Req) -> None:
+        """After a chunk: move the computed tokens into the prefix cache and re-point the row at
+        the cache's slots, so the request owns nothing and its prefix is locked. Without a
+        sharing cache the request simply keeps owning its slots."""
+        if not isinstance(self.cache, RadixCache):
+            return
+        tokens = req.fill_ids[: req.kv_len]
+        slots = self.rows.slots(req.row, req.kv_len).cpu()
+        already = self.cache.insert(tokens, slots)
+        if already > req.prefix_len:
+            self.pool.free(slots[req.prefix_len : already])
+        match = self.cache.match_prefix(tokens)
+        assert match.length == req.kv_len
+        self.rows.assign(req.row, 0, match.slots)
+        self.cache.lock(match.node)
+        self.cache.unlock(req.prefix_node)
+        req.prefix_node, req.prefix_len = match.node, req.kv_len
+
+    def _emit(self, req: Req) -> None:
+        new_ids = req.output_ids[req.unsent_from :]
+        if not new_ids and not req.finished:
+            return
+        self._outputs.append(ReqOutput(
+            rid=req.rid, new_ids=new_ids, finish=req.finish, prompt_tokens=len(req.input_ids),
+            cached_tokens=req.cached_tokens, completion_tokens=len(req.output_ids),
+            logprobs=req.unsent_logprobs, top_logprobs=req.unsent_top_logprobs))
+        req.unsent_from = len(req.output_ids)
+        req.unsent_logprobs, req.unsent_top_logprobs = [], []
