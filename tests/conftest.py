@@ -1,0 +1,60 @@
+"""Shared pytest fixtures. Append new fixtures in their own section below; keep imports light.
+
+Models used by tests (DESIGN.md §5): the embedded SmolLM2 (real weights, converted once into
+the user's meshserve cache) and tiny random models built once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# No test may reach a model hub: set before anything imports transformers/huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# Test helpers are imported as `tests.<module>`; make the repository root importable however
+# pytest was launched (`python -m pytest` adds it, the `pytest` script does not).
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import pytest  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Model directories
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory (converted on first use, then cached)."""
+    from meshserve.config.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """Tiny Qwen3 (q/k norms, tied embeddings), single safetensors file."""
+    from tests.models import make_tiny_qwen3
+
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """Tiny Llama (untied lm_head), single safetensors file."""
+    from tests.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """Tiny Qwen2 (q/k/v bias, untied lm_head), single safetensors file."""
+    from tests.models import make_tiny_qwen2
+
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir=default_model_dir)

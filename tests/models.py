@@ -1,0 +1,157 @@
+"""Tiny random-weight Hugging Face model directories for tests.
+
+Each ``make_tiny_*`` writes an ordinary HF directory (config.json, safetensors, generation config,
+tokenizer) that meshserve and transformers both load, so the engine can be checked token for
+token against transformers on several architectures without real weights.
+
+Invariants:
+
+* Deterministic: the same call writes bit-identical weights (fixed seed, CPU, float32).
+* The tokenizer is the real SmolLM2 one (copied from the converted default model), so tests can
+  send text prompts and chat messages; vocab_size matches it (49152).
+* Shapes are tensor-parallel friendly: 4 attention heads and 2 KV heads, so tp=2 splits KV heads
+  and tp=4 has to replicate them (num_kv_heads < tp).
+* Both embedding layouts are covered: Qwen3 ties lm_head to the embedding (as does SmolLM2 itself),
+  Llama and Qwen2 do not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from meshserve.config.default_model import default_model_path
+
+SEED = 1234
+VOCAB_SIZE = 49152  # SmolLM2 tokenizer
+BOS_TOKEN_ID = 1  # <|im_start|>
+EOS_TOKEN_ID = 2  # <|im_end|>
+
+# Weight std. With transformers' default (0.02) a 64-wide model has logits spread ~0.15 over 49k
+# tokens, and the tied Qwen3 just repeats its last input token, so a broken engine could still
+# "match". 0.2 gives prompt-dependent, varied greedy output with well separated argmaxes while
+# keeping attention soft (q.k/sqrt(d) spread ~2.5; at 0.5 it saturates to one-hot, which would
+# hide attention bugs).
+INIT_STD = 0.2
+
+# With this limit (about 2/3 of one layer) the embedding and lm_head get shards of their own and
+# every layer is split across two files, as in real multi-file checkpoints.
+SMALL_SHARD_SIZE = "100KB"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",  # not written by every transformers version
+    "chat_template.jinja",  # idem
+)
+
+
+def _common(num_layers: int, num_kv_heads: int, tie_word_embeddings: bool) -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,  # hidden / heads; Qwen3's own default (128) would not match
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=EOS_TOKEN_ID,
+        dtype="float32",
+    )
+
+
+def make_tiny_qwen3(
+    path: Path | str,
+    *,
+    num_kv_heads: int = 2,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = True,
+    sharded: bool = False,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Tiny Qwen3 (q_norm/k_norm on heads, no qkv bias); ties embeddings by default."""
+    config = Qwen3Config(**_common(num_layers, num_kv_heads, tie_word_embeddings))
+    return _build(config, path, sharded=sharded, tokenizer_dir=tokenizer_dir)
+
+
+def make_tiny_llama(
+    path: Path | str,
+    *,
+    num_kv_heads: int = 2,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = False,
+    sharded: bool = False,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Tiny Llama (no biases); separate lm_head by default."""
+    config = LlamaConfig(**_common(num_layers, num_kv_heads, tie_word_embeddings))
+    return _build(config, path, sharded=sharded, tokenizer_dir=tokenizer_dir)
+
+
+def make_tiny_qwen2(
+    path: Path | str,
+    *,
+    num_kv_heads: int = 2,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = False,
+    sharded: bool = False,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Tiny Qwen2 (q/k/v projections carry a bias); separate lm_head by default."""
+    config = Qwen2Config(**_common(num_layers, num_kv_heads, tie_word_embeddings))
+    return _build(config, path, sharded=sharded, tokenizer_dir=tokenizer_dir)
+
+
+def _build(
+    config: PretrainedConfig, path: Path | str, *, sharded: bool, tokenizer_dir: Path | None
+) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize_small_params(model)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=EOS_TOKEN_ID
+    )
+    model.save_pretrained(path, max_shard_size=SMALL_SHARD_SIZE if sharded else "50GB")
+    _copy_tokenizer(tokenizer_dir or default_model_path(), path)
+    return path
+
+
+@torch.no_grad()
+def _randomize_small_params(model: torch.nn.Module) -> None:
+    """Give norms and biases random values too.
+
+    transformers initialises RMSNorm weights to 1 and biases to 0, which would let an engine that
+    ignores them (e.g. forgets q_norm or the qkv bias) still match the reference.
+    """
+    for name, param in model.named_parameters():
+        if param.ndim == 1:
+            if name.endswith("bias"):
+                param.normal_(0.0, INIT_STD)
+            else:  # norm weight: keep it around 1 so activations stay in range
+                param.uniform_(0.5, 1.5)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
