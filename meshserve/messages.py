@@ -41,6 +41,15 @@ class FlushCacheReq(msgspec.Struct, tag=True, frozen=True):
 ToScheduler = GenerateReq | AbortReq | FlushCacheReq
 
 
+class StepMessages(msgspec.Struct, frozen=True):
+    """Leader -> every other rank, once per scheduler step over the gloo CPU group: the messages
+    the leader received since the last step, in order, so every rank makes the same decisions.
+    `stop` ends every rank's loop together."""
+
+    messages: list[ToScheduler]
+    stop: bool = False
+
+
 class FinishReason(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why a sequence ended. kind "stop": EOS, a stop token or a stop string (matched says which);
     "length": max_new_tokens or the context length; "abort": client abort or server error."""
@@ -124,6 +133,10 @@ class Codec:
 
     def decode(self, data: bytes):
         return self._decoder.decode(data)
+
+
+def step_messages_codec() -> Codec:
+    return Codec(StepMessages)
 
 
 def to_scheduler_codec() -> Codec:

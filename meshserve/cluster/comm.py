@@ -1,4 +1,6 @@
-"""The tensor-parallel group as the layers see it: a rank, a size and two collectives.
+"""The tensor-parallel group: a rank, a size, the collectives the layers use (on the device
+group: NCCL on GPU, gloo on CPU) and the ones the schedulers use (on a gloo CPU group: bytes and
+small integers, never pickled objects).
 
 Layers receive a TensorParallelGroup and never compute ranks themselves; with size 1 every
 collective is the identity, so single-GPU and CPU runs pay nothing for the parallel structure.
@@ -16,13 +18,18 @@ import torch.distributed as dist
 class TensorParallelGroup:
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None  # None only when size == 1
+    group: dist.ProcessGroup | None = None  # device collectives; None only when size == 1
+    cpu_group: dist.ProcessGroup | None = None  # host collectives (gloo); None only when size == 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"tp rank {self.rank} out of range for size {self.size}")
-        if self.size > 1 and self.group is None:
-            raise ValueError("a tensor-parallel group of size > 1 needs a process group")
+        if self.size > 1 and (self.group is None or self.cpu_group is None):
+            raise ValueError("a tensor-parallel group of size > 1 needs device and CPU process groups")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -37,6 +44,35 @@ class TensorParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_from_leader(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank gets rank 0's `x` (same shape and dtype on all ranks) — e.g. sampled token ids,
+        so all ranks advance identically whatever their random state."""
+        if self.size > 1:
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's `data` on every rank, over the CPU group (length first, then the bytes).
+        Other ranks pass None."""
+        if self.size == 1:
+            assert data is not None
+            return data
+        length = torch.tensor([len(data) if self.is_leader else 0], dtype=torch.int64)
+        dist.broadcast(length, src=0, group=self.cpu_group)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_leader \
+            else torch.empty(int(length), dtype=torch.uint8)
+        if int(length):
+            dist.broadcast(buf, src=0, group=self.cpu_group)
+        return buf.numpy().tobytes()
+
+    def min_over_ranks(self, value: int) -> int:
+        """The minimum of an integer across ranks (e.g. KV capacity: every rank must hold the pool)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t)
 
     def shard(self, total: int) -> tuple[int, int]:
         """(start, length) of this rank's even share of `total`; `total` must divide evenly."""

@@ -1,12 +1,14 @@
-"""Starts the scheduler processes of this node and watches them."""
+"""Starts this node's scheduler processes (one per local rank) and watches them."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import socket
 from dataclasses import dataclass, field
 
 from meshserve.cluster.endpoints import SchedulerEndpoints
+from meshserve.cluster.topology import Topology
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 
@@ -15,14 +17,17 @@ logger = logging.getLogger("meshserve")
 
 @dataclass
 class SchedulerProcesses:
-    endpoints: SchedulerEndpoints
+    endpoints: SchedulerEndpoints | None  # None on nodes other than 0: no TokenizerManager there
+    topology: Topology
     processes: list[mp.process.BaseProcess] = field(default_factory=list)
 
     def dead(self) -> str | None:
         """A description of the first scheduler process that has exited, or None if all live."""
-        for rank, proc in enumerate(self.processes):
+        for local_rank, proc in enumerate(self.processes):
             if not proc.is_alive():
-                return f"scheduler rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+                rank = self.topology.global_rank(local_rank)
+                return f"scheduler rank {rank} on node {self.topology.node_rank} (pid {proc.pid}) " \
+                       f"exited with code {proc.exitcode}"
         return None
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -37,15 +42,34 @@ class SchedulerProcesses:
                 proc.join(timeout)
 
 
-def launch_schedulers(args: ServerArgs, model_config: ModelConfig) -> SchedulerProcesses:
-    """One scheduler process per local rank (one, until tensor parallelism lands). `spawn`, not
-    `fork`: the parent may already run threads (asyncio, tokenizers) that fork would corrupt."""
+def rendezvous_address(args: ServerArgs) -> str | None:
+    """host:port of the torch.distributed rendezvous: --dist-init-addr when given; a free loopback
+    port for tensor parallelism inside one node; None for a single rank."""
+    if args.parallel.dist_init_addr is not None:
+        return args.parallel.dist_init_addr
+    if args.parallel.tp_size == 1:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def launch_schedulers(args: ServerArgs, model_config: ModelConfig | None = None) -> SchedulerProcesses:
+    """One scheduler process per local rank. `spawn`, not `fork`: the parent may already run
+    threads (asyncio, tokenizers) that fork would corrupt. Every process resolves the model
+    configuration again from the same arguments, so nothing but ServerArgs crosses over."""
     from meshserve.scheduler.process import run_scheduler_process
 
-    del model_config  # every scheduler resolves it again from the same arguments
-    endpoints = SchedulerEndpoints.new_ipc()
+    del model_config
+    topology = Topology.from_args(args)
+    endpoints = SchedulerEndpoints.new_ipc() if topology.is_leader_node else None
+    rendezvous = rendezvous_address(args)
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=run_scheduler_process, args=(args, endpoints, 0), name="meshserve-scheduler-0",
-                       daemon=True)
-    proc.start()
-    return SchedulerProcesses(endpoints=endpoints, processes=[proc])
+    launched = SchedulerProcesses(endpoints=endpoints, topology=topology)
+    for local_rank in range(topology.ranks_per_node):
+        rank = topology.global_rank(local_rank)
+        proc = ctx.Process(target=run_scheduler_process, args=(args, endpoints, local_rank, rendezvous),
+                           name=f"meshserve-rank-{rank}", daemon=True)
+        proc.start()
+        launched.processes.append(proc)
+    return launched

@@ -454,18 +454,10 @@ class Refusal:
 
 # Delete a row when its feature lands. Predicates see the whole ServerArgs.
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("tp_size", lambda a: a.parallel.tp_size > 1,
-            "tensor parallelism is not built yet; only 1 rank is supported"),
     Refusal("dp_size", lambda a: a.parallel.dp_size > 1,
             "data parallelism is not built yet"),
     Refusal("ep_size", lambda a: a.parallel.ep_size > 1,
             "expert parallelism is not built yet"),
-    Refusal("nnodes", lambda a: a.parallel.nnodes > 1,
-            "multi-node serving is not built yet"),
-    Refusal("node_rank", lambda a: a.parallel.node_rank != 0,
-            "multi-node serving is not built yet"),
-    Refusal("dist_init_addr", lambda a: a.parallel.dist_init_addr is not None,
-            "the distributed rendezvous is not built yet"),
     Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention,
             "data-parallel attention is not built yet"),
     Refusal("enable_dp_lm_head", lambda a: a.parallel.enable_dp_lm_head,
@@ -676,6 +668,11 @@ class ServerArgs:
         if p.nnodes >= 1 and not 0 <= p.node_rank < p.nnodes:
             yield (f"{self.flag_spelling('node_rank')} must be in 0..{p.nnodes - 1} "
                    f"(--nnodes {p.nnodes}), got {p.node_rank}")
+        if p.nnodes >= 1 and p.tp_size >= 1 and p.tp_size % p.nnodes:
+            yield (f"{self.flag_spelling('tp_size')} {p.tp_size} must be divisible by "
+                   f"--nnodes {p.nnodes} (every node runs the same number of ranks)")
+        if p.nnodes > 1 and p.dist_init_addr is None:
+            yield "--dist-init-addr HOST:PORT (node 0's address) is required when --nnodes > 1"
         if p.dist_init_addr is not None and not _is_host_port(p.dist_init_addr):
             yield (f"{self.flag_spelling('dist_init_addr')} must be HOST:PORT "
                    f"(e.g. 10.0.0.1:20000), got {p.dist_init_addr!r}")

@@ -45,7 +45,8 @@ class ModelRunner:
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
         self.model = load_model(model_config, device=device, tp=tp)
-        self.max_total_tokens = self._kv_capacity(args)
+        # Every rank holds its share of every token's KV, so the pool is as large as the smallest rank allows.
+        self.max_total_tokens = tp.min_over_ranks(self._kv_capacity(args))
         self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
                               num_kv_heads=self._local_kv_heads, head_dim=model_config.head_dim,

@@ -1,5 +1,11 @@
-"""The scheduler process: builds the model runner and the Scheduler, then serves the ZMQ link to
-the TokenizerManager until told to stop or until the parent process disappears."""
+"""A scheduler process: one per rank. It forms the tensor-parallel world, builds the model
+runner and the Scheduler, then runs the step loop.
+
+The leader (global rank 0) alone talks to the TokenizerManager over ZMQ. Each step it
+broadcasts what it received to the other ranks (StepMessages, msgpack bytes over the gloo CPU
+group), so every rank applies the same messages in the same order and makes the same
+scheduling decisions (SPMD).
+"""
 
 from __future__ import annotations
 
@@ -13,53 +19,102 @@ import msgspec
 import torch
 import zmq
 
-from meshserve.cluster.comm import SINGLE
+from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.distributed import init_tp_group
 from meshserve.cluster.endpoints import SchedulerEndpoints
+from meshserve.cluster.topology import Topology
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.model_runner import ModelRunner
-from meshserve.messages import (AbortReq, BatchOut, FlushCacheOut, FlushCacheReq, GenerateReq, SchedulerFailed,
-                                SchedulerReady, from_scheduler_codec, to_scheduler_codec)
+from meshserve.messages import (AbortReq, BatchOut, FlushCacheOut, FlushCacheReq, FromScheduler, GenerateReq,
+                                SchedulerFailed, SchedulerReady, StepMessages, ToScheduler, from_scheduler_codec,
+                                step_messages_codec, to_scheduler_codec)
 from meshserve.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("meshserve")
 
 STATS_INTERVAL_S = 1.0
-IDLE_POLL_MS = 500  # also how often an idle scheduler notices that its parent is gone
+IDLE_POLL_MS = 200  # how long an idle leader waits for messages before the next (empty) step
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
-def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints, rank: int) -> None:
+class LeaderLink:
+    """The leader's two ZMQ sockets to the TokenizerManager."""
+
+    def __init__(self, endpoints: SchedulerEndpoints) -> None:
+        self._ctx = zmq.Context()
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.connect(endpoints.to_scheduler)
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.connect(endpoints.from_scheduler)
+        self._poller = zmq.Poller()
+        self._poller.register(self._inbox, zmq.POLLIN)
+        self._in_codec, self._out_codec = to_scheduler_codec(), from_scheduler_codec()
+
+    def receive(self, timeout_ms: int) -> list[ToScheduler]:
+        """Everything queued now; waits up to timeout_ms for the first message."""
+        messages: list[ToScheduler] = []
+        while self._poller.poll(timeout_ms):
+            timeout_ms = 0
+            try:
+                messages.append(self._in_codec.decode(self._inbox.recv()))
+            except msgspec.DecodeError as exc:
+                logger.warning("dropped a malformed message: %s", exc)
+        return messages
+
+    def send(self, msg: FromScheduler) -> None:
+        self._outbox.send(self._out_codec.encode(msg))
+
+    def close(self) -> None:
+        self._outbox.close(linger=2000)
+        self._inbox.close(linger=0)
+
+
+def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None, local_rank: int,
+                          rendezvous: str | None) -> None:
     """Process entry point. Exits 0 on a clean stop, 1 after reporting a fatal error."""
+    _die_with_parent()
+    topology = Topology.from_args(args)
+    rank = topology.global_rank(local_rank)
     logging.basicConfig(level=args.http.log_level.upper(),
-                        format=f"%(asctime)s [scheduler {rank}] %(levelname)s %(message)s")
-    parent = os.getppid()
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(endpoints.to_scheduler)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.connect(endpoints.from_scheduler)
-    out_codec = from_scheduler_codec()
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    link = LeaderLink(endpoints) if rank == 0 and endpoints is not None else None
     try:
-        scheduler = _build_scheduler(args)
-        outbox.send(out_codec.encode(SchedulerReady(
-            max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
-            context_length=scheduler.model_config.context_length, vocab_size=scheduler.model_config.vocab_size,
-            device=str(scheduler.runner.device))))
-        _serve(scheduler, inbox, outbox, parent)
+        device = torch.device(args.resolved_device())
+        if device.type == "cuda":
+            device = torch.device("cuda", topology.gpu_id(local_rank))
+            torch.cuda.set_device(device)
+        tp = init_tp_group(world_size=topology.world_size, rank=rank, rendezvous=rendezvous, device=device,
+                           timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
+        scheduler = _build_scheduler(args, device, tp)
+        if link is not None:
+            link.send(SchedulerReady(
+                max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
+                context_length=scheduler.model_config.context_length, vocab_size=scheduler.model_config.vocab_size,
+                device=str(device)))
+        _serve(scheduler, link, tp)
     except Exception as exc:  # report, then die: the TokenizerManager fails every request
         logger.error("scheduler failed:\n%s", traceback.format_exc())
-        outbox.send(out_codec.encode(SchedulerFailed(f"{type(exc).__name__}: {exc}")))
-        outbox.close(linger=2000)
+        if link is not None:
+            link.send(SchedulerFailed(f"rank {rank}: {type(exc).__name__}: {exc}"))
+            link.close()
         sys.exit(1)
 
 
-def _build_scheduler(args: ServerArgs) -> Scheduler:
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies. A rank blocked in a collective
+    cannot notice by itself, and an orphan would hold its GPU until the collective timeout."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _build_scheduler(args: ServerArgs, device: torch.device, tp: TensorParallelGroup) -> Scheduler:
     model_config = ModelConfig.from_server_args(args)
-    device = torch.device(args.resolved_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(args.parallel.base_gpu_id)
-        device = torch.device("cuda", args.parallel.base_gpu_id)
-    runner = ModelRunner(args, model_config, device=device, tp=SINGLE)
+    runner = ModelRunner(args, model_config, device=device, tp=tp)
     tokenizer = None
     if model_config.tokenizer_path is not None:
         from transformers import AutoTokenizer
@@ -69,35 +124,38 @@ def _build_scheduler(args: ServerArgs) -> Scheduler:
     return Scheduler(args, model_config, runner, tokenizer)
 
 
-def _serve(scheduler: Scheduler, inbox: zmq.Socket, outbox: zmq.Socket, parent: int) -> None:
-    in_codec, out_codec = to_scheduler_codec(), from_scheduler_codec()
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
+def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: TensorParallelGroup) -> None:
+    parent = os.getppid()
+    codec = step_messages_codec()
     last_stats = 0.0
     while True:
-        timeout = 0 if scheduler.has_work else IDLE_POLL_MS
-        while poller.poll(timeout):
-            timeout = 0
-            try:
-                msg = in_codec.decode(inbox.recv())
-            except msgspec.DecodeError as exc:
-                logger.warning("dropped a malformed message: %s", exc)
-                continue
+        if link is not None:
+            messages = link.receive(0 if scheduler.has_work else IDLE_POLL_MS)
+            step = StepMessages(messages, stop=os.getppid() != parent)
+            if tp.size > 1:
+                tp.broadcast_bytes(codec.encode(step))
+        else:
+            step = codec.decode(tp.broadcast_bytes(None))
+        for msg in step.messages:
             if isinstance(msg, GenerateReq):
                 scheduler.add_request(msg)
             elif isinstance(msg, AbortReq):
                 scheduler.abort(msg.rid, msg.message)
             elif isinstance(msg, FlushCacheReq):
                 ok, why = scheduler.flush_cache()
-                outbox.send(out_codec.encode(FlushCacheOut(ok, why)))
-        if os.getppid() != parent:
+                if link is not None:
+                    link.send(FlushCacheOut(ok, why))
+        if step.stop:
             logger.error("the server process is gone; scheduler exits")
             return
         scheduler.step()
+        if link is None:
+            scheduler.take_outputs()  # only the leader reports
+            continue
         outputs = scheduler.take_outputs()
         if outputs:
-            outbox.send(out_codec.encode(BatchOut(outputs)))
+            link.send(BatchOut(outputs))
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            outbox.send(out_codec.encode(scheduler.load()))
+            link.send(scheduler.load())
             last_stats = now

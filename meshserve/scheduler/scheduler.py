@@ -257,7 +257,8 @@ class Scheduler:
             self.model_config.vocab_size, logits.device,
             top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs])
         out = self.sampler.sample(logits, batch)
-        token_ids = out.token_ids.tolist()
+        # Rank 0's choice is everyone's: unseeded noise differs between ranks.
+        token_ids = self.runner.tp.broadcast_from_leader(out.token_ids).tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
         top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None

@@ -268,7 +268,7 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
-    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--nnodes", "2"])
+    problems = problems_of(["--port", "0", "--page-size", "0", "--dp-size", "2", "--ep", "2"])
     assert len(problems) == 4
     # value errors first, then refusals
     assert problems[0].startswith("--page-size") or problems[0].startswith("--port")
@@ -279,13 +279,13 @@ def test_from_cli_prints_every_problem_and_exits_2(
     on_cpu: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_cli(["--tp", "16", "--nnodes", "2"])
+        ServerArgs.from_cli(["--dp-size", "16", "--ep", "16"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 2
     assert all("error: not supported yet: " in line for line in err_lines)
-    assert "--tp 16" in err_lines[0]
-    assert "--nnodes 2" in err_lines[1]
+    assert "--dp-size 16" in err_lines[0]
+    assert "--ep 16" in err_lines[1]
 
 
 def test_validate_returns_self(on_cpu: None) -> None:
@@ -301,15 +301,9 @@ def test_validate_returns_self(on_cpu: None) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--tp", "2"], "not supported yet: --tp 2 ("),
-        (["--tensor-parallel-size", "2"], "not supported yet: --tensor-parallel-size 2 ("),
-        (["--tp-size", "2"], "not supported yet: --tp-size 2 ("),
         (["--dp-size", "2"], "not supported yet: --dp-size 2 ("),
         (["--dp", "2"], "not supported yet: --dp 2 ("),
         (["--ep", "2"], "not supported yet: --ep 2 ("),
-        (["--nnodes", "2"], "not supported yet: --nnodes 2 ("),
-        (["--nnodes", "2", "--node-rank", "1"], "not supported yet: --node-rank 1 ("),
-        (["--dist-init-addr", "10.0.0.1:20000"], "not supported yet: --dist-init-addr 10.0.0.1:20000"),
         (["--enable-dp-attention"], "not supported yet: --enable-dp-attention ("),
         (["--enable-dp-lm-head"], "not supported yet: --enable-dp-lm-head ("),
         (["--moe-a2a-backend", "deepep"], "not supported yet: --moe-a2a-backend deepep ("),
@@ -355,10 +349,10 @@ def test_refusal_table_rows_name_real_fields() -> None:
 
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
-        ["--tp", "16", "--nnodes", "2"]).validate).value)
+        ["--dp-size", "16", "--ep", "16"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
-    assert "--tp" in lines[0] and "--nnodes" in lines[1]
+    assert "--dp-size" in lines[0] and "--ep" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +483,7 @@ SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 # Flags whose feature is not built: a seed command line using them must be refused, naming
 # the flag as the user spelled it.
 UNBUILT_FLAGS = {
-    "--tp", "--tensor-parallel-size", "--dp-size", "--ep", "--nnodes", "--dist-init-addr",
+    "--dp-size", "--ep",
     "--enable-dp-attention", "--enable-dp-lm-head", "--moe-a2a-backend",
     "--disaggregation-mode", "--disaggregation-ib-device", "--disaggregation-transfer-backend",
 }
@@ -510,8 +504,6 @@ def test_seed_extraction_found_the_known_deployments() -> None:
 def test_seed_command_lines_parse_and_are_refused(on_gpu: None, where: str, argv: list[str]) -> None:
     args = ServerArgs.parse_args(argv)  # SystemExit(2) on any unknown flag
     expected = [t for t in argv if t in UNBUILT_FLAGS]
-    if "--node-rank" in argv and argv[argv.index("--node-rank") + 1] != "0":
-        expected.append("--node-rank")
     try:
         args.validate()
         problems: tuple[str, ...] = ()
@@ -530,8 +522,5 @@ def test_kubernetes_spellings(on_gpu: None) -> None:
     args = ServerArgs.parse_args(argv)
     assert args.model.model_path == "/llm-folder"
     assert args.parallel.tp_size == 16
-    message = str(pytest.raises(ServerArgsError, args.validate).value)
-    assert "--tensor-parallel-size 16" in message
-    assert "--nnodes 2" in message
-    assert "--dist-init-addr sglang-0.default.svc.cluster.local:5000" in message
-    assert "--node-rank" not in message  # node rank 0 is the default: not refused
+    assert args.parallel.dist_init_addr == "sglang-0.default.svc.cluster.local:5000"
+    assert args.validate() is args  # multi-node tensor parallelism is built: nothing refused

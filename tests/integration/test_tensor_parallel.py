@@ -1,0 +1,25 @@
+"""Tensor-parallel ranks (real multi-process torch.distributed over gloo) produce the greedy
+output of tp=1 and of transformers — including fewer KV heads than ranks (tp=4, 2 KV heads)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.hf_reference import hf_greedy
+from tests.tp_worker import tp_generate
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(3)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in (4, 19, 37)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_tp_matches_transformers(request, arch, world, prompts, tmp_path):
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    reference = hf_greedy(model_dir, prompts, 12)
+    assert tp_generate(model_dir, world, prompts, 12, tmp_path, ("--chunked-prefill-size", "8")) == reference

@@ -1,0 +1,52 @@
+"""Run the same requests on every rank of an in-process tensor-parallel world (no HTTP), for
+tests of the tensor-parallel layers and scheduler. Rank 0 reports its outputs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import socket
+from pathlib import Path
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[list[int]], new_tokens: int,
+               extra: list[str], out_file: str) -> None:
+    from meshserve.cluster.distributed import init_tp_group
+    from meshserve.config.model_config import ModelConfig
+    from meshserve.config.server_args import ServerArgs
+    from meshserve.executor.model_runner import ModelRunner
+    from meshserve.scheduler.scheduler import Scheduler
+    from tests.scheduler_driver import greedy, output_ids, run_to_completion
+
+    torch.set_num_threads(1)
+    args = ServerArgs.parse_args(["--model-path", model_dir, "--device", "cpu", "--tp", str(world), *extra])
+    tp = init_tp_group(world_size=world, rank=rank, rendezvous=f"127.0.0.1:{port}", device=torch.device("cpu"),
+                       timeout_s=120)
+    model_config = ModelConfig.from_server_args(args)
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=torch.device("cpu"), tp=tp))
+    outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
+    if rank == 0:
+        Path(out_file).write_text(json.dumps([output_ids(outs[str(i)]) for i in range(len(prompts))]))
+
+
+def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
+                extra: tuple[str, ...] = ()) -> list[list[int]]:
+    out_file = tmp / f"tp{world}.json"
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), prompts, new_tokens, list(extra),
+                                                  str(out_file))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return json.loads(out_file.read_text())
