@@ -1,0 +1,39 @@
+"""The `meshserve` command: `meshserve serve ARGS` (= python -m meshserve.launch_server) and
+`meshserve bench ARGS` (= python -m meshserve.bench_serving)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from meshserve.launch_server import main
+
+    return main(argv)
+
+
+def _bench(argv: Sequence[str]) -> int:
+    from meshserve.bench.serving import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "serve": (_serve, "serve a model over HTTP (the flags of python -m meshserve.launch_server)"),
+    "bench": (_bench, "benchmark a running server (the flags of python -m meshserve.bench_serving)"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<7}{help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("usage: meshserve COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, _ = COMMANDS[argv[0]]
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""meshserve.Engine: the offline, in-process API over the same scheduler processes as the server.
+
+    with meshserve.Engine(device="cpu", max_total_tokens=4096) as engine:
+        out = engine.generate("The capital of France is", {"max_new_tokens": 16, "temperature": 0})
+        print(out["text"])
+
+A TokenizerManager runs on an asyncio loop in a background thread; `generate` submits every
+prompt of a call at once, so they batch in the scheduler. Results have the shape of the native
+/generate response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from meshserve.cluster.launcher import launch_schedulers
+from meshserve.config.model_config import ModelConfig
+from meshserve.config.server_args import ServerArgs
+from meshserve.server.generation import GenerateRequest, SequenceResult
+from meshserve.server.native_api import GenerateReqInput, native_response
+from meshserve.server.tokenizer_manager import TokenizerManager, load_tokenizer
+
+T = TypeVar("T")
+
+SamplingDict = dict[str, Any]
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **server_args: Any) -> None:
+        """`server_args`: ServerArgs fields by name (device="cpu", max_total_tokens=4096,
+        chunked_prefill_size=64, disable_radix_cache=True, ...). Raises ServerArgsError for bad
+        values and RuntimeError if the scheduler fails to start."""
+        self.args = ServerArgs().replace(model_path=model_path, **server_args).validate()
+        self.model_config = ModelConfig.from_server_args(self.args)
+        tokenizer = load_tokenizer(self.model_config.tokenizer_path, trust_remote_code=self.args.model.trust_remote_code)
+        self._processes = launch_schedulers(self.args, self.model_config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="meshserve-engine", daemon=True)
+        self._thread.start()
+        self._tm = TokenizerManager(
+            tokenizer,
+            to_scheduler=self._processes.endpoints.to_scheduler,
+            from_scheduler=self._processes.endpoints.from_scheduler,
+            scheduler_dead=self._processes.dead,
+        )
+        try:
+            self._run(self._tm.start())
+        except Exception as err:
+            self.shutdown()
+            raise RuntimeError(f"the scheduler failed to start: {err}") from None
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: SamplingDict | list[SamplingDict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Generate for one prompt (a dict, or a list of n dicts when n > 1) or a batch (a list
+        with one dict per prompt and sample). `sampling_params` may be one dict for all prompts
+        or one per prompt; SGLang's names (max_new_tokens, temperature, stop, ...).
+        Raises InvalidRequest (a ValueError) for a bad request."""
+        batch = isinstance(prompt, list) or bool(input_ids and isinstance(input_ids[0], list))
+        prompts: list[dict[str, Any]]
+        if prompt is not None:
+            prompts = [{"text": p} for p in (prompt if isinstance(prompt, list) else [prompt])]
+        else:
+            prompts = [{"input_ids": ids} for ids in (input_ids if batch else [input_ids])]  # type: ignore[list-item]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        inputs = [GenerateReqInput(sampling_params=p, **source) for source, p in zip(prompts, params)]
+        results = self._run(self._collect([r for i in inputs for r in i.to_generate_requests()]))
+        bodies = [[native_response(r) for r in per_prompt] for per_prompt in results]
+        if batch:
+            return [body for per_prompt in bodies for body in per_prompt]
+        return bodies[0][0] if len(bodies[0]) == 1 else bodies[0]
+
+    def shutdown(self) -> None:
+        """Stop the scheduler processes and the background loop. Idempotent."""
+        if self._loop.is_running():
+            self._run(self._tm.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._processes.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    async def _collect(self, requests: list[GenerateRequest]) -> list[list[SequenceResult]]:
+        # Tokenize on the loop thread too: a tokenizer must not be used by two threads at once.
+        return await self._tm.collect_many([self._tm.prepare(r) for r in requests])
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -1,0 +1,458 @@
+"""The HTTP server: a FastAPI app over one TokenizerManager, run by uvicorn in the main process.
+
+Routes: OpenAI (/v1/chat/completions, /v1/completions, /v1/models), SGLang native (/generate,
+/health, /health_generate, /get_model_info, /get_server_info, /flush_cache) and /metrics.
+
+Invariants:
+* --api-key is checked in ONE place (ApiKeyMiddleware) for every route except OPEN_PATHS.
+* Every error is an OpenAI-style JSON body with a 4xx/5xx status; malformed JSON and wrong types
+  are 400, never 500 and never a hang.
+* A request whose client disconnects is aborted in the scheduler, streaming or not.
+* When the scheduler fails, /health turns 503, in-flight requests get errors, and `serve`
+  returns exit code 1 after uvicorn's graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshserve import __version__
+from meshserve.cluster.launcher import SchedulerProcesses
+from meshserve.config.model_config import ModelConfig
+from meshserve.config.server_args import ServerArgs
+from meshserve.sampling_params import SamplingParams
+from meshserve.server import openai_api as oai
+from meshserve.server.generation import GenerateError, GenerateRequest, SequenceOutput, SequenceResult
+from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from meshserve.server.metrics import ServerMetrics
+from meshserve.server.native_api import GenerateReqInput, native_response
+from meshserve.server.tokenizer_manager import SKIP_TOKENIZER_MESSAGE, PreparedRequest, TokenizerManager
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Routes that answer without the API key: probes and scraping must work without the secret.
+OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
+GRACEFUL_SHUTDOWN_S = 10
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class AppContext:
+    tm: TokenizerManager
+    args: ServerArgs
+    model_config: ModelConfig
+    metrics: ServerMetrics
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
+
+
+def error_response(err: oai.APIError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    response = json_response(err.body(), err.status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`, whatever the Content-Type says (SGLang's examples post JSON
+    with curl -d, i.e. as form data). Errors raise ValidationError, answered with a 400."""
+    return model.model_validate_json(await request.body())
+
+
+def validation_error(problems: Sequence[Any]) -> oai.APIError:
+    """pydantic errors -> one 400 naming each bad field (`messages.0.role: ...`)."""
+
+    def where(problem: Any) -> str:
+        loc = [str(part) for part in problem.get("loc", ()) if part != "body"]
+        return ".".join(loc)
+
+    message = "; ".join(f"{where(p) or 'body'}: {p.get('msg', 'invalid')}" for p in problems)
+    return oai.APIError(400, message or "invalid request body", param=(where(problems[0]) or None) if problems else None)
+
+
+# ---- API key -------------------------------------------------------------------------------
+
+
+class ApiKeyMiddleware:
+    """The single choke point for --api-key: `Authorization: Bearer <key>` on every route but
+    OPEN_PATHS (an allow-list, so a new route is guarded by default)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                err = oai.APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')",
+                                   code="invalid_api_key")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---- disconnects and streams ---------------------------------------------------------------
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body has been read already, so receive() blocks until the client goes away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, cancelling it (so its requests are aborted) if the client disconnects
+    first; then returns None, and nothing can reach the client anyway."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client disconnected; aborting its request")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def event_stream(
+    tm: TokenizerManager,
+    prepared: PreparedRequest,
+    render: Callable[[SequenceOutput, SequenceResult], bytes],
+    prologue: Iterable[bytes] = (),
+    epilogue: Callable[[list[SequenceResult]], Iterable[bytes]] = lambda results: (),
+) -> AsyncIterator[bytes]:
+    """SSE events of one request: prologue, one rendered event per output (given the output and
+    its sequence's accumulated result), epilogue, [DONE]. An error mid-stream becomes an error
+    event. A client disconnect cancels this generator (Starlette), which aborts the request."""
+    results = [SequenceResult(index=i) for i in range(prepared.n)]
+    for event in prologue:
+        yield event
+    try:
+        async with contextlib.aclosing(tm.generate(prepared)) as outputs:
+            async for out in outputs:
+                result = results[out.index]
+                result.add(out)
+                yield render(out, result)
+    except GenerateError as err:
+        yield oai.sse(oai.APIError.from_generate_error(err).body())
+    else:
+        for event in epilogue(results):
+            yield event
+    yield oai.SSE_DONE
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- the app -------------------------------------------------------------------------------
+
+
+def create_app(ctx: AppContext) -> FastAPI:
+    app = FastAPI(title="meshserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    tm, model_config = ctx.tm, ctx.model_config
+    served_name = model_config.served_model_name
+
+    # -- errors --
+
+    @app.exception_handler(oai.APIError)
+    async def _api_error(_: Request, err: oai.APIError) -> Response:
+        return error_response(err)
+
+    @app.exception_handler(GenerateError)
+    async def _generate_error(_: Request, err: GenerateError) -> Response:
+        return error_response(oai.APIError.from_generate_error(err))
+
+    @app.exception_handler(ValidationError)
+    async def _validation_error(_: Request, err: ValidationError) -> Response:
+        return error_response(validation_error(err.errors()))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation_error(_: Request, err: RequestValidationError) -> Response:
+        return error_response(validation_error(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> Response:
+        return error_response(oai.APIError(err.status_code, str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> Response:
+        log.exception("unexpected error while serving a request")
+        return error_response(oai.APIError(500, f"internal server error: {type(err).__name__}"))
+
+    # -- OpenAI --
+
+    def response_context(prefix: str, prepared: PreparedRequest) -> oai.ResponseContext:
+        return oai.ResponseContext.new(
+            prefix, served_name, tm.token_text,
+            logprobs=prepared.return_logprob,
+            include_token_ids=tm.tokenizer is None,
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, oai.ChatCompletionRequest)
+        oai.check_model(body.model, served_name, model_config.model_path)
+        if tm.tokenizer is None:
+            raise oai.APIError(400, SKIP_TOKENIZER_MESSAGE, param="messages")
+        prepared = tm.prepare(body.to_generate_request())
+        rctx = response_context("chatcmpl", prepared)
+        include_usage = body.include_usage
+        if body.stream:
+            return sse_response(event_stream(
+                tm, prepared,
+                render=lambda out, _: oai.sse(oai.chat_delta_chunk(rctx, out, include_usage)),
+                prologue=[oai.sse(oai.chat_role_chunk(rctx, i, include_usage)) for i in range(prepared.n)],
+                epilogue=lambda results: [oai.sse(oai.usage_chunk(rctx, "chat.completion.chunk", results))]
+                if include_usage else [],
+            ))
+        results = await until_disconnect(request, tm.collect(prepared))
+        return json_response(oai.chat_completion_response(rctx, results) if results else None)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, oai.CompletionRequest)
+        oai.check_model(body.model, served_name, model_config.model_path)
+        prepared = tm.prepare(body.to_generate_request())
+        rctx = response_context("cmpl", prepared)
+        include_usage = body.include_usage
+        if body.stream:
+            return sse_response(event_stream(
+                tm, prepared,
+                render=lambda out, result: oai.sse(
+                    oai.completion_delta_chunk(rctx, out, include_usage, len(result.text) - len(out.text))
+                ),
+                epilogue=lambda results: [oai.sse(oai.usage_chunk(rctx, "text_completion", results))]
+                if include_usage else [],
+            ))
+        results = await until_disconnect(request, tm.collect(prepared))
+        return json_response(oai.completion_response(rctx, results) if results else None)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {
+            "id": served_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "meshserve",
+            "root": model_config.model_path,
+            "max_model_len": model_config.context_length,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    # -- SGLang native --
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await parse_body(request, GenerateReqInput)
+        if body.stream and body.is_batch:
+            raise oai.APIError(400, "streaming a batch of prompts is not supported yet", param="stream")
+        prepared = [tm.prepare(r) for r in body.to_generate_requests()]
+        token_text = tm.token_text if body.return_text_in_logprobs else None
+
+        def render(result: SequenceResult) -> dict[str, Any]:
+            return native_response(result, return_logprob=body.return_logprob,
+                                   top_logprobs_num=body.top_logprobs_num, token_text=token_text)
+
+        if body.stream:
+            single = prepared[0]
+            return sse_response(event_stream(
+                tm, single,
+                render=lambda out, result: oai.sse({**render(result), **({"index": out.index} if single.n > 1 else {})}),
+            ))
+        results = await until_disconnect(request, tm.collect_many(prepared))
+        if results is None:
+            return json_response(None)
+        bodies = [render(r) for per_request in results for r in per_request]
+        return json_response(bodies[0] if len(bodies) == 1 and not body.is_batch else bodies)
+
+    @app.get("/health")
+    async def health() -> Response:
+        reason = tm.not_ready_reason
+        if reason is None:
+            return Response(status_code=200)
+        return error_response(oai.APIError(503, f"not ready: {reason}", code="service_unavailable"))
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        """Ready, and a one-token generation completes in time."""
+        if not tm.ready:
+            return await health()
+        probe = GenerateRequest(input_ids=[1], sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
+        try:
+            await asyncio.wait_for(tm.collect(tm.prepare(probe)), HEALTH_GENERATE_TIMEOUT_S)
+        except (GenerateError, TimeoutError) as err:
+            return error_response(oai.APIError(503, f"generation failed: {err or 'timed out'}",
+                                               code="service_unavailable"))
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> Response:
+        return json_response({
+            "model_path": model_config.model_path,
+            "tokenizer_path": model_config.tokenizer_path,
+            "served_model_name": served_name,
+            "is_generation": True,
+            "architecture": model_config.architecture,
+            "dtype": model_config.dtype,
+            "context_length": model_config.context_length,
+            "vocab_size": model_config.vocab_size,
+        })
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> Response:
+        # to_dict() masks the api key: this route must never echo a secret.
+        return json_response({
+            **ctx.args.to_dict(),
+            "version": __version__,
+            "scheduler_info": tm.scheduler_info,
+            "scheduler_stats": tm.stats,
+        })
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        reply = await tm.flush_cache()
+        if reply.success:
+            return Response("Cache flushed.\n", status_code=200)
+        return error_response(oai.APIError(400, f"Cache not flushed: {reply.message}"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    if ctx.args.http.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.http.api_key)
+    return app
+
+
+# ---- running it ----------------------------------------------------------------------------
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port before the model loads, so a busy port fails in a second, not after
+    minutes of loading (and the port stays ours meanwhile)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn.Server whose signal handling is ours (see ServerRunner): uvicorn's would re-raise
+    the signal after shutdown and kill the process before the schedulers are stopped."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class ServerRunner:
+    """Starts the TokenizerManager, serves HTTP until a signal or a scheduler failure, and
+    reports the exit code (0 after a signal, 1 after a failure)."""
+
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
+                 processes: SchedulerProcesses, sock: socket.socket) -> None:
+        self.metrics = ServerMetrics(model_config.served_model_name)
+        self.tm = TokenizerManager(
+            tokenizer,
+            to_scheduler=processes.endpoints.to_scheduler,
+            from_scheduler=processes.endpoints.from_scheduler,
+            scheduler_dead=processes.dead,
+            metrics=self.metrics,
+        )
+        self.tm.on_failure(lambda reason: self.stop(f"scheduler failure: {reason}", exit_code=1))
+        app = create_app(AppContext(self.tm, args, model_config, self.metrics))
+        config = uvicorn.Config(
+            app,
+            log_level=args.http.log_level,
+            log_config=None,  # the root logger set up by launch_server
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            lifespan="off",
+        )
+        self.server = _UvicornServer(config)
+        self.sock = sock
+        self.address = f"http://{args.http.host}:{args.http.port}"
+        self.exit_code = 0
+        self._stopping = False
+        self._starting: asyncio.Task[Any] | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop, f"received {sig.name}")
+        try:
+            self._starting = asyncio.create_task(self.tm.start())
+            try:
+                info = await self._starting
+            except asyncio.CancelledError:
+                return self.exit_code
+            except GenerateError:
+                log.error("the scheduler failed to start: %s", self.tm.failure)
+                return 1
+            log.info("scheduler ready: %s", info)
+            warm_up = asyncio.create_task(self._warm_up())
+            await self.server.serve(sockets=[self.sock])
+            warm_up.cancel()
+            return self.exit_code
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.tm.close()
+
+    def stop(self, reason: str, exit_code: int = 0) -> None:
+        """Shut down: abort in-flight requests (they get 503s), stop accepting, exit. A second
+        call (a second Ctrl-C) skips the graceful wait."""
+        if self._stopping:
+            self.server.force_exit = True
+            return
+        self._stopping = True
+        self.exit_code = exit_code
+        (log.error if exit_code else log.info)("shutting down: %s", reason)
+        self.tm.abort_all(f"the server is shutting down ({reason})")
+        self.server.should_exit = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+
+    async def _warm_up(self) -> None:
+        try:
+            await self.tm.warm_up()
+        except GenerateError as err:
+            self.stop(f"the warm-up generation failed: {err}", exit_code=1)
+            return
+        log.info("The server is fired up and ready to roll! Serving on %s", self.address)
+
+
+async def serve(args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
+                processes: SchedulerProcesses, sock: socket.socket) -> int:
+    """Run the HTTP server until shutdown; the process exit code."""
+    return await ServerRunner(args, model_config, tokenizer, processes, sock).run()

@@ -1,0 +1,536 @@
+"""TokenizerManager: the main process's side of the scheduler connection.
+
+It tokenizes requests (chat template included), validates them against the model's limits,
+sends one GenerateReq per sequence, and turns the scheduler's per-step deltas into text deltas
+(SequenceDetokenizer) for the HTTP layer or the Engine.
+
+Sockets (zmq.asyncio, msgpack messages of meshserve.messages, never pickle): we BIND a PUSH
+socket on `to_scheduler` and a PULL socket on `from_scheduler`; the scheduler leader connects.
+One receive task routes every ReqOutput to the asyncio queue of the request that owns its rid.
+
+Failure contract: when the scheduler sends SchedulerFailed, a scheduler process dies, or the
+server shuts down, every in-flight request ends with a GenerateError (never hangs), readiness
+turns false, and the `on_failure` callbacks run (the HTTP server exits non-zero from there).
+
+Cancellation contract: `generate()` is an async generator; when its consumer stops early (client
+disconnect, exception, aclose) every unfinished sequence is aborted in the scheduler (AbortReq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import msgspec
+import zmq
+import zmq.asyncio
+
+from meshserve.messages import (
+    AbortReq,
+    BatchOut,
+    FinishReason,
+    FlushCacheOut,
+    FlushCacheReq,
+    GenerateReq,
+    ReqOutput,
+    SchedulerFailed,
+    SchedulerReady,
+    SchedulerStats,
+    ToScheduler,
+    from_scheduler_codec,
+    to_scheduler_codec,
+)
+from meshserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
+from meshserve.server.detokenizer import SequenceDetokenizer
+from meshserve.server.generation import (
+    GenerateError,
+    GenerateRequest,
+    InvalidRequest,
+    RequestAborted,
+    SequenceOutput,
+    SequenceResult,
+    ServiceUnavailable,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from meshserve.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+# Loading a large checkpoint can take many minutes; a dead scheduler process is caught much
+# sooner by the watchdog, so this only guards against a live but stuck scheduler.
+READY_TIMEOUT_S = 1800.0
+WATCHDOG_INTERVAL_S = 0.5
+FLUSH_TIMEOUT_S = 30.0
+SEED_MODULUS = 2**63  # SamplingParams.seed range; per-sequence seeds wrap inside it
+
+SKIP_TOKENIZER_MESSAGE = (
+    "the server was started with --skip-tokenizer-init, so it has no tokenizer: send token ids "
+    "(input_ids, or a list of integers as the completions prompt); chat messages cannot be used"
+)
+
+
+def load_tokenizer(path: str | None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The model's Hugging Face tokenizer, from local files only (no hub access, ever); None
+    when there is no tokenizer path (--skip-tokenizer-init)."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated, tokenized request; nothing has been sent to the scheduler yet."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams  # max_new_tokens resolved against the context length
+    n: int
+    return_logprob: bool
+    top_logprobs_num: int
+
+
+@dataclass(eq=False)
+class _Request:
+    """One in-flight request: its queue receives (sequence, delta) pairs or one GenerateError."""
+
+    prompt_tokens: int
+    arrival: float
+    queue: asyncio.Queue[tuple[_Sequence, ReqOutput] | GenerateError] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    rid: str
+    index: int
+    detokenizer: SequenceDetokenizer | None  # None without a tokenizer: ids only
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    last_output_at: float | None = None
+    finished: bool = False
+
+
+class TokenizerManager:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        *,
+        to_scheduler: str,
+        from_scheduler: str,
+        scheduler_dead: Callable[[], str | None],
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        """`scheduler_dead()` names a dead scheduler process, or returns None while all live."""
+        self.tokenizer = tokenizer
+        self._addresses = (to_scheduler, from_scheduler)
+        self._scheduler_dead = scheduler_dead
+        self._metrics = metrics
+        self.scheduler_info: SchedulerReady | None = None  # set once the scheduler is ready
+        self.stats: SchedulerStats | None = None
+        self.failure: str | None = None  # why the scheduler is gone, once it is
+        self._closing: str | None = None  # set by abort_all: no new requests
+        self._warmed_up = False
+        self._sequences: dict[str, tuple[_Request, _Sequence]] = {}
+        self._on_failure: list[Callable[[str], None]] = []
+        self._codec = to_scheduler_codec()
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready: asyncio.Future[SchedulerReady] | None = None
+        self._flush_lock = asyncio.Lock()
+        self._flush_reply: asyncio.Future[FlushCacheOut] | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, timeout: float = READY_TIMEOUT_S) -> SchedulerReady:
+        """Bind the sockets and wait for SchedulerReady; raise ServiceUnavailable with the
+        scheduler's reason if it fails, dies or stays silent for `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._ctx = zmq.asyncio.Context()
+        push = self._ctx.socket(zmq.PUSH)
+        pull = self._ctx.socket(zmq.PULL)
+        push.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.LINGER, 0)
+        push.bind(self._addresses[0])
+        pull.bind(self._addresses[1])
+        self._tasks = [
+            asyncio.create_task(self._guard(self._send_loop(push)), name="tm-send"),
+            asyncio.create_task(self._guard(self._receive_loop(pull)), name="tm-receive"),
+            asyncio.create_task(self._guard(self._watchdog()), name="tm-watchdog"),
+        ]
+        try:
+            self.scheduler_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            self._fail(f"the scheduler did not report ready within {timeout:.0f} s")
+            raise ServiceUnavailable(self.failure) from None
+        return self.scheduler_info
+
+    async def warm_up(self, max_new_tokens: int = 4) -> None:
+        """Run one short greedy generation; readiness turns true only once it succeeded."""
+        prompt = (
+            self.tokenizer.encode("The capital of France is")
+            if self.tokenizer is not None
+            else [1, 2, 3, 4]
+        )
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+        await self.collect(self.prepare(GenerateRequest(input_ids=prompt, sampling=sampling)))
+        self._warmed_up = True
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready (what /health's 503 says), or None when it is: warm-up
+        done and the scheduler alive. Asks the processes directly rather than waiting for the
+        watchdog's next look."""
+        if self.failure is not None:
+            return f"the scheduler has failed: {self.failure}"
+        dead = self._scheduler_dead()
+        if dead is not None:
+            return dead
+        if self._closing is not None:
+            return self._closing
+        return None if self._warmed_up else "warming up"
+
+    @property
+    def ready(self) -> bool:
+        return self.not_ready_reason is None
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` once if the scheduler fails or dies."""
+        self._on_failure.append(callback)
+
+    def abort_all(self, reason: str) -> None:
+        """Server shutdown: refuse new requests and end every in-flight one with `reason`
+        (their generators then send the AbortReqs)."""
+        self._closing = reason
+        self._end_all(ServiceUnavailable, reason)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def prepare(self, req: GenerateRequest) -> PreparedRequest:
+        """Tokenize and validate; raise InvalidRequest (400) or ServiceUnavailable (503)."""
+        info = self._serving_info()
+        input_ids = self._prompt_ids(req, info.vocab_size)
+        sampling = self._resolve_sampling(req, len(input_ids), info)
+        if req.n < 1:
+            raise InvalidRequest(f"n must be >= 1, got {req.n}", param="n")
+        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}",
+                                 param="top_logprobs")
+        return PreparedRequest(
+            rid=req.rid if req.rid is not None else uuid.uuid4().hex,
+            input_ids=input_ids,
+            sampling=sampling,
+            n=req.n,
+            return_logprob=req.return_logprob,
+            top_logprobs_num=req.top_logprobs_num,
+        )
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[SequenceOutput]:
+        """Submit the request's n sequences and yield their outputs as they come, interleaved
+        (SequenceOutput.index says which). Ends after every sequence finished; raises a
+        GenerateError if the scheduler aborts a sequence or fails. Consumers that may stop
+        early must close it (contextlib.aclosing) so that the aborts go out at once."""
+        self._serving_info()
+        rids = [prepared.rid] if prepared.n == 1 else [f"{prepared.rid}-{i}" for i in range(prepared.n)]
+        if any(rid in self._sequences for rid in rids):
+            raise InvalidRequest(f"request id {prepared.rid!r} is already in use", param="rid")
+        request = _Request(prompt_tokens=len(prepared.input_ids), arrival=time.perf_counter())
+        sequences = [
+            _Sequence(rid, index, self._detokenizer(prepared))
+            for index, rid in enumerate(rids)
+        ]
+        for seq in sequences:
+            self._sequences[seq.rid] = (request, seq)
+            self._post(GenerateReq(
+                rid=seq.rid,
+                input_ids=prepared.input_ids,
+                sampling=_sequence_sampling(prepared.sampling, seq.index),
+                return_logprob=prepared.return_logprob,
+                top_logprobs_num=prepared.top_logprobs_num,
+            ))
+            if self._metrics is not None:
+                self._metrics.sequence_started(request.prompt_tokens)
+        try:
+            unfinished = len(sequences)
+            while unfinished:
+                item = await request.queue.get()
+                if isinstance(item, GenerateError):
+                    raise item
+                seq, delta = item
+                output = self._process(request, seq, delta)
+                if output.finish is not None:
+                    unfinished -= 1
+                if output.text or output.token_ids or output.finish is not None:
+                    yield output
+        finally:
+            for seq in sequences:
+                self._sequences.pop(seq.rid, None)
+                if not seq.finished:
+                    self._post(AbortReq(seq.rid, "the client went away"))
+                    self._record_finish(request, seq, "abort")
+
+    async def collect(self, prepared: PreparedRequest) -> list[SequenceResult]:
+        """Run a request to completion; one SequenceResult per sequence, by index."""
+        results = [SequenceResult(index=i) for i in range(prepared.n)]
+        async with contextlib.aclosing(self.generate(prepared)) as outputs:
+            async for output in outputs:
+                results[output.index].add(output)
+        return results
+
+    async def collect_many(self, prepared: Sequence[PreparedRequest]) -> list[list[SequenceResult]]:
+        """Run several requests at once (so that they batch); the first error cancels the rest."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.collect(p)) for p in prepared]
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def flush_cache(self) -> FlushCacheOut:
+        """Ask the scheduler to drop its prefix cache (it refuses while requests run)."""
+        self._serving_info()
+        async with self._flush_lock:
+            self._flush_reply = asyncio.get_running_loop().create_future()
+            self._post(FlushCacheReq())
+            try:
+                return await asyncio.wait_for(self._flush_reply, FLUSH_TIMEOUT_S)
+            except TimeoutError:
+                raise ServiceUnavailable(f"the scheduler did not answer flush_cache within {FLUSH_TIMEOUT_S:.0f} s") from None
+            finally:
+                self._flush_reply = None
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (for logprobs); `token_id:<id>` without a tokenizer (vLLM's form)."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    # ---- request helpers -----------------------------------------------------------------
+
+    def _serving_info(self) -> SchedulerReady:
+        if self.failure is not None:
+            raise ServiceUnavailable(f"the scheduler has failed: {self.failure}")
+        if self._closing is not None:
+            raise ServiceUnavailable(self._closing)
+        if self.scheduler_info is None:
+            raise ServiceUnavailable("the scheduler is not ready yet")
+        return self.scheduler_info
+
+    def _prompt_ids(self, req: GenerateRequest, vocab_size: int) -> list[int]:
+        given = [name for name in ("text", "input_ids", "messages") if getattr(req, name) is not None]
+        if len(given) != 1:
+            raise InvalidRequest(f"give exactly one of text, input_ids, messages (got {', '.join(given) or 'none'})")
+        if req.input_ids is not None:
+            ids = list(req.input_ids)
+        elif self.tokenizer is None:
+            raise InvalidRequest(SKIP_TOKENIZER_MESSAGE)
+        elif req.messages is not None:
+            ids = self._chat_prompt_ids(req.messages)
+        else:
+            # An empty text would still tokenize to [BOS] with some tokenizers.
+            ids = self.tokenizer.encode(req.text) if req.text else []
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param=given[0])
+        bad = next((i for i, token in enumerate(ids) if not 0 <= token < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {ids[bad]} at position {bad} is outside the vocabulary [0, {vocab_size})", param=given[0]
+            )
+        return ids
+
+    def _chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        assert self.tokenizer is not None
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except (ValueError, TypeError, jinja2.TemplateError) as err:
+            raise InvalidRequest(f"cannot apply the model's chat template: {err}", param="messages") from None
+        # The template already wrote BOS and the other special tokens it wants.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _resolve_sampling(req: GenerateRequest, prompt_tokens: int, info: SchedulerReady) -> SamplingParams:
+        context = info.context_length
+        room = context - prompt_tokens
+        if room <= 0:
+            raise InvalidRequest(
+                f"the prompt has {prompt_tokens} tokens, but the model's context length is {context} tokens; "
+                "the prompt must leave room for at least one generated token"
+            )
+        if prompt_tokens >= info.max_total_tokens:
+            raise InvalidRequest(
+                f"the prompt has {prompt_tokens} tokens, but the KV cache holds only {info.max_total_tokens}"
+            )
+        sampling = req.sampling
+        if sampling.max_new_tokens > room:
+            if not req.fit_max_new_tokens:
+                raise InvalidRequest(
+                    f"this model's maximum context length is {context} tokens, but the request asks for "
+                    f"{prompt_tokens + sampling.max_new_tokens} ({prompt_tokens} in the prompt, "
+                    f"{sampling.max_new_tokens} to generate); ask for at most {room} new tokens",
+                    param="max_tokens",
+                )
+            sampling = msgspec.structs.replace(sampling, max_new_tokens=room)
+        try:
+            sampling.validate(info.vocab_size)
+        except SamplingParamsError as err:
+            raise InvalidRequest(str(err), param=str(err).split(":", 1)[0]) from None
+        return sampling
+
+    def _detokenizer(self, prepared: PreparedRequest) -> SequenceDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        # No clean-up of tokenization spaces: it rewrites text across token boundaries, which
+        # would make the incremental text differ from a full decode.
+        decode = functools.partial(
+            self.tokenizer.decode,
+            skip_special_tokens=prepared.sampling.skip_special_tokens,
+            clean_up_tokenization_spaces=False,
+        )
+        return SequenceDetokenizer(decode, prepared.input_ids, prepared.sampling.stop)
+
+    def _process(self, request: _Request, seq: _Sequence, delta: ReqOutput) -> SequenceOutput:
+        """One scheduler delta -> one SequenceOutput (text, counts, metrics)."""
+        finish = delta.finish
+        if finish is not None:
+            seq.finished = True
+            self._sequences.pop(seq.rid, None)
+            if finish.kind == "abort":
+                self._record_finish(request, seq, "abort")
+                raise RequestAborted(f"the scheduler aborted the request: {finish.message or 'no reason given'}")
+        text = ""
+        if seq.detokenizer is not None:
+            text = seq.detokenizer.push(delta.new_ids, finish)
+            if finish is None and seq.detokenizer.stop_matched is not None:
+                # Our text hit a stop string before the scheduler's own check did (it decodes
+                # without the prompt as context); the text is final, so end the sequence here.
+                finish = FinishReason(kind="stop", matched=seq.detokenizer.stop_matched)
+                seq.finished = True
+                self._sequences.pop(seq.rid, None)
+                self._post(AbortReq(seq.rid, "stop string reached"))
+        seq.completion_tokens += len(delta.new_ids)
+        seq.cached_tokens = max(seq.cached_tokens, delta.cached_tokens)
+        now = time.perf_counter()
+        if self._metrics is not None and delta.new_ids:
+            if seq.last_output_at is None:
+                self._metrics.tokens_generated(len(delta.new_ids), ttft=now - request.arrival)
+            else:
+                self._metrics.tokens_generated(len(delta.new_ids), itl=(now - seq.last_output_at) / len(delta.new_ids))
+        if delta.new_ids:
+            seq.last_output_at = now
+        if finish is not None:
+            self._record_finish(request, seq, finish.kind)
+        return SequenceOutput(
+            index=seq.index,
+            rid=seq.rid,
+            text=text,
+            token_ids=list(delta.new_ids),
+            logprobs=list(delta.logprobs),
+            top_logprobs=list(delta.top_logprobs),
+            finish=finish,
+            prompt_tokens=request.prompt_tokens,
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=seq.completion_tokens,
+        )
+
+    def _record_finish(self, request: _Request, seq: _Sequence, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.sequence_finished(reason, time.perf_counter() - request.arrival, seq.cached_tokens)
+
+    # ---- scheduler connection ------------------------------------------------------------
+
+    def _post(self, msg: ToScheduler) -> None:
+        """Queue a message for the send task: callable from `finally` blocks, never blocks."""
+        self._outbox.put_nowait(self._codec.encode(msg))
+
+    async def _send_loop(self, push: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await self._outbox.get()
+            await push.send(data, copy=False)
+
+    async def _receive_loop(self, pull: zmq.asyncio.Socket) -> None:
+        codec = from_scheduler_codec()
+        while True:
+            msg = codec.decode(await pull.recv(copy=False))
+            if isinstance(msg, BatchOut):
+                for delta in msg.outputs:
+                    owner = self._sequences.get(delta.rid)
+                    if owner is not None:  # else aborted or ended here: late outputs are dropped
+                        owner[0].queue.put_nowait((owner[1], delta))
+            elif isinstance(msg, SchedulerStats):
+                self.stats = msg
+                if self._metrics is not None:
+                    self._metrics.scheduler_stats(msg)
+            elif isinstance(msg, FlushCacheOut):
+                if self._flush_reply is not None and not self._flush_reply.done():
+                    self._flush_reply.set_result(msg)
+            elif isinstance(msg, SchedulerReady):
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(msg)
+            elif isinstance(msg, SchedulerFailed):
+                self._fail(msg.message)
+
+    async def _watchdog(self) -> None:
+        while self.failure is None:
+            dead = self._scheduler_dead()
+            if dead is not None:
+                self._fail(dead)
+                return
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+    async def _guard(self, loop_coro: Any) -> None:
+        """Run a background loop; its crash is a scheduler-connection failure, not a silent hang."""
+        try:
+            await loop_coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any crash ends the connection
+            log.exception("tokenizer manager task crashed")
+            self._fail(f"lost the connection to the scheduler: {err!r}")
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("scheduler failure: %s", reason)
+        message = f"the scheduler has failed: {reason}"
+        error = ServiceUnavailable(message)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        if self._flush_reply is not None and not self._flush_reply.done():
+            self._flush_reply.set_exception(error)
+        self._end_all(ServiceUnavailable, message)
+        for callback in self._on_failure:
+            callback(reason)
+
+    def _end_all(self, error: type[GenerateError], message: str) -> None:
+        requests = {id(request): request for request, _ in self._sequences.values()}
+        for request in requests.values():
+            request.queue.put_nowait(error(message))
+
+
+def _sequence_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Sequence `index` of a request with n > 1 gets seed + index, so that the n samples differ
+    but the request stays reproducible."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=(sampling.seed + index) % SEED_MODULUS)

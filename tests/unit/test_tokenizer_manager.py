@@ -1,0 +1,352 @@
+"""TokenizerManager against a fake scheduler: a thread speaking meshserve.messages over the same
+ZMQ sockets as the real one, emitting scripted tokens. Covers what the real scheduler makes
+hard to provoke: scheduler death and failure, disconnect -> AbortReq, stop trimming paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import zmq
+
+from meshserve.cluster.endpoints import SchedulerEndpoints
+from meshserve.messages import (
+    AbortReq,
+    BatchOut,
+    FinishReason,
+    FlushCacheOut,
+    FlushCacheReq,
+    GenerateReq,
+    ReqOutput,
+    SchedulerFailed,
+    SchedulerReady,
+    from_scheduler_codec,
+    to_scheduler_codec,
+)
+from meshserve.sampling_params import SamplingParams
+from meshserve.server.generation import GenerateRequest, InvalidRequest, RequestAborted, ServiceUnavailable
+from meshserve.server.tokenizer_manager import TokenizerManager
+
+CONTEXT = 64
+VOCAB = 49152
+
+# A script maps a request to the tokens to emit (one per step) and the finish of the last one.
+Script = Callable[[GenerateReq], tuple[list[int], FinishReason]]
+
+
+class FakeScheduler(threading.Thread):
+    def __init__(self, endpoints: SchedulerEndpoints, script: Script, *, fail_at_start: str | None = None,
+                 step_s: float = 0.005, mute: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.endpoints = endpoints
+        self.script = script
+        self.fail_at_start = fail_at_start
+        self.step_s = step_s
+        self.received: list[object] = []
+        self.exited = threading.Event()  # "the process died": dead() reports it
+        self.fail_now: str | None = None  # set to make it send SchedulerFailed and exit
+        self.mute = mute  # accept requests, never answer (a stuck step)
+
+    def dead(self) -> str | None:
+        return "fake scheduler (pid 0) exited with code 1" if self.exited.is_set() else None
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.connect(self.endpoints.to_scheduler)
+        push.connect(self.endpoints.from_scheduler)
+        decode, encode = to_scheduler_codec().decode, from_scheduler_codec().encode
+        try:
+            if self.fail_at_start:
+                push.send(encode(SchedulerFailed(self.fail_at_start)))
+                return
+            push.send(encode(SchedulerReady(max_total_tokens=1000, max_running_requests=8,
+                                            context_length=CONTEXT, vocab_size=VOCAB, device="cpu")))
+            live: dict[str, tuple[list[int], FinishReason]] = {}
+            while not self.exited.is_set():
+                if self.fail_now is not None:
+                    push.send(encode(SchedulerFailed(self.fail_now)))
+                    return
+                while pull.poll(1):
+                    msg = decode(pull.recv())
+                    self.received.append(msg)
+                    if isinstance(msg, GenerateReq):
+                        live[msg.rid] = self.script(msg)
+                    elif isinstance(msg, AbortReq) and live.pop(msg.rid, None) is not None:
+                        abort = FinishReason(kind="abort", message=msg.message)
+                        push.send(encode(BatchOut([ReqOutput(rid=msg.rid, new_ids=[], finish=abort)])))
+                    elif isinstance(msg, FlushCacheReq):
+                        push.send(encode(FlushCacheOut(success=not live, message="busy" if live else "")))
+                if live and not self.mute:
+                    push.send(encode(BatchOut([self._step(rid, live) for rid in list(live)])))
+                time.sleep(self.step_s)
+        finally:
+            self.exited.set()
+            ctx.destroy(linger=2000)  # as the real scheduler: its last words must arrive
+
+    @staticmethod
+    def _step(rid: str, live: dict[str, tuple[list[int], FinishReason]]) -> ReqOutput:
+        tokens, finish = live[rid]
+        token, rest = tokens[0], tokens[1:]
+        if rest:
+            live[rid] = (rest, finish)
+            return ReqOutput(rid=rid, new_ids=[token], cached_tokens=3)
+        del live[rid]
+        return ReqOutput(rid=rid, new_ids=[token], finish=finish, cached_tokens=3)
+
+    def requests(self, kind: type) -> list:
+        return [m for m in self.received if isinstance(m, kind)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from meshserve.server.tokenizer_manager import load_tokenizer
+
+    return load_tokenizer(str(default_model_dir))
+
+
+def text_script(tokenizer, text: str, finish: FinishReason | None = None) -> Script:
+    """Emit `text`'s tokens (cut at max_new_tokens), finishing with `finish` or "length"."""
+
+    def script(req: GenerateReq) -> tuple[list[int], FinishReason]:
+        ids = tokenizer.encode(text, add_special_tokens=False)[: req.sampling.max_new_tokens]
+        return ids, finish or FinishReason(kind="length")
+
+    return script
+
+
+def run(tokenizer, script: Script, body: Callable, **fake_kwargs) -> tuple[object, FakeScheduler]:
+    """Start a TokenizerManager against a FakeScheduler and run `await body(tm, fake)`."""
+    endpoints = SchedulerEndpoints.new_ipc()
+    fake = FakeScheduler(endpoints, script, **fake_kwargs)
+    fake.start()
+
+    async def main():
+        tm = TokenizerManager(tokenizer, to_scheduler=endpoints.to_scheduler,
+                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead)
+        try:
+            await tm.start(timeout=10)
+            return await asyncio.wait_for(body(tm, fake), 20)
+        finally:
+            fake.exited.set()
+            await tm.close()
+
+    return asyncio.run(main()), fake
+
+
+def greedy(max_new_tokens: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **kw})
+
+
+async def collect(tm: TokenizerManager, req: GenerateRequest):
+    return await tm.collect(tm.prepare(req))
+
+
+def test_generate_text_and_counts(tokenizer):
+    text = " Paris is the capital of France. It is 🎉 lovely."
+
+    async def body(tm, fake):
+        return await collect(tm, GenerateRequest(text="The capital of France is", sampling=greedy(40)))
+
+    [result], _ = run(tokenizer, text_script(tokenizer, text), body)
+    assert result.text == text
+    assert result.finish == FinishReason(kind="length")
+    assert result.completion_tokens == len(result.token_ids) == len(tokenizer.encode(text, add_special_tokens=False))
+    assert result.prompt_tokens == len(tokenizer.encode("The capital of France is"))
+    assert result.cached_tokens == 3
+
+
+def test_stop_string_reported_by_scheduler_is_trimmed(tokenizer):
+    finish = FinishReason(kind="stop", matched=" capital")
+
+    async def body(tm, fake):
+        return await collect(tm, GenerateRequest(text="x", sampling=greedy(40, stop=[" capital"])))
+
+    [result], _ = run(tokenizer, text_script(tokenizer, " Paris is the capital of", finish), body)
+    assert result.text == " Paris is the"
+    assert result.finish == finish
+
+
+def test_stop_string_found_first_by_the_detokenizer_ends_and_aborts(tokenizer):
+    async def body(tm, fake):
+        results = await collect(tm, GenerateRequest(text="x", sampling=greedy(40, stop=["capital"])))
+        await asyncio.sleep(0.1)
+        return results
+
+    [result], fake = run(tokenizer, text_script(tokenizer, " Paris is the capital of France and more"), body)
+    assert result.text == " Paris is the "
+    assert result.finish == FinishReason(kind="stop", matched="capital")
+    assert [a.rid for a in fake.requests(AbortReq)] == [result.rid]
+
+
+def test_n_fans_out_with_distinct_rids_and_offset_seeds(tokenizer):
+    async def body(tm, fake):
+        req = GenerateRequest(text="x", sampling=SamplingParams(max_new_tokens=4, seed=7), n=3, rid="abc")
+        return await collect(tm, req)
+
+    results, fake = run(tokenizer, text_script(tokenizer, " one two three four"), body)
+    sent = fake.requests(GenerateReq)
+    assert sorted(r.rid for r in sent) == ["abc-0", "abc-1", "abc-2"]
+    assert sorted(r.sampling.seed for r in sent) == [7, 8, 9]
+    assert [r.index for r in results] == [0, 1, 2]
+    assert all(r.text == " one two three four" for r in results)
+
+
+def test_closing_the_stream_early_aborts_in_the_scheduler(tokenizer):
+    async def body(tm, fake):
+        async with contextlib.aclosing(tm.generate(tm.prepare(GenerateRequest(text="x", sampling=greedy(60))))) as out:
+            first = await anext(out)
+        await asyncio.sleep(0.1)
+        return first.rid
+
+    rid, fake = run(tokenizer, text_script(tokenizer, " word" * 60), body, step_s=0.02)
+    assert [a.rid for a in fake.requests(AbortReq)] == [rid]
+
+
+def test_cancelling_a_waiting_request_aborts_it(tokenizer):
+    async def body(tm, fake):
+        task = asyncio.create_task(collect(tm, GenerateRequest(text="x", sampling=greedy(8))))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        return [g.rid for g in fake.requests(GenerateReq)]
+
+    rids, fake = run(tokenizer, text_script(tokenizer, " hi"), body, mute=True)
+    assert [a.rid for a in fake.requests(AbortReq)] == rids
+
+
+def test_scheduler_death_fails_in_flight_requests_and_readiness(tokenizer):
+    failures: list[str] = []
+
+    async def body(tm, fake):
+        tm.on_failure(failures.append)
+        await tm.warm_up()
+        assert tm.ready
+        fake.mute = True
+        task = asyncio.create_task(collect(tm, GenerateRequest(text="x", sampling=greedy(8))))
+        await asyncio.sleep(0.1)
+        fake.exited.set()
+        with pytest.raises(ServiceUnavailable, match="exited with code 1"):
+            await task
+        assert not tm.ready
+        with pytest.raises(ServiceUnavailable):
+            tm.prepare(GenerateRequest(text="x"))
+
+    run(tokenizer, text_script(tokenizer, " a b c d e"), body)
+    assert failures == ["fake scheduler (pid 0) exited with code 1"]
+
+
+def test_scheduler_failed_message_fails_in_flight_requests(tokenizer):
+    async def body(tm, fake):
+        fake.mute = True
+        task = asyncio.create_task(collect(tm, GenerateRequest(text="x", sampling=greedy(8))))
+        await asyncio.sleep(0.1)
+        fake.fail_now = "CUDA out of memory"
+        with pytest.raises(ServiceUnavailable, match="CUDA out of memory"):
+            await task
+        assert tm.failure == "CUDA out of memory"
+
+    run(tokenizer, text_script(tokenizer, " a"), body)
+
+
+def test_start_reports_scheduler_failure(tokenizer):
+    endpoints = SchedulerEndpoints.new_ipc()
+    fake = FakeScheduler(endpoints, text_script(tokenizer, " a"), fail_at_start="model not found: /nope")
+    fake.start()
+
+    async def main():
+        tm = TokenizerManager(tokenizer, to_scheduler=endpoints.to_scheduler,
+                              from_scheduler=endpoints.from_scheduler, scheduler_dead=lambda: None)
+        try:
+            with pytest.raises(ServiceUnavailable, match="model not found: /nope"):
+                await tm.start(timeout=10)
+        finally:
+            await tm.close()
+
+    asyncio.run(main())
+
+
+def test_scheduler_abort_is_an_error(tokenizer):
+    def script(req):
+        return tokenizer.encode(" a b", add_special_tokens=False), FinishReason(kind="abort", message="KV exhausted")
+
+    async def body(tm, fake):
+        with pytest.raises(RequestAborted, match="KV exhausted"):
+            await collect(tm, GenerateRequest(text="x", sampling=greedy(8)))
+
+    run(tokenizer, script, body)
+
+
+def test_flush_cache(tokenizer):
+    async def body(tm, fake):
+        return await tm.flush_cache()
+
+    reply, _ = run(tokenizer, text_script(tokenizer, " a"), body)
+    assert reply.success
+
+
+@pytest.mark.parametrize(
+    ("req", "message"),
+    [
+        (GenerateRequest(text=""), "the prompt is empty"),
+        (GenerateRequest(input_ids=[]), "the prompt is empty"),
+        (GenerateRequest(), "exactly one of"),
+        (GenerateRequest(text="a", input_ids=[1]), "exactly one of"),
+        (GenerateRequest(input_ids=[1, VOCAB]), f"token id {VOCAB} at position 1 is outside the vocabulary"),
+        (GenerateRequest(input_ids=[1] * CONTEXT), f"context length is {CONTEXT}"),
+        (GenerateRequest(input_ids=[1] * 10, sampling=SamplingParams(max_new_tokens=55)),
+         f"maximum context length is {CONTEXT} tokens, but the request asks for 65"),
+        (GenerateRequest(text="a", sampling=greedy(8, temperature=-1)), "temperature"),
+        (GenerateRequest(text="a", sampling=greedy(8, stop_token_ids=[VOCAB])), "stop_token_ids"),
+        (GenerateRequest(text="a", sampling=greedy(8), n=0), "n must be >= 1"),
+        (GenerateRequest(text="a", sampling=greedy(8), top_logprobs_num=21), "top_logprobs"),
+    ],
+)
+def test_invalid_requests(tokenizer, req, message):
+    async def body(tm, fake):
+        with pytest.raises(InvalidRequest, match=message.replace("(", r"\(")):
+            tm.prepare(req)
+
+    run(tokenizer, text_script(tokenizer, " a"), body)
+
+
+def test_default_max_new_tokens_shrinks_to_fit_and_chat_template_is_applied(tokenizer):
+    async def body(tm, fake):
+        fitted = tm.prepare(GenerateRequest(input_ids=[1] * 10, fit_max_new_tokens=True,
+                                            sampling=SamplingParams(max_new_tokens=1000)))
+        chat = tm.prepare(GenerateRequest(messages=[{"role": "user", "content": "hi"}], sampling=greedy(8)))
+        return fitted, chat
+
+    (fitted, chat), _ = run(tokenizer, text_script(tokenizer, " a"), body)
+    assert fitted.sampling.max_new_tokens == CONTEXT - 10
+    assert tokenizer.decode(chat.input_ids).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_without_tokenizer_ids_in_ids_out(tokenizer):
+    async def body(tm, fake):
+        with pytest.raises(InvalidRequest, match="skip-tokenizer-init"):
+            tm.prepare(GenerateRequest(text="hello"))
+        return await collect(tm, GenerateRequest(input_ids=[5, 6, 7], sampling=greedy(3)))
+
+    endpoints = SchedulerEndpoints.new_ipc()
+    fake = FakeScheduler(endpoints, lambda req: ([11, 12, 13], FinishReason(kind="length")))
+    fake.start()
+
+    async def main():
+        tm = TokenizerManager(None, to_scheduler=endpoints.to_scheduler,
+                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead)
+        try:
+            await tm.start(timeout=10)
+            return await body(tm, fake)
+        finally:
+            fake.exited.set()
+            await tm.close()
+
+    [result] = asyncio.run(main())
+    assert result.token_ids == [11, 12, 13] and result.text == ""
