@@ -15,10 +15,10 @@ from meshserve.sampling_params import SamplingParams
 from meshserve.scheduler.scheduler import Scheduler
 
 
-def build_scheduler(model_dir: Path | str, *extra_args: str) -> Scheduler:
-    args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", "cpu", *extra_args]).validate()
+def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu") -> Scheduler:
+    args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", device, *extra_args]).validate()
     model_config = ModelConfig.from_server_args(args)
-    runner = ModelRunner(args, model_config, device=torch.device("cpu"), tp=SINGLE)
+    runner = ModelRunner(args, model_config, device=torch.device(device), tp=SINGLE)
     return Scheduler(args, model_config, runner)
 
 

@@ -1,0 +1,114 @@
+"""Static-batch latency, after SGLang's bench_one_batch: for each batch size, one prefill of
+`--input-len` random tokens per sequence, then `--output-len` decode steps; reports the prefill
+latency and the median decode step. No HTTP and no tokenizer: the scheduler is driven directly,
+so this measures the engine (scheduling + forward + sampling), not the API.
+
+  python -m meshserve.bench_one_batch --model-path DIR --batch-size 1 64 256 --input-len 256 --output-len 64 [--tp 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from meshserve.config.server_args import ServerArgs
+from meshserve.messages import GenerateReq
+from meshserve.sampling_params import SamplingParams
+
+
+@dataclass
+class OneBatchResult:
+    tp: int
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_ms: float
+    decode_step_ms_median: float
+    decode_tok_s: float  # batch_size / median decode step
+
+
+def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results: mp.Queue | None) -> None:
+    from meshserve.cluster.distributed import init_tp_group
+    from meshserve.config.model_config import ModelConfig
+    from meshserve.executor.model_runner import ModelRunner
+    from meshserve.scheduler.scheduler import Scheduler
+
+    max_batch = max(ns.batch_size)
+    argv = ["--model-path", ns.model_path, "--skip-tokenizer-init", "--tp", str(ns.tp),
+            "--chunked-prefill-size", "-1", "--max-prefill-tokens", str(max_batch * ns.input_len),
+            "--max-running-requests", str(max_batch), "--disable-radix-cache", *ns.server_args]
+    args = ServerArgs.parse_args(argv).validate()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(message)s")
+    started = time.perf_counter()
+    device = torch.device(args.resolved_device())
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    tp = init_tp_group(world_size=ns.tp, rank=rank, rendezvous=rendezvous, device=device, timeout_s=600)
+    model_config = ModelConfig.from_server_args(args)
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=tp))
+    logging.info("model and KV cache ready in %.1f s", time.perf_counter() - started)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch_size in [ns.batch_size[0], *ns.batch_size]:  # the first run warms up
+        sampling = SamplingParams(max_new_tokens=ns.output_len, temperature=0.0, ignore_eos=True)
+        for i in range(batch_size):
+            ids = torch.randint(0, model_config.vocab_size, (ns.input_len,), generator=gen).tolist()
+            scheduler.add_request(GenerateReq(rid=f"{batch_size}-{i}-{len(rows)}", input_ids=ids, sampling=sampling))
+        step_ms = []
+        while scheduler.has_work:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            scheduler.step()
+            step_ms.append((time.perf_counter() - start) * 1e3)  # step() ends in a host read: synchronous
+            scheduler.take_outputs()
+        logging.info("batch %d: %d steps in %.1f s", batch_size, len(step_ms), sum(step_ms) / 1e3)
+        decode = statistics.median(step_ms[1:]) if len(step_ms) > 1 else float("nan")
+        rows.append(OneBatchResult(ns.tp, batch_size, ns.input_len, ns.output_len, step_ms[0], decode,
+                                   batch_size / decode * 1e3))
+    if rank == 0 and results is not None:
+        results.put([asdict(r) for r in rows[1:]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--output-file", help="append one JSON line per batch size")
+    ns, server_args = parser.parse_known_args(argv)
+    ns.server_args = server_args  # any launch_server flag (e.g. --device cpu, --dtype float32)
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        rendezvous = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [ctx.Process(target=_run_rank, args=(r, ns, rendezvous, results)) for r in range(ns.tp)]
+    for p in procs:
+        p.start()
+    rows = results.get()
+    for p in procs:
+        p.join()
+    print(f"{'tp':>3} {'batch':>6} {'in':>6} {'out':>5} {'prefill ms':>11} {'decode ms/step':>15} {'decode tok/s':>13}")
+    for r in rows:
+        print(f"{r['tp']:>3} {r['batch_size']:>6} {r['input_len']:>6} {r['output_len']:>5} {r['prefill_ms']:>11.2f} "
+              f"{r['decode_step_ms_median']:>15.3f} {r['decode_tok_s']:>13.1f}")
+    if ns.output_file:
+        with open(ns.output_file, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
