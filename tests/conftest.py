@@ -58,3 +58,38 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     from tests.models import make_tiny_qwen2
 
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir=default_model_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Real servers (python -m meshserve.launch_server --device cpu) for the HTTP integration tests
+# --------------------------------------------------------------------------------------------
+
+# Small KV pool: fast start-up, and still room for every request the tests send.
+SERVER_TEST_ARGS = ("--max-total-tokens", "8192", "--context-length", "2048")
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
+    """One server on the embedded SmolLM2 shared by the session (tests must not break it)."""
+    from tests.server_process import start_server
+
+    server = start_server(tmp_path_factory.mktemp("default_server"), *SERVER_TEST_ARGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, default_model_dir: Path):
+    """`start_server(*args, api_key=None, wait=True)`: a server of this test only, stopped after it."""
+    from tests.server_process import start_server as start
+
+    started = []
+
+    def factory(*args: str, **kwargs):
+        server = start(tmp_path, *SERVER_TEST_ARGS, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

@@ -1,0 +1,317 @@
+"""The HTTP API of a real server process (embedded SmolLM2 on CPU), through the official `openai`
+client and plain HTTP: OpenAI semantics, SGLang's native routes, errors, disconnects."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Write a short story about a cat."}]
+
+
+def sse_events(response: httpx.Response) -> list:
+    lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def metric(server, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(w in line for w in wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ---- OpenAI ----------------------------------------------------------------------------------
+
+
+def test_chat_streamed_text_equals_non_streamed(default_server):
+    client = default_server.openai()
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0)
+    [choice] = full.choices
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens <= 40
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.id.startswith("chatcmpl-") and full.model == MODEL
+
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stop_string_is_trimmed_streaming_and_not(default_server):
+    client = default_server.openai()
+    prompt = "The first ten letters of the alphabet are"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0).choices[0].text
+    assert len(free) > 12
+    stop = free[5:9]  # spans token boundaries in general
+    expected = free[: free.index(stop)]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_n_and_seed(default_server):
+    client = default_server.openai()
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=1.0, n=3, seed=1234)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in first.choices}) > 1
+    assert first.usage.completion_tokens <= 3 * 12
+
+
+def test_completion_token_ids_prompt_and_logprobs(default_server, default_model_dir):
+    from transformers import AutoTokenizer
+
+    prompt = "Hello, my name is"
+    ids = AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True).encode(prompt)
+    client = default_server.openai()
+    by_text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    lp = by_text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == by_text.choices[0].text
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_chat_logprobs(default_server):
+    out = default_server.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert content[0].top_logprobs[0].token == content[0].token  # greedy picks the top token
+
+
+def test_models(default_server):
+    [card] = default_server.openai().models.list().data
+    assert card.id == MODEL
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "pattern"),
+    [
+        ("/v1/chat/completions", "{not json", 400, "JSON"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": "many"},
+         400, "n"),
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404,
+         "does not exist"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_object"}}, 400, "not supported yet"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, "maximum context length"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi " * 2100}, 400, "context length is 2048"),
+        ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "outside the vocabulary"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/generate", {"text": "x", "sampling_params": {"json_schema": "{}"}}, 400, "json_schema"),
+        ("/nope", {}, 404, "Not Found"),
+    ],
+)
+def test_errors_are_openai_shaped(default_server, path, body, status, pattern):
+    with default_server.client() as http:
+        content = body if isinstance(body, str) else json.dumps(body)
+        response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert re.search(pattern, error["message"]), error
+
+
+def test_openai_client_raises_typed_errors(default_server):
+    client = default_server.openai()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4000)
+
+
+# ---- SGLang native ---------------------------------------------------------------------------
+
+
+def test_generate_native(default_server):
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    with default_server.client() as http:
+        full = http.post("/generate", json=body).json()
+        with http.stream("POST", "/generate", json={**body, "stream": True}) as response:
+            events = sse_events(response)
+        # curl -d posts as a form; SGLang's examples rely on the body being read as JSON anyway.
+        form = http.post("/generate", content=json.dumps(body),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}).json()
+        batch = http.post("/generate", json={**body, "text": ["A", "B"], "return_logprob": True}).json()
+    meta = full["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 8}
+    assert meta["completion_tokens"] == len(full["output_ids"]) == 8 and meta["prompt_tokens"] > 0
+    assert {"id", "cached_tokens"} <= set(meta)
+    assert events[-1]["text"] == full["text"] and events[-1]["output_ids"] == full["output_ids"]
+    assert all(events[i]["text"] == events[i + 1]["text"][: len(events[i]["text"])] for i in range(len(events) - 1))
+    assert form["text"] == full["text"]
+    assert len(batch) == 2 and all(len(b["meta_info"]["output_token_logprobs"]) == 8 for b in batch)
+
+
+def test_info_routes(default_server):
+    with default_server.client() as http:
+        info = http.get("/get_model_info").json()
+        server_info = http.get("/get_server_info").json()
+        assert http.post("/flush_cache").status_code == 200
+        assert http.get("/flush_cache").status_code == 200
+        assert http.get("/health_generate").status_code == 200
+    assert info["is_generation"] is True and info["model_path"] and info["tokenizer_path"]
+    assert server_info["cache"]["max_total_tokens"] == 8192
+    assert server_info["scheduler_info"]["context_length"] == 2048
+
+
+def test_metrics_count_requests_and_tokens(default_server):
+    before = metric(default_server, "meshserve:generation_tokens_total")
+    with default_server.client() as http:
+        http.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}})
+    assert metric(default_server, "meshserve:generation_tokens_total") == before + 3
+    text = httpx.get(f"{default_server.base_url}/metrics").text
+    for name in ("meshserve:time_to_first_token_seconds", "meshserve:e2e_request_latency_seconds",
+                 "meshserve:num_running_reqs", "meshserve:token_usage", "meshserve:prompt_tokens_total"):
+        assert name in text
+
+
+# ---- disconnects -----------------------------------------------------------------------------
+
+
+def _wait_idle(server, timeout: float = 10.0) -> None:
+    """Until the scheduler reports no running request (its stats come every second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if metric(server, "meshserve:num_running_reqs") == 0 and metric(server, "meshserve:num_queue_reqs") == 0:
+            return
+    raise AssertionError("the scheduler still runs the abandoned request")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_the_request(default_server, stream):
+    aborted = metric(default_server, "meshserve:num_requests_total", finish_reason="abort")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": stream}
+    with default_server.client(timeout=1.0) as http:
+        if stream:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                next(response.iter_lines())
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/completions", json=body)
+    _wait_idle(default_server)
+    assert metric(default_server, "meshserve:num_requests_total", finish_reason="abort") == aborted + 1
+
+
+# ---- servers of their own --------------------------------------------------------------------
+
+
+def test_api_key_guards_every_route_but_probes(start_server):
+    server = start_server(api_key="s3cret")
+    anonymous = httpx.Client(base_url=server.base_url, timeout=30)
+    for path in ("/v1/models", "/get_server_info", "/get_model_info", "/flush_cache", "/anything"):
+        response = anonymous.get(path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert anonymous.post("/generate", json={"text": "x"}).status_code == 401
+    wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    for path in ("/health", "/health_generate", "/metrics"):
+        assert anonymous.get(path).status_code == 200, path
+    with server.client() as http:
+        info = http.get("/get_server_info")
+    assert info.status_code == 200 and "s3cret" not in info.text
+    assert "s3cret" not in server.log()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert server.openai().models.list().data[0].id == MODEL
+
+
+def test_skip_tokenizer_init_ids_in_ids_out(start_server):
+    server = start_server("--skip-tokenizer-init", "--served-model-name", "ids-only")
+    with server.client() as http:
+        out = http.post("/generate", json={"input_ids": [1, 504, 3575, 282, 4649, 314],
+                                           "sampling_params": {"max_new_tokens": 4, "temperature": 0}}).json()
+        text = http.post("/generate", json={"text": "hi"})
+        chat = http.post("/v1/chat/completions", json={"model": "ids-only", "messages": MESSAGES})
+        completion = http.post("/v1/completions", json={"model": "ids-only", "prompt": [1, 504, 3575],
+                                                        "max_tokens": 3}).json()
+    assert len(out["output_ids"]) == 4 and out["text"] == ""
+    assert text.status_code == 400 and "skip-tokenizer-init" in text.json()["error"]["message"]
+    assert chat.status_code == 400 and "skip-tokenizer-init" in chat.json()["error"]["message"]
+    assert len(completion["choices"][0]["token_ids"]) == 3
+
+
+def test_scheduler_death_fails_requests_and_exits_nonzero(start_server):
+    server = start_server()
+    [scheduler] = server.scheduler_pids()
+    results = {}
+
+    def long_request() -> None:
+        with server.client() as http:
+            results["response"] = http.post("/v1/completions", json={
+                "model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)
+    psutil.Process(scheduler).kill()
+    thread.join(30)
+    assert not thread.is_alive(), "the in-flight request hangs"
+    assert results["response"].status_code == 503
+    assert "scheduler" in results["response"].json()["error"]["message"]
+    assert server.wait_exit(30) != 0
+    assert f"pid {scheduler}" in server.log()
+
+
+def test_sigterm_ends_in_flight_requests_and_exits_zero(start_server):
+    server = start_server()
+    results = {}
+
+    def long_request() -> None:
+        with server.client() as http:
+            with http.stream("POST", "/v1/completions", json={
+                    "model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True,
+                    "stream": True}) as response:
+                results["events"] = sse_events(response)
+
+    schedulers = server.scheduler_pids()
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)
+    server.process.terminate()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert "shutting down" in results["events"][-1]["error"]["message"]
+    assert server.wait_exit(30) == 0
+    assert schedulers and not any(psutil.pid_exists(pid) for pid in schedulers)
+
+
+def test_startup_failures_exit_nonzero_with_a_reason(start_server, tmp_path):
+    missing = start_server("--model-path", str(tmp_path / "nope"), wait=False)
+    assert missing.wait_exit(60) == 1
+    assert "not a local Hugging Face model directory" in missing.log()
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        clash = start_server("--port", str(busy.getsockname()[1]), wait=False)
+        assert clash.wait_exit(60) == 1
+    assert "Address already in use" in clash.log()
