@@ -20,6 +20,7 @@ import hmac
 import logging
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,7 +44,7 @@ from meshserve.server.generation import GenerateError, GenerateRequest, Sequence
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.native_api import GenerateReqInput, native_response
-from meshserve.server.tokenizer_manager import SKIP_TOKENIZER_MESSAGE, PreparedRequest, TokenizerManager
+from meshserve.server.tokenizer_manager import PreparedRequest, TokenizerManager
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,6 +58,7 @@ M = TypeVar("M", bound=BaseModel)
 OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
 GRACEFUL_SHUTDOWN_S = 10
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+RECENT_PROGRESS_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,9 @@ async def event_stream(
     epilogue: Callable[[list[SequenceResult]], Iterable[bytes]] = lambda results: (),
 ) -> AsyncIterator[bytes]:
     """SSE events of one request: prologue, one rendered event per output (given the output and
-    its sequence's accumulated result), epilogue, [DONE]. An error mid-stream becomes an error
-    event. A client disconnect cancels this generator (Starlette), which aborts the request."""
+    its sequence's accumulated result; b"" to send nothing), epilogue, [DONE]. An error
+    mid-stream becomes an error event. A client disconnect cancels this generator (Starlette),
+    which aborts the request."""
     results = [SequenceResult(index=i) for i in range(prepared.n)]
     for event in prologue:
         yield event
@@ -164,7 +167,9 @@ async def event_stream(
             async for out in outputs:
                 result = results[out.index]
                 result.add(out)
-                yield render(out, result)
+                event = render(out, result)
+                if event:
+                    yield event
     except GenerateError as err:
         yield oai.sse(oai.APIError.from_generate_error(err).body())
     else:
@@ -225,8 +230,6 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, oai.ChatCompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        if tm.tokenizer is None:
-            raise oai.APIError(400, SKIP_TOKENIZER_MESSAGE, param="messages")
         prepared = tm.prepare(body.to_generate_request())
         rctx = response_context("chatcmpl", prepared)
         include_usage = body.include_usage
@@ -307,9 +310,13 @@ def create_app(ctx: AppContext) -> FastAPI:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
-        """Ready, and a one-token generation completes in time."""
+        """Ready, and the scheduler makes progress: a busy scheduler that produced output in
+        the last seconds is healthy (a probe would queue behind its work, as in SGLang);
+        otherwise a one-token generation must complete in time."""
         if not tm.ready:
             return await health()
+        if tm.num_in_flight and time.monotonic() - tm.last_output_at < RECENT_PROGRESS_S:
+            return Response(status_code=200)
         probe = GenerateRequest(input_ids=[1], sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
         try:
             await asyncio.wait_for(tm.collect(tm.prepare(probe)), HEALTH_GENERATE_TIMEOUT_S)
@@ -409,7 +416,7 @@ class ServerRunner:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop, f"received {sig.name}")
+            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             self._starting = asyncio.create_task(self.tm.start())
             try:
@@ -429,11 +436,14 @@ class ServerRunner:
                 loop.remove_signal_handler(sig)
             await self.tm.close()
 
-    def stop(self, reason: str, exit_code: int = 0) -> None:
-        """Shut down: abort in-flight requests (they get 503s), stop accepting, exit. A second
-        call (a second Ctrl-C) skips the graceful wait."""
-        if self._stopping:
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:  # a second Ctrl-C: skip the graceful wait
             self.server.force_exit = True
+        self.stop(f"received {sig.name}")
+
+    def stop(self, reason: str, exit_code: int = 0) -> None:
+        """Shut down (once): abort in-flight requests (they get 503s), stop accepting, exit."""
+        if self._stopping:
             return
         self._stopping = True
         self.exit_code = exit_code

@@ -349,7 +349,17 @@ def chat_role_chunk(ctx: ResponseContext, index: int, include_usage: bool) -> di
     return _chunk(ctx, "chat.completion.chunk", [choice], include_usage)
 
 
-def chat_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: bool) -> dict[str, Any]:
+def _carries_anything(ctx: ResponseContext, out: SequenceOutput) -> bool:
+    """Whether a chunk for `out` would say something: ids whose text is still held back (an
+    incomplete character, a possible stop string) would make an empty delta, so none is sent."""
+    return bool(out.text or out.finish is not None or (ctx.logprobs and out.logprobs)
+                or (ctx.include_token_ids and out.token_ids))
+
+
+def chat_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: bool) -> dict[str, Any] | None:
+    """The chunk for one output, or None when it would be empty."""
+    if not _carries_anything(ctx, out):
+        return None
     choice = {
         "index": out.index,
         "delta": {"content": out.text} if out.text else {},
@@ -360,8 +370,11 @@ def chat_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: b
 
 
 def completion_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: bool,
-                           text_offset: int) -> dict[str, Any]:
-    """`text_offset`: characters of this choice already streamed (for logprobs' text_offset)."""
+                           text_offset: int) -> dict[str, Any] | None:
+    """The chunk for one output, or None when it would be empty. `text_offset`: characters of
+    this choice streamed before it (for logprobs' text_offset)."""
+    if not _carries_anything(ctx, out):
+        return None
     choice = {
         "index": out.index,
         "text": out.text,
@@ -381,6 +394,6 @@ def usage_chunk(ctx: ResponseContext, obj: str, results: Sequence[SequenceResult
 _json_encoder = msgspec.json.Encoder()
 
 
-def sse(body: dict[str, Any]) -> bytes:
-    """One server-sent event."""
-    return b"data: " + _json_encoder.encode(body) + b"\n\n"
+def sse(body: dict[str, Any] | None) -> bytes:
+    """One server-sent event; b"" (nothing to send) for None."""
+    return b"" if body is None else b"data: " + _json_encoder.encode(body) + b"\n\n"

@@ -139,6 +139,7 @@ class TokenizerManager:
         self._metrics = metrics
         self.scheduler_info: SchedulerReady | None = None  # set once the scheduler is ready
         self.stats: SchedulerStats | None = None
+        self.last_output_at = 0.0  # time.monotonic() of the latest BatchOut: the scheduler's progress
         self.failure: str | None = None  # why the scheduler is gone, once it is
         self._closing: str | None = None  # set by abort_all: no new requests
         self._warmed_up = False
@@ -172,7 +173,7 @@ class TokenizerManager:
             asyncio.create_task(self._guard(self._watchdog()), name="tm-watchdog"),
         ]
         try:
-            self.scheduler_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+            self.scheduler_info = await asyncio.wait_for(self._ready, timeout)
         except TimeoutError:
             self._fail(f"the scheduler did not report ready within {timeout:.0f} s")
             raise ServiceUnavailable(self.failure) from None
@@ -206,6 +207,11 @@ class TokenizerManager:
     @property
     def ready(self) -> bool:
         return self.not_ready_reason is None
+
+    @property
+    def num_in_flight(self) -> int:
+        """Sequences submitted and not finished."""
+        return len(self._sequences)
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` once if the scheduler fails or dies."""
@@ -286,7 +292,7 @@ class TokenizerManager:
             for seq in sequences:
                 self._sequences.pop(seq.rid, None)
                 if not seq.finished:
-                    self._post(AbortReq(seq.rid, "the client went away"))
+                    self._post(AbortReq(seq.rid, "the request was cancelled"))
                     self._record_finish(request, seq, "abort")
 
     async def collect(self, prepared: PreparedRequest) -> list[SequenceResult]:
@@ -472,6 +478,7 @@ class TokenizerManager:
         while True:
             msg = codec.decode(await pull.recv(copy=False))
             if isinstance(msg, BatchOut):
+                self.last_output_at = time.monotonic()
                 for delta in msg.outputs:
                     owner = self._sequences.get(delta.rid)
                     if owner is not None:  # else aborted or ended here: late outputs are dropped

@@ -201,6 +201,11 @@ def test_stream_chunks():
     assert text["choices"][0]["text"] == "hey"
     usage = oai.usage_chunk(ctx(), "chat.completion.chunk", [result(0, "hey", [3], FinishReason("length"))])
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 1
+    held = SequenceOutput(index=0, rid="r", text="", token_ids=[4], logprobs=[], top_logprobs=[], finish=None,
+                          prompt_tokens=5, cached_tokens=0, completion_tokens=2)
+    assert oai.chat_delta_chunk(ctx(), held, include_usage=False) is None  # text held back: nothing to say
+    assert oai.completion_delta_chunk(ctx(include_token_ids=True), held, False, 0)["choices"][0]["token_ids"] == [4]
+    assert oai.sse(None) == b""
     event = oai.sse(delta)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event[len(b"data: "):]) == delta
