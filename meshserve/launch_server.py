@@ -28,31 +28,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.http.log_level)
 
     from meshserve.cluster.launcher import launch_schedulers
-    from meshserve.config.model_config import ModelConfig, ModelConfigError
+    from meshserve.config.model_config import ModelConfig
     from meshserve.server.http_server import bind_http_socket, serve
     from meshserve.server.tokenizer_manager import load_tokenizer
 
     try:
         model_config = ModelConfig.from_server_args(args)
         sock = bind_http_socket(args.http.host, args.http.port)
-    except (ModelConfigError, OSError) as err:
+    except (ValueError, OSError) as err:  # ModelConfigError is a ValueError
         log.error("cannot start: %s", err)
         return 1
-    try:
-        tokenizer = load_tokenizer(model_config.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        log.error("cannot load the tokenizer from %s: %s", model_config.tokenizer_path, err)
-        sock.close()
-        return 1
-    processes = launch_schedulers(args, model_config)
-    try:
-        return asyncio.run(serve(args, model_config, tokenizer, processes, sock))
-    except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
-        return 130
-    finally:
-        processes.shutdown()
-        sock.close()
-
+    with sock:
+        try:
+            tokenizer = load_tokenizer(model_config.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            log.error("cannot load the tokenizer from %s: %s", model_config.tokenizer_path, err)
+            return 1
+        try:
+            processes = launch_schedulers(args, model_config)
+        except Exception as err:  # noqa: BLE001 - one line for the user, the traceback at debug level
+            log.error("cannot start the scheduler processes: %s: %s", type(err).__name__, err,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return 1
+        try:
+            return asyncio.run(serve(args, model_config, tokenizer, processes, sock))
+        except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
+            return 130
+        finally:
+            processes.shutdown()
 
 if __name__ == "__main__":
     sys.exit(main())
