@@ -515,6 +515,12 @@ class ServerArgs:
         default_factory=lambda: types.MappingProxyType({}), compare=False, repr=False
     )
 
+    def __reduce__(self):
+        # Scheduler processes are spawned with these arguments; a MappingProxyType cannot be
+        # pickled, so hand the flags over as a plain dict (re-frozen by __post_init__).
+        return (type(self), (self.model, self.parallel, self.cache, self.scheduler, self.http, self.disagg,
+                             dict(self.explicit_flags)))
+
     def __post_init__(self) -> None:
         # Freeze the mapping even when a plain dict was passed in.
         if not isinstance(self.explicit_flags, types.MappingProxyType):

@@ -14,7 +14,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 def _default_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     base = _rope_parameters(config).get("rope_theta", 10000.0)
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
+    return 1.0 / (base**exponents), 1.0
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
@@ -29,18 +30,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         rope_type = _rope_parameters(config).get("rope_type", "default")
         if rope_type == "default":
-            inv_freq, scaling = _default_inv_freq(config, head_dim)
+            inv_freq, scaling = _default_inv_freq(config, head_dim)  # on the CPU
         elif rope_type in ROPE_INIT_FUNCTIONS:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         else:
             raise ValueError(f"rope type {rope_type!r} is not supported")
         if rope_type == "dynamic":
             raise ValueError("dynamic rope scaling depends on the sequence length and is not supported")
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        # Built on the CPU (the rope initialisers return CPU tensors), then placed on the device the
+        # model is being constructed on. float32 tables; cast to the activation dtype at use, as
+        # the reference does.
+        positions = torch.arange(max_positions, dtype=torch.float, device="cpu")
+        freqs = positions[:, None] * inv_freq.to("cpu")[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        # float32 tables; cast to the activation dtype at use, as the reference does.
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        device = torch.get_default_device()
+        self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T] -> rotated (q, k)."""
