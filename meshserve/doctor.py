@@ -200,15 +200,20 @@ class _Doctor:
                 store = dist.TCPStore(self.net.dist_init_ip, port, self.nnodes, False,
                                       timeout=timeout)
             backend = "nccl" if self.device == "cuda" else "gloo"
+            device_id = None
             if self.device == "cuda":
                 import torch
 
-                torch.cuda.set_device(0)
+                # The first visible device (CUDA_VISIBLE_DEVICES picks it); naming it makes
+                # NCCL connect here, so that its errors belong to this step.
+                device_id = torch.device("cuda", 0)
+                torch.cuda.set_device(device_id)
             dist.init_process_group(backend, store=store, rank=self.node_rank,
-                                    world_size=self.nnodes, timeout=timeout)
+                                    world_size=self.nnodes, timeout=timeout,
+                                    device_id=device_id)
         except (OSError, RuntimeError) as err:
             raise _StepFailed(f"torch.distributed on {_hostport(self.net.dist_init_ip, port)}: "
-                              f"{err}".splitlines()[0]) from err
+                              f"{_error_text(err)}") from err
         self.say(f"{backend} world of {self.nnodes} formed through the TCPStore on "
                  f"{_hostport(self.net.dist_init_ip, port)} in {time.monotonic() - started:.1f} s")
         return store
@@ -280,6 +285,18 @@ def _listen(host: str, port: int) -> socket.socket:
                       f"server running with this base port?)") from err
     sock.listen(128)
     return sock
+
+
+def _error_text(err: BaseException) -> str:
+    """One line for a failure: a step's own message, or a library error's type, first line
+    and the line NCCL puts after "Last error:" (the actual cause)."""
+    if isinstance(err, _StepFailed):
+        return _one_line(str(err))
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    if "Last error:" in lines[:-1]:
+        text += f" — {lines[lines.index('Last error:') + 1]}"
+    return text
 
 
 def _one_line(text: str) -> str:
@@ -358,13 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             store = doctor.form_group()
             doctor.all_reduce()
             doctor.gather_nodes(store)
-        except _StepFailed as err:
+        except Exception as err:
             coordinator.shutdown(clean=False, reason=f"doctor failed at step '{doctor.step}': "
-                                                     f"{err}")
+                                                     f"{_error_text(err)}")
             raise
         doctor.finish(coordinator)
-    except _StepFailed as err:
-        print(f"doctor: FAIL — {doctor.step}: {_one_line(str(err))}", flush=True)
+    except Exception as err:  # _StepFailed, or a library's (NCCL's) error: still one verdict
+        print(f"doctor: FAIL — {doctor.step}: {_error_text(err)}", flush=True)
         return 1
     finally:
         watchdog.cancel()
