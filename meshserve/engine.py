@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from meshserve.cluster.launcher import launch_schedulers
+from meshserve.cluster.node import ClusterNode
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.server.generation import GenerateRequest, SequenceResult
@@ -35,8 +36,13 @@ class Engine:
         values and RuntimeError if the scheduler fails to start."""
         self.args = ServerArgs().replace(model_path=model_path, **server_args).validate()
         self.model_config = ModelConfig.from_server_args(self.args)
+        if self.args.parallel.nnodes > 1:
+            raise ValueError("meshserve.Engine runs on one node; serve several nodes with launch_server")
         tokenizer = load_tokenizer(self.model_config.tokenizer_path, trust_remote_code=self.args.model.trust_remote_code)
-        self._processes = launch_schedulers(self.args, self.model_config)
+        self._cluster = ClusterNode(self.args, self.model_config)  # tp > 1: the local rendezvous store
+        self._cluster.start()
+        self._processes = launch_schedulers(self.args, self._cluster.rendezvous)
+        assert self._processes.endpoints is not None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="meshserve-engine", daemon=True)
         self._thread.start()

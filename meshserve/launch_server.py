@@ -1,10 +1,11 @@
 """`python -m meshserve.launch_server ARGS`: serve one model over HTTP (SGLang's command line).
 
-Start-up order: parse and validate the arguments, resolve the model, bind the HTTP port (a busy
-port fails at once, not after the model loaded), load the tokenizer, start the scheduler
-processes, wait for them, serve. The tokenizer loads first so that the TokenizerManager's
-sockets are bound soon after the schedulers start: a scheduler that fails at once still gets its
-SchedulerFailed reason delivered. Any start-up failure exits non-zero with a one-line reason.
+Start-up order on every node: parse and validate the arguments, resolve the model, bind the
+HTTP port (a busy port fails at once, not after the model loaded), load the tokenizer (node 0),
+join the cluster (port plan, interface, rendezvous store, coordinator handshake — a mismatched
+or missing node is named here, before any rank can hang in a collective), start this node's
+scheduler ranks, then serve: node 0 the API, other nodes /health and /metrics. Any start-up
+failure exits non-zero with a one-line reason.
 """
 
 from __future__ import annotations
@@ -27,35 +28,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)  # exits 2 with "error: ..." lines on bad arguments
     configure_logging(args.http.log_level)
 
+    from meshserve.cluster.coordinator import ClusterError
     from meshserve.cluster.launcher import launch_schedulers
+    from meshserve.cluster.net import NetError
+    from meshserve.cluster.node import ClusterNode
     from meshserve.config.model_config import ModelConfig
     from meshserve.server.http_server import bind_http_socket, serve
+    from meshserve.server.node_agent import NodeAgent
     from meshserve.server.tokenizer_manager import load_tokenizer
 
+    leader = args.parallel.node_rank == 0
     try:
         model_config = ModelConfig.from_server_args(args)
+        cluster = ClusterNode(args, model_config)
         sock = bind_http_socket(args.http.host, args.http.port)
-    except (ValueError, OSError) as err:  # ModelConfigError is a ValueError
+    except (ValueError, OSError) as err:  # ModelConfigError and PortPlanError are ValueErrors
         log.error("cannot start: %s", err)
         return 1
     with sock:
+        tokenizer = None
+        if leader:
+            try:
+                tokenizer = load_tokenizer(model_config.tokenizer_path,
+                                           trust_remote_code=args.model.trust_remote_code)
+            except (OSError, ValueError) as err:
+                log.error("cannot load the tokenizer from %s: %s", model_config.tokenizer_path, err)
+                return 1
         try:
-            tokenizer = load_tokenizer(model_config.tokenizer_path, trust_remote_code=args.model.trust_remote_code)
-        except (OSError, ValueError) as err:
-            log.error("cannot load the tokenizer from %s: %s", model_config.tokenizer_path, err)
+            cluster.start()
+        except (ClusterError, NetError, ValueError, OSError) as err:
+            log.error("cannot join the cluster: %s", err)
+            cluster.shutdown(clean=False, reason=str(err))
             return 1
         try:
-            processes = launch_schedulers(args, model_config)
+            processes = launch_schedulers(args, cluster.rendezvous)
         except Exception as err:  # noqa: BLE001 - one line for the user, the traceback at debug level
             log.error("cannot start the scheduler processes: %s: %s", type(err).__name__, err,
                       exc_info=log.isEnabledFor(logging.DEBUG))
+            cluster.shutdown(clean=False, reason=f"node {args.parallel.node_rank} could not start its ranks")
             return 1
+        code = 1
         try:
-            return asyncio.run(serve(args, model_config, tokenizer, processes, sock))
+            if leader:
+                code = asyncio.run(serve(args, model_config, tokenizer, processes, sock, cluster))
+            else:
+                code = asyncio.run(NodeAgent(args, cluster, processes, sock).run())
+            return code
         except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
-            return 130
+            code = 130
+            return code
         finally:
+            # Node 0 stopping on purpose stops every node cleanly; a failure has been reported already.
+            if leader:
+                cluster.shutdown(clean=code == 0, reason="node 0 is shutting down")
             processes.shutdown()
+
 
 if __name__ == "__main__":
     sys.exit(main())

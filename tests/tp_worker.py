@@ -39,8 +39,11 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
 
 def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
                 extra: tuple[str, ...] = ()) -> list[list[int]]:
+    from meshserve.cluster.distributed import serve_rendezvous_store
+
     out_file = tmp / f"tp{world}.json"
     port = _free_port()
+    store = serve_rendezvous_store("127.0.0.1", port)  # noqa: F841 - must outlive the ranks
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), prompts, new_tokens, list(extra),
                                                   str(out_file))) for r in range(world)]

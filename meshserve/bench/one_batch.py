@@ -91,9 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     ns.server_args = server_args  # any launch_server flag (e.g. --device cpu, --dtype float32)
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
+    from meshserve.cluster.distributed import serve_rendezvous_store
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        rendezvous = f"127.0.0.1:{s.getsockname()[1]}"
+        port = s.getsockname()[1]
+    rendezvous = f"127.0.0.1:{port}"
+    store = serve_rendezvous_store("127.0.0.1", port) if ns.tp > 1 else None  # noqa: F841 - outlives the ranks
     procs = [ctx.Process(target=_run_rank, args=(r, ns, rendezvous, results)) for r in range(ns.tp)]
     for p in procs:
         p.start()

@@ -1,13 +1,17 @@
 """Forming the torch.distributed world of the tensor-parallel ranks.
 
-One world through `tcp://<rendezvous>` (NCCL for CUDA tensors, gloo on CPU), plus a gloo group
-over the same ranks for host-side collectives (the leader's per-step message broadcast).
+Node 0's launcher serves the rendezvous store on the cluster address (not on all interfaces,
+as torch's own `tcp://` init would); every rank connects to it as a client and joins one world
+(NCCL for CUDA tensors, gloo on CPU), plus a gloo group over the same ranks for host-side
+collectives (the leader's per-step message broadcast).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,18 +21,44 @@ from meshserve.cluster.comm import SINGLE, TensorParallelGroup
 logger = logging.getLogger("meshserve")
 
 
+@dataclass
+class RendezvousStore:
+    """The master TCPStore and the listening socket it serves on (kept open with it)."""
+
+    store: dist.TCPStore
+    listener: socket.socket
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def serve_rendezvous_store(host: str, port: int) -> RendezvousStore:
+    """The master TCPStore, listening on host:port only. Keep the returned object alive while
+    ranks may still connect."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    store = dist.TCPStore(host, port, is_master=True, master_listen_fd=listener.fileno(), wait_for_workers=False,
+                          use_libuv=True)
+    return RendezvousStore(store, listener)
+
+
 def init_tp_group(*, world_size: int, rank: int, rendezvous: str | None, device: torch.device,
                   timeout_s: float) -> TensorParallelGroup:
-    """`rendezvous` is "host:port" (IPv6 hosts in brackets); unused when world_size == 1."""
+    """`rendezvous` is "host:port" of a running rendezvous store (IPv6 hosts in brackets);
+    unused when world_size == 1."""
     if world_size == 1:
         return SINGLE
     assert rendezvous is not None
+    host, _, port = rendezvous.rpartition(":")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    logger.info("joining the torch.distributed world at tcp://%s as rank %d/%d (%s)", rendezvous, rank,
-                world_size, backend)
-    dist.init_process_group(backend=backend, init_method=f"tcp://{rendezvous}", world_size=world_size,
-                            rank=rank, timeout=timeout,
+    logger.info("joining the torch.distributed world at %s as rank %d/%d (%s)", rendezvous, rank, world_size,
+                backend)
+    store = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout)
+    dist.init_process_group(backend=backend, store=store, world_size=world_size, rank=rank, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
 from dataclasses import dataclass, field
 
 from meshserve.cluster.endpoints import SchedulerEndpoints
 from meshserve.cluster.topology import Topology
-from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 
 logger = logging.getLogger("meshserve")
@@ -42,28 +40,15 @@ class SchedulerProcesses:
                 proc.join(timeout)
 
 
-def rendezvous_address(args: ServerArgs) -> str | None:
-    """host:port of the torch.distributed rendezvous: --dist-init-addr when given; a free loopback
-    port for tensor parallelism inside one node; None for a single rank."""
-    if args.parallel.dist_init_addr is not None:
-        return args.parallel.dist_init_addr
-    if args.parallel.tp_size == 1:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def launch_schedulers(args: ServerArgs, model_config: ModelConfig | None = None) -> SchedulerProcesses:
-    """One scheduler process per local rank. `spawn`, not `fork`: the parent may already run
-    threads (asyncio, tokenizers) that fork would corrupt. Every process resolves the model
-    configuration again from the same arguments, so nothing but ServerArgs crosses over."""
+def launch_schedulers(args: ServerArgs, rendezvous: str | None) -> SchedulerProcesses:
+    """One scheduler process per local rank, joining the world at `rendezvous` (host:port of the
+    running rendezvous store; None for a single rank). `spawn`, not `fork`: the parent may
+    already run threads (asyncio, tokenizers, the coordinator) that fork would corrupt. Every
+    process resolves the model configuration again from the same arguments."""
     from meshserve.scheduler.process import run_scheduler_process
 
-    del model_config
     topology = Topology.from_args(args)
     endpoints = SchedulerEndpoints.new_ipc() if topology.is_leader_node else None
-    rendezvous = rendezvous_address(args)
     ctx = mp.get_context("spawn")
     launched = SchedulerProcesses(endpoints=endpoints, topology=topology)
     for local_rank in range(topology.ranks_per_node):

@@ -314,7 +314,10 @@ class ParallelArgs(_ConcernMixin):
         "tcp:// init and the cluster coordinator).", metavar="HOST:PORT")
     base_gpu_id: int = _arg(0, "First GPU index this node uses.")
     dist_timeout: int | None = _arg(
-        None, "Timeout in seconds for distributed initialization and collectives.")
+        None, "Timeout in seconds for distributed collectives once running (default 600).")
+    startup_timeout: float = _arg(
+        60.0, "Seconds node 0 waits for every node to join (it then names the missing ones); "
+        "nodes r > 0 retry reaching node 0 (and resolving its name) for as long.")
     enable_dp_attention: bool = _arg(
         False, "Data-parallel attention with tensor/expert-parallel MoE layers.")
     enable_dp_lm_head: bool = _arg(
@@ -671,6 +674,8 @@ class ServerArgs:
         yield from at_least("base_gpu_id", 0)
         yield from at_least("ep_num_redundant_experts", 0)
         yield from at_least("dist_timeout", 1, optional=True)
+        if not p.startup_timeout >= 1:
+            yield f"{self.flag_spelling('startup_timeout')} must be >= 1 second, got {p.startup_timeout}"
         if p.nnodes >= 1 and not 0 <= p.node_rank < p.nnodes:
             yield (f"{self.flag_spelling('node_rank')} must be in 0..{p.nnodes - 1} "
                    f"(--nnodes {p.nnodes}), got {p.node_rank}")

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshserve import __version__
 from meshserve.cluster.launcher import SchedulerProcesses
+from meshserve.cluster.node import ClusterNode
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.sampling_params import SamplingParams
@@ -67,6 +68,8 @@ class AppContext:
     args: ServerArgs
     model_config: ModelConfig
     metrics: ServerMetrics
+    # Why the cluster cannot serve (a node or rank lost), or None; /health turns 503 at once.
+    cluster_problem: Callable[[], str | None] = lambda: None
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -303,7 +306,7 @@ def create_app(ctx: AppContext) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        reason = tm.not_ready_reason
+        reason = ctx.cluster_problem() or tm.not_ready_reason
         if reason is None:
             return Response(status_code=200)
         return error_response(oai.APIError(503, f"not ready: {reason}", code="service_unavailable"))
@@ -313,7 +316,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         """Ready, and the scheduler makes progress: a busy scheduler that produced output in
         the last seconds is healthy (a probe would queue behind its work, as in SGLang);
         otherwise a one-token generation must complete in time."""
-        if not tm.ready:
+        if not tm.ready or ctx.cluster_problem():
             return await health()
         if tm.num_in_flight and time.monotonic() - tm.last_output_at < RECENT_PROGRESS_S:
             return Response(status_code=200)
@@ -374,7 +377,7 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=2048)
 
 
-class _UvicornServer(uvicorn.Server):
+class UvicornServer(uvicorn.Server):
     """uvicorn.Server whose signal handling is ours (see ServerRunner): uvicorn's would re-raise
     the signal after shutdown and kill the process before the schedulers are stopped."""
 
@@ -388,8 +391,9 @@ class ServerRunner:
     reports the exit code (0 after a signal, 1 after a failure)."""
 
     def __init__(self, args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
-                 processes: SchedulerProcesses, sock: socket.socket) -> None:
+                 processes: SchedulerProcesses, sock: socket.socket, cluster: ClusterNode) -> None:
         self.metrics = ServerMetrics(model_config.served_model_name)
+        assert processes.endpoints is not None  # node 0 runs the leader rank
         self.tm = TokenizerManager(
             tokenizer,
             to_scheduler=processes.endpoints.to_scheduler,
@@ -397,8 +401,9 @@ class ServerRunner:
             scheduler_dead=processes.dead,
             metrics=self.metrics,
         )
-        self.tm.on_failure(lambda reason: self.stop(f"scheduler failure: {reason}", exit_code=1))
-        app = create_app(AppContext(self.tm, args, model_config, self.metrics))
+        self.cluster = cluster
+        self.tm.on_failure(self._on_scheduler_failure)
+        app = create_app(AppContext(self.tm, args, model_config, self.metrics, cluster_problem=cluster.problem))
         config = uvicorn.Config(
             app,
             log_level=args.http.log_level,
@@ -406,15 +411,26 @@ class ServerRunner:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             lifespan="off",
         )
-        self.server = _UvicornServer(config)
+        self.server = UvicornServer(config)
         self.sock = sock
         self.address = f"http://{args.http.host}:{args.http.port}"
         self.exit_code = 0
         self._stopping = False
         self._starting: asyncio.Task[Any] | None = None
 
+    def _on_scheduler_failure(self, reason: str) -> None:
+        self.cluster.report_failure(reason)  # the other nodes stop too, naming this failure
+        self.stop(f"scheduler failure: {reason}", exit_code=1)
+
+    def _on_cluster_failure(self, reason: str, clean: bool) -> None:
+        """From a coordinator thread: another node failed or node 0 asked everyone to stop."""
+        self._loop.call_soon_threadsafe(self.stop, f"cluster {'stop' if clean else 'failure'}: {reason}",
+                                        0 if clean else 1)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.cluster.on_failure(self._on_cluster_failure)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
@@ -463,6 +479,6 @@ class ServerRunner:
 
 
 async def serve(args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
-                processes: SchedulerProcesses, sock: socket.socket) -> int:
+                processes: SchedulerProcesses, sock: socket.socket, cluster: ClusterNode) -> int:
     """Run the HTTP server until shutdown; the process exit code."""
-    return await ServerRunner(args, model_config, tokenizer, processes, sock).run()
+    return await ServerRunner(args, model_config, tokenizer, processes, sock, cluster).run()

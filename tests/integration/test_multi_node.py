@@ -1,0 +1,142 @@
+"""Two "nodes" on localhost: two launch_server processes with --tp 2 --nnodes 2 --node-rank 0|1
+--dist-init-addr 127.0.0.1:P. Greedy outputs equal tp=1 and transformers; the cluster fails
+fast and says what died; mismatched nodes are refused by name; a missing node is named."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.hf_reference import hf_greedy
+from tests.server_process import free_port, start_server
+
+NEW_TOKENS = 12
+
+
+def _base_port() -> int:
+    # P, P+1, P+2 must be free: probe a few candidates.
+    for _ in range(50):
+        p = free_port()
+        if p + 2 < 65536 and all(_free(p + i) for i in (1, 2)):
+            return p
+    raise RuntimeError("no free port triple")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _start_nodes(tmp_path, model_dir, *node1_extra: str, startup_timeout: int = 60, wait: bool = True):
+    base = _base_port()
+    common = ["--model-path", str(model_dir), "--tp", "2", "--nnodes", "2", "--dist-init-addr",
+              f"127.0.0.1:{base}", "--startup-timeout", str(startup_timeout), "--max-total-tokens", "2048"]
+    node0 = start_server(tmp_path, *common, "--node-rank", "0", wait=False)
+    node1 = start_server(tmp_path, *common, "--node-rank", "1", *node1_extra, wait=False)
+    if wait:
+        node0.wait_ready()
+        node1.wait_ready()
+    return node0, node1
+
+
+def _generate(server, ids: list[int], n: int) -> list[int]:
+    r = server.client().post("/generate", json={"input_ids": ids, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    return r.json()["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in (6, 21)]
+
+
+def test_two_nodes_match_transformers_and_fail_fast(tmp_path, tiny_qwen3_dir, prompts):
+    reference = hf_greedy(tiny_qwen3_dir, prompts, NEW_TOKENS)
+    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir)
+    try:
+        assert "port plan" in node0.log() and "cluster network" in node1.log()
+        assert [_generate(node0, p, NEW_TOKENS) for p in prompts] == reference
+        assert httpx.get(f"{node1.base_url}/health").status_code == 200
+        assert "meshserve:cluster_whole 1.0" in httpx.get(f"{node1.base_url}/metrics").text
+        assert node1.client().post("/generate", json={"text": "hi"}).status_code == 404  # API only on node 0
+
+        # Kill node 1 while a long generation runs on node 0.
+        with httpx.Client(base_url=node0.base_url, timeout=60) as client:
+            import threading
+
+            result: dict = {}
+
+            def long_request() -> None:
+                try:
+                    result["response"] = client.post("/generate", json={"input_ids": prompts[0], "sampling_params": {
+                        "max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}})
+                except httpx.HTTPError as err:
+                    result["error"] = err
+
+            t = threading.Thread(target=long_request)
+            t.start()
+            time.sleep(1.5)
+            killed_at = time.monotonic()
+            node1.process.send_signal(signal.SIGKILL)
+            code = node0.wait_exit(timeout=10)
+            assert time.monotonic() - killed_at < 10
+            t.join(20)
+        assert code != 0
+        assert "node 1" in node0.log()
+        # The in-flight request was answered with an error, not left hanging.
+        assert "error" in result or result["response"].status_code >= 500, result
+    finally:
+        node0.stop()
+        node1.stop()
+
+
+def test_mismatched_flag_is_refused_by_name(tmp_path, tiny_qwen3_dir):
+    base_extra = ("--context-length", "1024")
+    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir, *base_extra, wait=False)
+    try:
+        assert node0.wait_exit(timeout=60) != 0
+        assert node1.wait_exit(timeout=60) != 0
+        for node in (node0, node1):
+            assert "--context-length" in node.log(), node.log()[-2000:]
+    finally:
+        node0.stop()
+        node1.stop()
+
+
+def test_missing_node_is_named_after_the_startup_timeout(tmp_path, tiny_qwen3_dir):
+    base = _base_port()
+    node0 = start_server(tmp_path, "--model-path", str(tiny_qwen3_dir), "--tp", "2", "--nnodes", "2",
+                         "--node-rank", "0", "--dist-init-addr", f"127.0.0.1:{base}", "--startup-timeout", "3",
+                         wait=False)
+    try:
+        assert node0.wait_exit(timeout=60) != 0
+        assert "node 1" in node0.log(), node0.log()[-2000:]
+    finally:
+        node0.stop()
+
+
+def test_duplicate_node_rank_is_refused(tmp_path, tiny_qwen3_dir):
+    base = _base_port()
+    common = ["--model-path", str(tiny_qwen3_dir), "--tp", "3", "--nnodes", "3", "--dist-init-addr",
+              f"127.0.0.1:{base}", "--startup-timeout", "30"]
+    node0 = start_server(tmp_path, *common, "--node-rank", "0", wait=False)
+    a = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
+    b = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
+    try:
+        assert node0.wait_exit(timeout=60) != 0
+        assert "already taken" in node0.log() or "already taken" in a.log() + b.log(), node0.log()[-2000:]
+    finally:
+        for s in (node0, a, b):
+            s.stop()
