@@ -33,6 +33,7 @@ class OneBatchResult:
     prefill_ms: float
     decode_step_ms_median: float
     decode_tok_s: float  # batch_size / median decode step
+    first_output_ids: list[int]  # greedy output of the batch's first sequence (compare across tp)
 
 
 def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results: mp.Queue | None) -> None:
@@ -64,17 +65,19 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
             ids = torch.randint(0, model_config.vocab_size, (ns.input_len,), generator=gen).tolist()
             scheduler.add_request(GenerateReq(rid=f"{batch_size}-{i}-{len(rows)}", input_ids=ids, sampling=sampling))
         step_ms = []
+        first_ids: list[int] = []
+        first_rid = f"{batch_size}-0-{len(rows)}"
         while scheduler.has_work:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             scheduler.step()
             step_ms.append((time.perf_counter() - start) * 1e3)  # step() ends in a host read: synchronous
-            scheduler.take_outputs()
+            first_ids += [t for out in scheduler.take_outputs() if out.rid == first_rid for t in out.new_ids]
         logging.info("batch %d: %d steps in %.1f s", batch_size, len(step_ms), sum(step_ms) / 1e3)
         decode = statistics.median(step_ms[1:]) if len(step_ms) > 1 else float("nan")
         rows.append(OneBatchResult(ns.tp, batch_size, ns.input_len, ns.output_len, step_ms[0], decode,
-                                   batch_size / decode * 1e3))
+                                   batch_size / decode * 1e3, first_ids))
     if rank == 0 and results is not None:
         results.put([asdict(r) for r in rows[1:]])
 
