@@ -1,7 +1,8 @@
-"""Reference attention backend: gathers each sequence's K/V from the pool and runs PyTorch SDPA.
+"""Reference attention backend: gathers K/V from the pool and runs PyTorch SDPA.
 
-Runs on CPU and CUDA; one SDPA call per sequence, so it is the correctness reference, not the
-fast path."""
+Runs on CPU and CUDA. Extend runs one SDPA call per sequence (causal within the new tokens);
+decode gathers every sequence's K/V into one padded batch and runs one masked SDPA call per
+layer. It is the correctness reference, not the GPU fast path."""
 
 from __future__ import annotations
 
@@ -19,12 +20,6 @@ if TYPE_CHECKING:
 
 class TorchNativeBackend(AttentionBackend):
     def extend(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self._run(layer, q, batch)
-
-    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self._run(layer, q, batch)
-
-    def _run(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         start = 0
@@ -43,3 +38,16 @@ class TorchNativeBackend(AttentionBackend):
             out[start : start + new] = o.transpose(0, 1)
             start += new
         return out
+
+    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # Table entries past a sequence's length are stale but valid slot ids; the mask hides them.
+        max_len = max(batch.seq_lens)
+        device = q.device
+        slots = batch.req_to_token.table[torch.tensor(batch.req_rows, device=device), :max_len]  # [B, L]
+        seq_lens = torch.tensor(batch.seq_lens, device=device)
+        visible = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]  # [B, L]
+        k = batch.kv_pool.k[layer.layer_id][slots].transpose(1, 2)  # [B, Hkv, L, D]
+        v = batch.kv_pool.v[layer.layer_id][slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],
+                                             scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+        return out.squeeze(2)  # [B, Hq, D]
