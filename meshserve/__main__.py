@@ -1,5 +1,6 @@
-"""The `meshserve` command: `meshserve serve ARGS` (= python -m meshserve.launch_server) and
-`meshserve bench ARGS` (= python -m meshserve.bench_serving)."""
+"""The `meshserve` command: `meshserve serve ARGS` (= python -m meshserve.launch_server),
+`meshserve bench ARGS` (= python -m meshserve.bench_serving) and `meshserve doctor ARGS`
+(the multi-node preflight, = python -m meshserve.doctor)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,16 @@ def _bench(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _doctor(argv: Sequence[str]) -> int:
+    from meshserve.doctor import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "serve a model over HTTP (the flags of python -m meshserve.launch_server)"),
     "bench": (_bench, "benchmark a running server (the flags of python -m meshserve.bench_serving)"),
+    "doctor": (_doctor, "multi-node preflight: rendezvous, interface, devices, all-reduce, model files"),
 }
 
 
