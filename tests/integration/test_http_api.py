@@ -315,3 +315,59 @@ def test_startup_failures_exit_nonzero_with_a_reason(start_server, tmp_path):
         clash = start_server("--port", str(busy.getsockname()[1]), wait=False)
         assert clash.wait_exit(60) == 1
     assert "Address already in use" in clash.log()
+
+
+# ---- what issue 2 must show ------------------------------------------------------------------
+
+
+def test_default_model_knows_the_capital_of_france(default_server):
+    reply = default_server.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=30,
+        temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
+    prompts = [f"Count from {i} to {i + 5}, then name a colour." for i in range(32)]
+
+    def generate(http: httpx.Client, text: str) -> list[int]:
+        r = http.post("/generate", json={"text": text, "sampling_params": {
+            "max_new_tokens": 10, "temperature": 0, "ignore_eos": True}})
+        assert r.status_code == 200, r.text
+        return r.json()["output_ids"]
+
+    with default_server.client() as http:
+        alone = [generate(http, p) for p in prompts]
+    together: list[list[int] | None] = [None] * len(prompts)
+
+    def worker(i: int) -> None:
+        with default_server.client() as http:
+            together[i] = generate(http, prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert together == alone
+
+
+@pytest.mark.parametrize("body", [
+    {"model": MODEL, "prompt": "x", "max_tokens": -5},
+    {"model": MODEL, "prompt": "x", "max_tokens": 10**12},
+    {"model": MODEL, "prompt": "x", "max_tokens": "ten"},
+    {"model": MODEL, "prompt": "x", "top_p": 2.5},
+    {"model": MODEL, "prompt": "x", "top_k": -7},
+    {"model": MODEL, "prompt": "x", "frequency_penalty": 9},
+    {"model": MODEL, "prompt": "x", "temperature": "hot"},
+    {"model": MODEL, "prompt": {"a": 1}},
+    {"model": MODEL},
+    [1, 2, 3],
+])
+def test_bad_input_gets_400_and_the_server_keeps_serving(default_server, body):
+    with default_server.client() as http:
+        bad = http.post("/v1/completions", json=body)
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+        good = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1

@@ -140,3 +140,68 @@ def test_duplicate_node_rank_is_refused(tmp_path, tiny_qwen3_dir):
     finally:
         for s in (node0, a, b):
             s.stop()
+
+
+def test_two_nodes_in_network_namespaces_match_transformers(tmp_path, tiny_qwen3_dir, prompts):
+    """The same two-node cluster, each node in its own network namespace with its own address:
+    the cluster interface is the veth, not loopback, and the output is still exact."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests import netns
+
+    reference = hf_greedy(tiny_qwen3_dir, prompts, NEW_TOKENS)
+    with netns.two_namespaces() as (ns_a, ns_b):
+        addr0 = f"{netns.SUBNET}.1"
+        common = ["--model-path", str(tiny_qwen3_dir), "--device", "cpu", "--tp", "2", "--nnodes", "2",
+                  "--dist-init-addr", f"{addr0}:29500", "--max-total-tokens", "2048", "--port", "30000"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        procs, logs = [], []
+        for ns, rank, host in ((ns_a, 0, addr0), (ns_b, 1, f"{netns.SUBNET}.2")):
+            log = tmp_path / f"ns-node{rank}.log"
+            logs.append(log)
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, "-m", "meshserve.launch_server", *common,
+                     "--node-rank", str(rank), "--host", host], stdout=out, stderr=subprocess.STDOUT, env=env))
+        client = f"""
+import json, time, urllib.request
+url = "http://{addr0}:30000"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+            break
+    except Exception:
+        time.sleep(0.3)
+outs = []
+for ids in {json.dumps(prompts)}:
+    body = json.dumps({{"input_ids": ids, "sampling_params": {{"max_new_tokens": {NEW_TOKENS},
+                      "temperature": 0, "ignore_eos": True}}}}).encode()
+    req = urllib.request.Request(url + "/generate", body, {{"Content-Type": "application/json"}})
+    outs.append(json.loads(urllib.request.urlopen(req, timeout=120).read())["output_ids"])
+print(json.dumps(outs))
+"""
+        try:
+            result = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c", client],
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr + logs[0].read_text()[-3000:]
+            assert json.loads(result.stdout) == reference
+            assert f"address {addr0}" in logs[0].read_text()  # the veth, not loopback
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+
+
+def test_sigterm_on_node_0_stops_every_node_cleanly(tmp_path, tiny_qwen3_dir):
+    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir)
+    try:
+        node0.process.send_signal(signal.SIGTERM)
+        assert node0.wait_exit(timeout=30) == 0
+        assert node1.wait_exit(timeout=15) == 0
+    finally:
+        node0.stop()
+        node1.stop()

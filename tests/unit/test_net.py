@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from meshserve.cluster.net import (
 )
 from meshserve.cluster.port_plan import PortPlan, PortPlanError
 from meshserve.config.server_args import ServerArgs
+from tests import netns
 
 ip = ipaddress.ip_address
 
@@ -305,37 +305,10 @@ def test_port_plan_one_rank_has_no_cluster_ports() -> None:
 
 # ---- two network namespaces (root only) --------------------------------------------------------
 
-NETNS_SUBNET = "10.213.77"  # addresses this test creates inside its own namespaces
-
-
 @pytest.fixture
 def two_namespaces() -> Iterator[tuple[str, str]]:
-    """Namespaces A (10.213.77.1) and B (10.213.77.2) joined by a veth pair."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2")
-    tag = f"{os.getpid() % 100000}"
-    ns_a, ns_b = f"msA{tag}", f"msB{tag}"
-    veth_a, veth_b = f"msa{tag}", f"msb{tag}"
-
-    def sh(*cmd: str) -> None:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=10)
-
-    try:
-        try:
-            sh("ip", "netns", "add", ns_a)
-            sh("ip", "netns", "add", ns_b)
-            sh("ip", "link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name",
-               veth_b, "netns", ns_b)
-            for ns, dev, host in ((ns_a, veth_a, 1), (ns_b, veth_b, 2)):
-                sh("ip", "-n", ns, "addr", "add", f"{NETNS_SUBNET}.{host}/24", "dev", dev)
-                sh("ip", "-n", ns, "link", "set", dev, "up")
-                sh("ip", "-n", ns, "link", "set", "lo", "up")
-        except subprocess.CalledProcessError as err:
-            pytest.skip(f"cannot set up network namespaces: {err.stderr.decode().strip()}")
-        yield ns_a, ns_b
-    finally:
-        for ns in (ns_a, ns_b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    with netns.two_namespaces() as names:
+        yield names
 
 
 def _in_ns(ns: str, code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -348,7 +321,7 @@ CHOOSE = f"""
     import json, time
     from meshserve.cluster.net import HostPort, NetError, choose_cluster_interface
     try:
-        c = choose_cluster_interface(HostPort.parse("{NETNS_SUBNET}.1:20000"), 2,
+        c = choose_cluster_interface(HostPort.parse("{netns.SUBNET}.1:20000"), 2,
                                      deadline=time.monotonic() + 2)
         print(json.dumps({{"interface": c.interface, "address": c.address}}))
     except NetError as err:
@@ -361,8 +334,8 @@ def test_namespaces_route_choice_and_loopback_refusal(two_namespaces: tuple[str,
     env_clean = {"GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}
     a = json.loads(_in_ns(ns_a, CHOOSE, env_clean).stdout)
     b = json.loads(_in_ns(ns_b, CHOOSE, env_clean).stdout)
-    assert a == {"interface": f"msa{os.getpid() % 100000}", "address": f"{NETNS_SUBNET}.1"}
-    assert b == {"interface": f"msb{os.getpid() % 100000}", "address": f"{NETNS_SUBNET}.2"}
+    assert a == {"interface": f"msa{os.getpid() % 100000}", "address": f"{netns.SUBNET}.1"}
+    assert b == {"interface": f"msb{os.getpid() % 100000}", "address": f"{netns.SUBNET}.2"}
     refused = json.loads(_in_ns(ns_b, CHOOSE, {"GLOO_SOCKET_IFNAME": "lo"}).stdout)
     assert "refusing loopback interface lo" in refused["error"]
 
@@ -372,7 +345,7 @@ def test_namespaces_doctor_ok(two_namespaces: tuple[str, str], tmp_path: Path) -
     ns_a, ns_b = two_namespaces
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}
     argv = [sys.executable, "-m", "meshserve.doctor", "--dist-init-addr",
-            f"{NETNS_SUBNET}.1:29500", "--nnodes", "2", "--device", "cpu", "--timeout", "30"]
+            f"{netns.SUBNET}.1:29500", "--nnodes", "2", "--device", "cpu", "--timeout", "30"]
     procs = [subprocess.Popen(["ip", "netns", "exec", ns, *argv, "--node-rank", str(rank)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for rank, ns in enumerate((ns_a, ns_b))]
@@ -381,4 +354,4 @@ def test_namespaces_doctor_ok(two_namespaces: tuple[str, str], tmp_path: Path) -
         assert proc.returncode == 0, out
         verdict = out.strip().splitlines()[-1]
         assert verdict.startswith("doctor: OK — 2 node(s), interface ms"), out
-        assert f"({NETNS_SUBNET}.{rank + 1})" in verdict
+        assert f"({netns.SUBNET}.{rank + 1})" in verdict
