@@ -81,9 +81,9 @@ DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
     {"half": "float16", "float": "float32", "bf16": "bfloat16"}
 )
 
-#: Choices for ``--attention-backend``. To be fed by the AttentionBackend registry once it
-#: exists (DESIGN §3); until then the reference backend is the only one.
-ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native",)
+#: Choices for ``--attention-backend``: the names of ``meshserve.layers.attention.ATTENTION_BACKENDS``
+#: (repeated here so that parsing flags does not import torch; a unit test keeps them equal).
+ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "triton")
 
 #: Chunk size used when ``--chunked-prefill-size`` is not given (SGLang's usual default).
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
@@ -711,6 +711,8 @@ class ServerArgs:
             yield (f"{self.flag_spelling('chunked_prefill_size')} must be -1 (no chunking) "
                    f"or >= 1, got {cps}")
         yield from at_least("cuda_graph_max_bs", 1, optional=True)
+        if s.attention_backend == "triton" and self.resolved_device() == "cpu":
+            yield "--attention-backend triton needs --device cuda; on cpu use torch_native"
         yield from at_least("random_seed", 0, optional=True)
         yield from at_least("stream_interval", 1)
 

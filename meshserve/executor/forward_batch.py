@@ -24,22 +24,31 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] all new tokens of the batch, sequence after sequence
     positions: torch.Tensor  # [T]
     out_cache_loc: torch.Tensor  # [T] KV slot each new token is written to
-    req_rows: list[int]  # ReqToTokenPool row per sequence
-    seq_lens: list[int]  # tokens per sequence after this step (prefix + new)
-    extend_lens: list[int]  # new tokens per sequence (all 1 in decode)
+    req_rows: torch.Tensor  # [B] ReqToTokenPool row per sequence (device)
+    seq_lens: torch.Tensor  # [B] tokens per sequence after this step, prefix + new (device)
     kv_pool: KVPool
     req_to_token: ReqToTokenPool
     attn_backend: AttentionBackend
+    # Host copies, for backends that loop over sequences on the host. None inside a CUDA graph,
+    # whose replays must not depend on host values.
+    host: HostLens | None = None
 
     @property
     def batch_size(self) -> int:
-        return len(self.seq_lens)
+        return self.seq_lens.shape[0]
 
-    @property
-    def prefix_lens(self) -> list[int]:
-        return [total - new for total, new in zip(self.seq_lens, self.extend_lens)]
-
-    def last_token_index(self) -> torch.Tensor:
-        """Index into the [T] token axis of each sequence's last new token (where logits are taken)."""
-        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
+    def last_token_index(self) -> torch.Tensor | None:
+        """Index into the [T] token axis of each sequence's last new token (where logits are
+        taken); None in decode, where every token is its sequence's last."""
+        if self.mode is ForwardMode.DECODE:
+            return None
+        assert self.host is not None
+        ends = torch.tensor(self.host.extend_lens, dtype=torch.int64).cumsum(0) - 1
         return ends.to(self.input_ids.device)
+
+
+@dataclass(frozen=True)
+class HostLens:
+    req_rows: list[int]
+    seq_lens: list[int]
+    extend_lens: list[int]

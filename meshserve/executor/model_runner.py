@@ -11,9 +11,10 @@ from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
 from meshserve.cluster.comm import TensorParallelGroup
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
-from meshserve.executor.forward_batch import ForwardBatch, ForwardMode
+from meshserve.executor.cuda_graph import CudaGraphRunner
+from meshserve.executor.forward_batch import ForwardBatch, ForwardMode, HostLens
 from meshserve.executor.loader import DTYPES, load_model
-from meshserve.layers.attention import create_attention_backend
+from meshserve.layers.attention import create_attention_backend, default_attention_backend
 
 logger = logging.getLogger("meshserve")
 
@@ -21,6 +22,7 @@ logger = logging.getLogger("meshserve")
 # cache gets this many bytes (enough for tens of thousands of tokens of a small model).
 CPU_DEFAULT_KV_BYTES = 1 << 30
 DEFAULT_MEM_FRACTION_STATIC = 0.85
+DEFAULT_CUDA_GRAPH_MAX_BS = 256
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,15 @@ class ModelRunner:
         # +1 column: a request may hold KV for every position below the context length.
         self.req_to_token = ReqToTokenPool(max_requests=self.max_running_requests,
                                            max_context=model_config.context_length + 1, device=device)
-        self.attn_backend = create_attention_backend(args.scheduler.attention_backend or "torch_native")
+        self.attn_backend = create_attention_backend(
+            args.scheduler.attention_backend or default_attention_backend(device.type))
         logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
+        self.graphs: CudaGraphRunner | None = None
+        if device.type == "cuda" and not args.scheduler.disable_cuda_graph and self.attn_backend.supports_cuda_graph:
+            max_bs = min(args.scheduler.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, self.max_running_requests)
+            self.graphs = CudaGraphRunner(forward=self._forward_inference, make_batch=self._make_batch,
+                                          max_bs=max_bs, device=device)
+            self.graphs.capture()
 
     @property
     def _local_kv_heads(self) -> int:
@@ -76,19 +85,25 @@ class ModelRunner:
                                f"({(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB)")
         return budget // per_token
 
-    @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Logits [batch, vocab] float32 for each sequence's last new token."""
-        batch = ForwardBatch(
-            mode=step.mode,
-            input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=self.device),
-            positions=torch.tensor(step.positions, dtype=torch.int64, device=self.device),
-            out_cache_loc=step.out_cache_loc.to(self.device),
-            req_rows=step.req_rows,
-            seq_lens=step.seq_lens,
-            extend_lens=step.extend_lens,
-            kv_pool=self.kv_pool,
-            req_to_token=self.req_to_token,
-            attn_backend=self.attn_backend,
-        )
+        def device_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        input_ids, positions = device_tensor(step.input_ids), device_tensor(step.positions)
+        out_cache_loc = step.out_cache_loc.to(self.device, non_blocking=True)
+        req_rows, seq_lens = device_tensor(step.req_rows), device_tensor(step.seq_lens)
+        if step.mode is ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(len(step.req_rows)):
+            return self.graphs.replay(input_ids, positions, out_cache_loc, req_rows, seq_lens)
+        return self._forward_inference(self._make_batch(
+            mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
+            req_rows=req_rows, seq_lens=seq_lens,
+            host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
+
+    @torch.inference_mode()
+    def _forward_inference(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
+
+    def _make_batch(self, **fields) -> ForwardBatch:
+        return ForwardBatch(kv_pool=self.kv_pool, req_to_token=self.req_to_token, attn_backend=self.attn_backend,
+                            **fields)

@@ -128,7 +128,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
-        return self.lm_head.logits(hidden[batch.last_token_index()])
+        last = batch.last_token_index()
+        return self.lm_head.logits(hidden if last is None else hidden[last])
 
     def checkpoint_name_to_param(self, name: str) -> tuple[str, int | str | None] | None:
         """Map a checkpoint tensor name to (our parameter name, shard id), or None to skip it."""

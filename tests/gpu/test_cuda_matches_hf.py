@@ -32,15 +32,18 @@ def _hf_greedy(model_dir, dtype, prompts):
     return outs, logits_at
 
 
+@pytest.mark.parametrize("engine_args", [(), ("--disable-cuda-graph",), ("--attention-backend", "torch_native")],
+                         ids=["triton+graphs", "triton-eager", "torch_native"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_greedy_matches_transformers(tmp_path, dtype):
+def test_cuda_greedy_matches_transformers(tmp_path, dtype, engine_args):
     from meshserve.bench.random_model import SHAPES, write_random_model
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
     model_dir = write_random_model("llama-small", tmp_path / "m", dtype=dtype)
     prompts = _prompts(SHAPES["llama-small"]["vocab_size"])
     reference, ref_logits = _hf_greedy(model_dir, getattr(torch, dtype), prompts)
-    scheduler = build_scheduler(model_dir, "--skip-tokenizer-init", "--max-total-tokens", "4096", device="cuda")
+    scheduler = build_scheduler(model_dir, "--skip-tokenizer-init", "--max-total-tokens", "4096",
+                                "--cuda-graph-max-bs", "8", *engine_args, device="cuda")
     outs = run_to_completion(scheduler, {str(i): (p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)})
     for i, ref in enumerate(reference):
         got = output_ids(outs[str(i)])

@@ -524,3 +524,9 @@ def test_kubernetes_spellings(on_gpu: None) -> None:
     assert args.parallel.tp_size == 16
     assert args.parallel.dist_init_addr == "sglang-0.default.svc.cluster.local:5000"
     assert args.validate() is args  # multi-node tensor parallelism is built: nothing refused
+
+
+def test_attention_backend_choices_match_the_registry() -> None:
+    from meshserve.layers.attention import ATTENTION_BACKENDS as REGISTRY
+
+    assert sa.ATTENTION_BACKENDS == tuple(REGISTRY)

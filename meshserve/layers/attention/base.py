@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    # True when decode() reads only device tensors of the ForwardBatch (never `batch.host`), so a
+    # decode step can be captured once in a CUDA graph and replayed.
+    supports_cuda_graph = False
+
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens. Stores k/v in the pool, returns [T, Hq, D]."""

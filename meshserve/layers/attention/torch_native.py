@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 class TorchNativeBackend(AttentionBackend):
     def extend(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        assert batch.host is not None
         out = torch.empty_like(q)
         k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         start = 0
-        for row, total, new in zip(batch.req_rows, batch.seq_lens, batch.extend_lens):
+        host = batch.host
+        for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
             slots = batch.req_to_token.slots(row, total)
             qs = q[start : start + new].transpose(0, 1)  # [Hq, new, D]
             ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
@@ -41,11 +43,10 @@ class TorchNativeBackend(AttentionBackend):
 
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # Table entries past a sequence's length are stale but valid slot ids; the mask hides them.
-        max_len = max(batch.seq_lens)
-        device = q.device
-        slots = batch.req_to_token.table[torch.tensor(batch.req_rows, device=device), :max_len]  # [B, L]
-        seq_lens = torch.tensor(batch.seq_lens, device=device)
-        visible = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]  # [B, L]
+        assert batch.host is not None
+        max_len = max(batch.host.seq_lens)
+        slots = batch.req_to_token.table[batch.req_rows, :max_len]  # [B, L]
+        visible = torch.arange(max_len, device=q.device)[None, :] < batch.seq_lens[:, None]  # [B, L]
         k = batch.kv_pool.k[layer.layer_id][slots].transpose(1, 2)  # [B, Hkv, L, D]
         v = batch.kv_pool.v[layer.layer_id][slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],

@@ -1,0 +1,90 @@
+"""CUDA graphs for decode steps: the whole model forward of a decode batch, captured once per
+batch size and replayed, so a step costs one graph launch instead of hundreds of kernel
+launches from Python.
+
+A batch of B sequences runs in the smallest captured size >= B. Padding entries decode a dummy
+token of row 0 at length 1 and write their KV to slot 0, which the pool never hands out; their
+logits are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from meshserve.executor.forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger("meshserve")
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 16))
+    return sorted({s for s in sizes if s <= max_bs} | {max_bs})
+
+
+class CudaGraphRunner:
+    def __init__(self, *, forward: Callable[[ForwardBatch], torch.Tensor],
+                 make_batch: Callable[..., ForwardBatch], max_bs: int, device: torch.device) -> None:
+        self.sizes = capture_sizes(max_bs)
+        self.max_bs = max_bs
+        self._forward = forward
+        # Static inputs: replays read these buffers, so each step copies its values in.
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.req_rows = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self._make_batch = make_batch
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._pool = None
+
+    def capture(self) -> None:
+        started = time.perf_counter()
+        stream = torch.cuda.Stream()
+        # Largest first: later, smaller graphs reuse the largest one's memory pool.
+        for bs in reversed(self.sizes):
+            batch = self._static_batch(bs)
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (Triton compilation, cuBLAS workspaces) outside the graph
+                    self._forward(batch)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                out = self._forward(batch)
+            self._pool = graph.pool()
+            self._graphs[bs], self._outputs[bs] = graph, out
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes,
+                    time.perf_counter() - started)
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, out_cache_loc: torch.Tensor,
+               req_rows: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch of B sequences (device tensors of length B)."""
+        bs = input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= bs)
+        if size > bs:  # reset the padding entries (a previous, larger batch left values there)
+            self.input_ids[bs:size].zero_()
+            self.positions[bs:size].zero_()
+            self.out_cache_loc[bs:size].zero_()
+            self.req_rows[bs:size].zero_()
+            self.seq_lens[bs:size].fill_(1)
+        self.input_ids[:bs].copy_(input_ids)
+        self.positions[:bs].copy_(positions)
+        self.out_cache_loc[:bs].copy_(out_cache_loc)
+        self.req_rows[:bs].copy_(req_rows)
+        self.seq_lens[:bs].copy_(seq_lens)
+        self._graphs[size].replay()
+        return self._outputs[size][:bs]
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return self._make_batch(
+            mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs], req_rows=self.req_rows[:bs], seq_lens=self.seq_lens[:bs],
+            host=None)
