@@ -33,6 +33,7 @@ class OneBatchResult:
     prefill_ms: float
     decode_step_ms_median: float
     decode_tok_s: float  # batch_size / median decode step
+    graph_replay_ms: float  # the decode forward alone (one CUDA-graph replay); NaN without graphs
     first_output_ids: list[int]  # greedy output of the batch's first sequence (compare across tp)
 
 
@@ -87,9 +88,26 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
         logging.info("batch %d: %.1f s", batch_size, (prefill_ms + sum(decode_ms)) / 1e3)
         decode = statistics.median(decode_ms) if decode_ms else float("nan")
         rows.append(OneBatchResult(ns.tp, batch_size, ns.input_len, ns.output_len, prefill_ms, decode,
-                                   batch_size / decode * 1e3, first_ids))
+                                   batch_size / decode * 1e3, _graph_replay_ms(scheduler, batch_size), first_ids))
     if rank == 0 and results is not None:
         results.put([asdict(r) for r in rows[1:]])
+
+
+def _graph_replay_ms(scheduler, batch_size: int) -> float:
+    """Median time of replaying the captured decode graph for `batch_size` on its own: the
+    forward pass without any scheduling, sampling or host work around it."""
+    graphs = scheduler.runner.graphs
+    if graphs is None or not graphs.can_run(batch_size):
+        return float("nan")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graphs.replay_static(batch_size)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,10 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = results.get()
     for p in procs:
         p.join()
-    print(f"{'tp':>3} {'batch':>6} {'in':>6} {'out':>5} {'prefill ms':>11} {'decode ms/step':>15} {'decode tok/s':>13}")
+    print(f"{'tp':>3} {'batch':>6} {'in':>6} {'out':>5} {'prefill ms':>11} {'decode ms/step':>15} "
+          f"{'decode tok/s':>13} {'graph ms':>9} {'overhead ms':>12}")
     for r in rows:
+        overhead = r["decode_step_ms_median"] - r["graph_replay_ms"]
         print(f"{r['tp']:>3} {r['batch_size']:>6} {r['input_len']:>6} {r['output_len']:>5} {r['prefill_ms']:>11.2f} "
-              f"{r['decode_step_ms_median']:>15.3f} {r['decode_tok_s']:>13.1f}")
+              f"{r['decode_step_ms_median']:>15.3f} {r['decode_tok_s']:>13.1f} {r['graph_replay_ms']:>9.3f} "
+              f"{overhead:>12.3f}")
     if ns.output_file:
         with open(ns.output_file, "a") as f:
             for r in rows:

@@ -83,6 +83,11 @@ class CudaGraphRunner:
         self._graphs[size].replay()
         return self._outputs[size][:bs]
 
+    def replay_static(self, batch_size: int) -> None:
+        """Replay the graph that serves `batch_size` on whatever the static buffers hold (for
+        timing the forward pass alone)."""
+        self._graphs[next(s for s in self.sizes if s >= batch_size)].replay()
+
     def _static_batch(self, bs: int) -> ForwardBatch:
         return self._make_batch(
             mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
