@@ -27,6 +27,14 @@ from meshserve.scheduler.request import Req
 
 logger = logging.getLogger("meshserve")
 
+# Admission reserves KV for the tokens running sequences are still expected to generate:
+# ratio × (max_new_tokens - generated). The ratio starts cautious, decays while decoding goes
+# well (most sequences stop well before max_new_tokens) and jumps back up after a retraction.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
+NEW_TOKEN_RATIO_BUMP = 0.1  # per retraction
+
 
 @dataclass
 class _Extend:
@@ -58,6 +66,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
         self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
 
@@ -131,6 +141,7 @@ class Scheduler:
         policy order, within the token budgets, free request rows and free KV."""
         budget = self.policy.new_budget()
         batch: list[_Extend] = []
+        self._reserved = sum(self._future_tokens(r) for r in self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
             if not self._plan_extend(req, budget, batch):
@@ -156,14 +167,17 @@ class Scheduler:
             self.cache.lock(match.node)
         remaining = len(req.fill_ids) - (match.length if fresh else req.kv_len)
         take = budget.take(remaining)
-        # Head-room for one decode token of every sequence that will be running after this step,
-        # so admitting a prompt does not immediately force a retraction.
-        reserve = len(self.running) + len(batch) + 1
+        # Head-room for what the running and already admitted sequences (and this one) are expected
+        # to generate, so admitting a prompt does not soon force a retraction. A sequence that
+        # would run alone needs only its first decode slot: it must never wait for a reservation.
+        alone = not self.running and not batch
+        reserve = 1 if alone else self._reserved + self._future_tokens(req) + 1
         if take <= 0 or not self._ensure_free(take + reserve) or (fresh and self.rows.num_free == 0):
             if fresh:
                 self.cache.unlock(match.node)
             return False
         budget.spend(take)
+        self._reserved += self._future_tokens(req)
         if fresh:
             req.row = self.rows.alloc()
             req.prefix_node, req.prefix_len, req.kv_len = match.node, match.length, match.length
@@ -178,6 +192,11 @@ class Scheduler:
         if take < remaining:
             self.chunked = req
         return True
+
+    def _future_tokens(self, req: Req) -> int:
+        left = req.sampling.max_new_tokens - len(req.output_ids)
+        left = min(left, self.model_config.context_length - len(req.fill_ids))
+        return max(0, int(left * self.new_token_ratio))
 
     def _ensure_free(self, n: int) -> bool:
         if self.pool.num_free < n:
@@ -234,6 +253,7 @@ class Scheduler:
             extend_lens=[1] * len(reqs),
         )
         logits = self.runner.forward(step)
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for req in reqs:
             req.kv_len += 1
         self._sample_and_advance(logits, list(reqs))
@@ -248,6 +268,7 @@ class Scheduler:
             self._release(victim, finished=False)
             self.waiting.appendleft(victim)
             self.stats["num_retracted"] += 1
+            self.new_token_ratio = min(1.0, self.new_token_ratio + NEW_TOKEN_RATIO_BUMP)
             logger.info("KV cache full: retracted request %s (%d tokens) to the waiting queue",
                         victim.rid, len(victim.fill_ids))
 
