@@ -205,3 +205,29 @@ def test_sigterm_on_node_0_stops_every_node_cleanly(tmp_path, tiny_qwen3_dir):
     finally:
         node0.stop()
         node1.stop()
+
+
+def test_tp2_in_one_launch_server_matches_transformers(tmp_path, tiny_llama_dir, prompts):
+    reference = hf_greedy(tiny_llama_dir, prompts, NEW_TOKENS)
+    server = start_server(tmp_path, "--model-path", str(tiny_llama_dir), "--tp", "2", "--max-total-tokens", "2048")
+    try:
+        assert [_generate(server, p, NEW_TOKENS) for p in prompts] == reference
+        assert len(server.scheduler_pids()) == 2
+    finally:
+        server.stop()
+
+
+def test_different_model_is_refused(tmp_path, tiny_qwen3_dir, tiny_llama_dir):
+    base = _base_port()
+
+    def node(rank: int, model_dir) -> object:
+        return start_server(tmp_path, "--model-path", str(model_dir), "--tp", "2", "--nnodes", "2",
+                            "--node-rank", str(rank), "--dist-init-addr", f"127.0.0.1:{base}", wait=False)
+
+    node0, node1 = node(0, tiny_qwen3_dir), node(1, tiny_llama_dir)
+    try:
+        assert node0.wait_exit(timeout=60) != 0 and node1.wait_exit(timeout=60) != 0
+        assert "model" in node0.log().split("refus", 1)[-1].lower(), node0.log()[-2000:]
+    finally:
+        node0.stop()
+        node1.stop()
