@@ -128,6 +128,8 @@ def test_missing_node_is_named_after_the_startup_timeout(tmp_path, tiny_qwen3_di
 
 
 def test_duplicate_node_rank_is_refused(tmp_path, tiny_qwen3_dir):
+    # Three nodes, so that node 0 is still waiting when the second "node 1" arrives. The refusal
+    # happens at the join, before any weights load, so tp 3 over a 4-head model is never built.
     base = _base_port()
     common = ["--model-path", str(tiny_qwen3_dir), "--tp", "3", "--nnodes", "3", "--dist-init-addr",
               f"127.0.0.1:{base}", "--startup-timeout", "30"]
