@@ -74,6 +74,17 @@ class TensorParallelGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t)
 
+    def check_same(self, value: int, what: str) -> None:
+        """Raise on every rank unless all ranks hold the same `value` (a digest of `what`)."""
+        if self.size == 1:
+            return
+        values = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(values, torch.tensor([value], dtype=torch.int64), group=self.cpu_group)
+        seen = [int(v) for v in values]
+        if len(set(seen)) > 1:
+            differ = [r for r, v in enumerate(seen) if v != seen[0]]
+            raise RuntimeError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")
+
     def shard(self, total: int) -> tuple[int, int]:
         """(start, length) of this rank's even share of `total`; `total` must divide evenly."""
         if total % self.size:

@@ -8,6 +8,7 @@ is what lets every tensor-parallel rank run the same decisions (DESIGN §2).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
+        self.stream_interval = args.scheduler.stream_interval
+        self.check_batches = args.scheduler.enable_deterministic_check and runner.tp.size > 1
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
@@ -219,7 +222,7 @@ class Scheduler:
             seq_lens=[item.req.kv_len + item.length for item in batch],
             extend_lens=[item.length for item in batch],
         )
-        logits = self.runner.forward(step)
+        logits = self._forward(step)
         done: list[tuple[int, Req]] = []
         for i, item in enumerate(batch):
             item.req.kv_len += item.length
@@ -252,12 +255,21 @@ class Scheduler:
             seq_lens=[req.kv_len + 1 for req in reqs],
             extend_lens=[1] * len(reqs),
         )
-        logits = self.runner.forward(step)
+        logits = self._forward(step)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for req in reqs:
             req.kv_len += 1
         self._sample_and_advance(logits, list(reqs))
         self.running = [req for req in self.running if not req.finished]
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        if self.check_batches:
+            # --enable-deterministic-check: every rank must be about to run the very same batch;
+            # a divergence is reported here instead of as a hang or garbage in a collective.
+            digest = hashlib.blake2b(repr((step.mode.value, step.req_rows, step.seq_lens, step.input_ids,
+                                           step.positions)).encode(), digest_size=8).digest()
+            self.runner.tp.check_same(int.from_bytes(digest, "little", signed=True), "the scheduled batch")
+        return self.runner.forward(step)
 
     def _make_room_for_decode(self) -> None:
         """Every running sequence needs one slot; evict cached prefixes, then retract sequences
@@ -345,7 +357,8 @@ class Scheduler:
 
     def _emit(self, req: Req) -> None:
         new_ids = req.output_ids[req.unsent_from :]
-        if not new_ids and not req.finished:
+        # --stream-interval: running sequences report every N tokens; the last report is never held.
+        if not req.finished and len(new_ids) < self.stream_interval:
             return
         self._outputs.append(ReqOutput(
             rid=req.rid, new_ids=new_ids, finish=req.finish, prompt_tokens=len(req.input_ids),

@@ -101,3 +101,19 @@ def test_admission_reserves_room_for_future_tokens(tiny_qwen3_dir, tiny_prompts)
     scheduler = build_scheduler(tiny_qwen3_dir, "--max-total-tokens", "120")
     run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(tiny_prompts)})
     assert scheduler.stats["num_retracted"] == 0
+
+
+def test_sharded_checkpoint_matches_transformers(tmp_path, default_model_dir, tiny_prompts):
+    from tests.models import make_tiny_qwen3
+
+    model_dir = make_tiny_qwen3(tmp_path / "sharded", sharded=True, tokenizer_dir=default_model_dir)
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    first, = _generate(model_dir, tiny_prompts, 8)
+    assert first == hf_greedy(model_dir, tiny_prompts, 8)
+
+
+def test_stream_interval_batches_reports(tiny_qwen3_dir, tiny_prompts):
+    scheduler = build_scheduler(tiny_qwen3_dir, "--stream-interval", "5")
+    outs = run_to_completion(scheduler, {"a": (tiny_prompts[0], greedy(12))})
+    assert [len(o.new_ids) for o in outs["a"]] == [5, 5, 2]
+    assert output_ids(outs["a"]) == hf_greedy(tiny_qwen3_dir, tiny_prompts[:1], 12)[0]

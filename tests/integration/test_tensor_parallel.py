@@ -23,3 +23,8 @@ def test_tp_matches_transformers(request, arch, world, prompts, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, prompts, 12)
     assert tp_generate(model_dir, world, prompts, 12, tmp_path, ("--chunked-prefill-size", "8")) == reference
+
+
+def test_deterministic_check_passes_when_ranks_agree(tiny_qwen3_dir, prompts, tmp_path):
+    reference = hf_greedy(tiny_qwen3_dir, prompts, 6)
+    assert tp_generate(tiny_qwen3_dir, 2, prompts, 6, tmp_path, ("--enable-deterministic-check",)) == reference
