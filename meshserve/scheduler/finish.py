@@ -32,7 +32,7 @@ class FinishChecker:
                     return FinishReason("stop", matched=matched)
         if len(req.output_ids) >= sampling.max_new_tokens:
             return FinishReason("length")
-        if len(req.input_ids) + len(req.output_ids) >= self.context_length:
+        if req.seq_len >= self.context_length:
             return FinishReason("length", message="reached the context length")
         return None
 

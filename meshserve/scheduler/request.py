@@ -47,6 +47,15 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def seq_len(self) -> int:
+        """len(fill_ids), without building the list (the per-step paths need only this)."""
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.input_ids[-1]
+
+    @property
     def wants_logprobs(self) -> bool:
         return self.return_logprob or self.top_logprobs_num > 0
 

@@ -142,8 +142,10 @@ class Scheduler:
     def _admit(self) -> list[_Extend]:
         """Pick the extend work of this step: the chunked request first, then waiting requests in
         policy order, within the token budgets, free request rows and free KV."""
-        budget = self.policy.new_budget()
         batch: list[_Extend] = []
+        if not self.waiting and self.chunked is None:
+            return batch
+        budget = self.policy.new_budget()
         self._reserved = sum(self._future_tokens(r) for r in self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
@@ -168,7 +170,7 @@ class Scheduler:
         if fresh:
             match = self.cache.match_prefix(req.fill_ids[:-1])
             self.cache.lock(match.node)
-        remaining = len(req.fill_ids) - (match.length if fresh else req.kv_len)
+        remaining = req.seq_len - (match.length if fresh else req.kv_len)
         take = budget.take(remaining)
         # Head-room for what the running and already admitted sequences (and this one) are expected
         # to generate, so admitting a prompt does not soon force a retraction. A sequence that
@@ -198,7 +200,7 @@ class Scheduler:
 
     def _future_tokens(self, req: Req) -> int:
         left = req.sampling.max_new_tokens - len(req.output_ids)
-        left = min(left, self.model_config.context_length - len(req.fill_ids))
+        left = min(left, self.model_config.context_length - req.seq_len)
         return max(0, int(left * self.new_token_ratio))
 
     def _ensure_free(self, n: int) -> bool:
@@ -248,7 +250,7 @@ class Scheduler:
         self.rows.assign_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
         step = StepInput(
             mode=ForwardMode.DECODE,
-            input_ids=[req.fill_ids[-1] for req in reqs],
+            input_ids=[req.last_token for req in reqs],
             positions=[req.kv_len for req in reqs],
             out_cache_loc=slots,
             req_rows=[req.row for req in reqs],
@@ -275,14 +277,14 @@ class Scheduler:
         """Every running sequence needs one slot; evict cached prefixes, then retract sequences
         (newest first — they have the least work to redo) until that fits."""
         while self.running and not self._ensure_free(len(self.running)):
-            victim = max(self.running, key=lambda r: (len(r.output_ids) == 0, -len(r.fill_ids)))
+            victim = max(self.running, key=lambda r: (len(r.output_ids) == 0, -r.seq_len))
             self.running.remove(victim)
             self._release(victim, finished=False)
             self.waiting.appendleft(victim)
             self.stats["num_retracted"] += 1
             self.new_token_ratio = min(1.0, self.new_token_ratio + NEW_TOKEN_RATIO_BUMP)
             logger.info("KV cache full: retracted request %s (%d tokens) to the waiting queue",
-                        victim.rid, len(victim.fill_ids))
+                        victim.rid, victim.seq_len)
 
     def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> None:
         batch = SamplingBatch.build(
