@@ -31,12 +31,14 @@ class TorchNativeBackend(AttentionBackend):
             ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
             vs = v_cache[slots].transpose(0, 1)
             mask = None
-            if new > 1:
+            if 1 < new < total:
                 # Query i sits at position total - new + i and sees keys up to and including itself.
                 query_pos = torch.arange(total - new, total, device=q.device)[:, None]
                 mask = torch.arange(total, device=q.device)[None, :] <= query_pos
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=layer.scaling,
-                                               enable_gqa=layer.num_heads != layer.num_kv_heads)
+            # No cached prefix: plain causal attention, which lets SDPA pick its flash kernel on
+            # the GPU (an explicit mask would force a slower one).
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=new > 1 and new == total,
+                                               scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
             out[start : start + new] = o.transpose(0, 1)
             start += new
         return out
