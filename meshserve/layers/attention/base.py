@@ -26,10 +26,12 @@ class AttentionBackend(ABC):
         batch.kv_pool.write(layer.layer_id, batch.out_cache_loc, k, v)
         if batch.mode is ForwardMode.DECODE:
             return self.decode(layer, q, batch)
-        return self.extend(layer, q, batch)
+        return self.extend(layer, q, k, v, batch)
 
     @abstractmethod
-    def extend(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+    def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """k, v: the new tokens' keys and values (already in the pool too)."""
 
     @abstractmethod
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...

@@ -19,17 +19,21 @@ if TYPE_CHECKING:
 
 
 class TorchNativeBackend(AttentionBackend):
-    def extend(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
         assert batch.host is not None
         out = torch.empty_like(q)
         k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         start = 0
         host = batch.host
         for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            slots = batch.req_to_token.slots(row, total)
             qs = q[start : start + new].transpose(0, 1)  # [Hq, new, D]
-            ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
-            vs = v_cache[slots].transpose(0, 1)
+            if new == total:  # no cached prefix: the new keys and values are the whole sequence
+                ks, vs = k[start : start + new].transpose(0, 1), v[start : start + new].transpose(0, 1)
+            else:
+                slots = batch.req_to_token.slots(row, total)
+                ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
+                vs = v_cache[slots].transpose(0, 1)
             mask = None
             if 1 < new < total:
                 # Query i sits at position total - new + i and sees keys up to and including itself.
