@@ -16,12 +16,16 @@ import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from meshserve.config.server_args import ServerArgs
 from meshserve.messages import GenerateReq
 from meshserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from meshserve.scheduler.scheduler import Scheduler
 
 
 @dataclass
@@ -93,7 +97,7 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
         results.put([asdict(r) for r in rows[1:]])
 
 
-def _graph_replay_ms(scheduler, batch_size: int) -> float:
+def _graph_replay_ms(scheduler: "Scheduler", batch_size: int) -> float:
     """Median time of replaying the captured decode graph for `batch_size` on its own: the
     forward pass without any scheduling, sampling or host work around it."""
     graphs = scheduler.runner.graphs

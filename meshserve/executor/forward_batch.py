@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,17 @@ class ForwardBatch:
     @property
     def batch_size(self) -> int:
         return self.seq_lens.shape[0]
+
+    @functools.cached_property
+    def padded_kv_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's KV slots padded to the longest: ([B, L] slot ids, [B, L] visible).
+        Entries past a sequence's length are stale but valid slot ids, hidden by `visible`.
+        Computed once per step and shared by every layer."""
+        assert self.host is not None
+        max_len = max(self.host.seq_lens)
+        slots = self.req_to_token.table[self.req_rows, :max_len]
+        visible = torch.arange(max_len, device=slots.device)[None, :] < self.seq_lens[:, None]
+        return slots, visible
 
     def last_token_index(self) -> torch.Tensor | None:
         """Index into the [T] token axis of each sequence's last new token (where logits are

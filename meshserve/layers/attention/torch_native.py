@@ -48,11 +48,7 @@ class TorchNativeBackend(AttentionBackend):
         return out
 
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # Table entries past a sequence's length are stale but valid slot ids; the mask hides them.
-        assert batch.host is not None
-        max_len = max(batch.host.seq_lens)
-        slots = batch.req_to_token.table[batch.req_rows, :max_len]  # [B, L]
-        visible = torch.arange(max_len, device=q.device)[None, :] < batch.seq_lens[:, None]  # [B, L]
+        slots, visible = batch.padded_kv_slots  # [B, L] each
         k = batch.kv_pool.k[layer.layer_id][slots].transpose(1, 2)  # [B, Hkv, L, D]
         v = batch.kv_pool.v[layer.layer_id][slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],
