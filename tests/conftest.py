@@ -21,6 +21,12 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors, so CI checks the
+# kernels' logic too. It must be set before any kernel module is imported (triton.jit reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # --------------------------------------------------------------------------------------------

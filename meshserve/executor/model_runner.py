@@ -22,7 +22,7 @@ logger = logging.getLogger("meshserve")
 # cache gets this many bytes (enough for tens of thousands of tokens of a small model).
 CPU_DEFAULT_KV_BYTES = 1 << 30
 DEFAULT_MEM_FRACTION_STATIC = 0.85
-DEFAULT_CUDA_GRAPH_MAX_BS = 256
+DEFAULT_CUDA_GRAPH_MAX_BS = 512  # large GPUs run a few hundred sequences at once
 
 
 @dataclass(frozen=True)

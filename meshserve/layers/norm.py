@@ -1,4 +1,5 @@
-"""RMSNorm, computed in float32 whatever the model dtype (as the reference implementation does)."""
+"""RMSNorm, computed in float32 whatever the model dtype (as the reference implementation does).
+CUDA tensors go through one fused Triton kernel (`kernels/rmsnorm.py`), others through PyTorch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual) — the pre-norm
         block's add-then-normalise in one call, returning the new residual stream too."""
+        if x.is_cuda:
+            from meshserve.layers.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             return self._norm(x), x

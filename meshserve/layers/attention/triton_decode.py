@@ -1,31 +1,48 @@
-"""Paged decode attention as one Triton kernel: one new query token per sequence against the
-sequence's K/V, read through the request-to-token table.
+"""Paged decode attention in Triton: one new query token per sequence against the sequence's
+K/V, read through the request-to-token table, split over the sequence (flash-decoding).
 
-One program per (sequence, KV head) computes every query head of that KV head's group, so each
-K/V block is loaded once for the whole group (GQA), with an online softmax over blocks of
-tokens. Shapes and the loop bound come from device tensors only (no host values per step), so
-the kernel can be captured in a CUDA graph.
+Stage 1: one program per (sequence, KV head, split) computes every query head of that KV head's
+group (each K/V block is loaded once for the whole GQA group) over its split of the sequence,
+with an online softmax; it writes a partial output and its log-sum-exp. Stage 2 merges the
+splits of each (sequence, query head). With one split, stage 1 writes the final output itself.
+
+Why splits: with few sequences, (sequence × KV head) programs cannot fill the GPU, and a long
+sequence read by one program runs at a fraction of memory bandwidth. The split count depends
+only on the batch size and the GPU, and each sequence's split length is computed on the device
+from its own length, so the kernels read no host values per step and can be captured in a CUDA
+graph.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+MAX_SPLITS = 16
+BLOCK_N = 64
+
 
 @triton.jit
-def _decode_kernel(
-    Q, K, V, Out, Table, Rows, SeqLens,
+def _decode_stage1(
+    Q, K, V, Out, PartialOut, PartialLse, Table, Rows, SeqLens,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_table,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq_len = tl.load(SeqLens + b)  # a scalar
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
     row = tl.load(Rows + b)
+    # Splits are whole blocks long; trailing splits of a short sequence are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    begin = split * split_len
+    end = tl.minimum(begin + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -38,9 +55,9 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start in range(0, seq_len, BLOCK_N):
+    for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_len
+        mask_n = offs_n < end
         slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -54,27 +71,85 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=mask_g[:, None] & mask_d[None, :])
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if SPLITS == 1:
+        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        # An empty split leaves l_i = 0: its partial output is 0 and its log-sum-exp -inf (weight 0).
+        empty = l_i == 0.0
+        partial = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 partial, mask=out_mask)
+        tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_stage2(
+    Out, PartialOut, PartialLse,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s)  # [SPLITS]; split 0 is never empty
+    weight = tl.exp(lse - tl.max(lse, axis=0))
+    partial = tl.load(PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                      mask=mask_d[None, :], other=0.0)
+    out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Enough splits for about two programs per multiprocessor (a power of two, at most MAX_SPLITS)."""
+    if device.type != "cuda":
+        return 1  # Triton's interpreter (tests): they choose splits explicitly
+    target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = triton.cdiv(target, batch * num_kv_heads)
+    return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                     rows: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     splits: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache/v_cache: [slots, Hkv, D]; table: [rows, max_context] slot ids;
-    rows, seq_lens: [B] (seq_lens >= 1, including the new token). Returns [B, Hq, D]."""
+    rows, seq_lens: [B] (seq_lens >= 1, including the new token). Returns [B, Hq, D].
+    `splits` overrides the automatic choice (a power of two)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
+    splits = splits or num_splits(batch, num_kv_heads, q.device)
     out = torch.empty_like(q)
-    # tl.dot needs at least 16 rows; unused rows of the group block are masked.
-    block_g = max(16, triton.next_power_of_2(group))
-    _decode_kernel[(batch, num_kv_heads)](
-        q, k_cache, v_cache, out, table, rows, seq_lens,
+    if batch == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    if splits > 1:
+        partial = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:  # stage 1 writes `out` directly; the partial buffers are not touched
+        partial, lse = out.view(batch, num_heads, 1, head_dim), out.view(batch, num_heads, head_dim)
+    _decode_stage1[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, out, partial, lse, table, rows, seq_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
-        table.stride(0), scale,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=64,
+        table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        scale,
+        # tl.dot needs at least 16 rows; unused rows of the group block are masked.
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N, SPLITS=splits,
         # float32 models get true float32 products (Triton's default for them is tf32).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    if splits > 1:
+        _decode_stage2[(batch, num_heads)](
+            out, partial, lse, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits)
     return out

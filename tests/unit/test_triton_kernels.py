@@ -1,0 +1,100 @@
+"""The Triton kernels against their PyTorch references, in Triton's interpreter on the CPU (the
+same kernels run compiled on the GPU machine through tests/gpu). float32 inputs: the kernels
+must match to float32 rounding; bfloat16 rounding placement is checked on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py without CUDA)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rmsnorm_ref(x, w, eps, residual=None):
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype), x
+
+
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_rmsnorm_matches_reference(hidden):
+    from meshserve.layers.kernels.rmsnorm import rmsnorm
+
+    gen = torch.Generator().manual_seed(hidden)
+    x, r = torch.randn(5, hidden, generator=gen), torch.randn(5, hidden, generator=gen)
+    w = torch.randn(hidden, generator=gen)
+    x, r, w = x.to(DEVICE), r.to(DEVICE), w.to(DEVICE)
+    torch.testing.assert_close(rmsnorm(x, w, 1e-6), _rmsnorm_ref(x, w, 1e-6)[0], rtol=1e-5, atol=1e-5)
+    out, summed = rmsnorm(x, w, 1e-6, r)
+    ref_out, ref_summed = _rmsnorm_ref(x, w, 1e-6, r)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(summed, ref_summed)
+    # Per-head norms (Qwen3) arrive as [T, H, D] views with a row stride.
+    qkv = torch.randn(3, 4 * hidden, generator=gen).to(DEVICE)
+    heads = qkv[:, : 2 * hidden].view(3, 2, hidden)
+    torch.testing.assert_close(rmsnorm(heads, w, 1e-6), _rmsnorm_ref(heads, w, 1e-6)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul_matches_reference():
+    from meshserve.layers.kernels.activation import silu_and_mul
+
+    gate_up = torch.randn(7, 2 * 1500, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 64), (6, 6, 32)])
+def test_rotary_matches_reference(heads, kv_heads, head_dim):
+    from meshserve.layers.kernels.rotary import apply_rotary_
+
+    gen = torch.Generator().manual_seed(heads)
+    tokens, max_pos = 9, 50
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(DEVICE)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., head_dim // 2 :], x[..., : head_dim // 2]), dim=-1)
+
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    apply_rotary_(q, k, cos, sin, positions)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
+def test_decode_attention_matches_sdpa(splits, heads, kv_heads, head_dim):
+    from meshserve.layers.attention.triton_decode import decode_attention
+
+    gen = torch.Generator().manual_seed(splits * 100 + heads)
+    slots, width = 700, 600
+    k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
+    v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
+    table = torch.randint(1, slots, (5, width), generator=gen).to(DEVICE)
+    rows = torch.tensor([3, 0, 4, 1], device=DEVICE)
+    lens = torch.tensor([1, 64, 65, 517], device=DEVICE)  # one block, exact blocks, a ragged tail, long
+    q = torch.randn(4, heads, head_dim, generator=gen).to(DEVICE)
+    out = decode_attention(q, k, v, table, rows, lens, head_dim**-0.5, splits=splits)
+    for b in range(4):
+        sl = table[rows[b], : lens[b]]
+        ref = F.scaled_dot_product_attention(q[b][:, None], k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                             scale=head_dim**-0.5, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
