@@ -79,10 +79,5 @@ class ReqToTokenPool:
     def assign(self, row: int, start: int, slots: torch.Tensor) -> None:
         self.table[row, start : start + slots.numel()] = slots.to(self.table.device)
 
-    def assign_each(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
-        """One slot per row: table[rows[i], positions[i]] = slots[i] (a decode step's writes)."""
-        device = self.table.device
-        self.table[torch.tensor(rows, device=device), torch.tensor(positions, device=device)] = slots.to(device)
-
     def slots(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         return self.table[row, start:end]

@@ -86,15 +86,19 @@ class ModelRunner:
         return budget // per_token
 
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits [batch, vocab] float32 for each sequence's last new token."""
-        def device_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        input_ids, positions = device_tensor(step.input_ids), device_tensor(step.positions)
-        out_cache_loc = step.out_cache_loc.to(self.device, non_blocking=True)
-        req_rows, seq_lens = device_tensor(step.req_rows), device_tensor(step.seq_lens)
-        if step.mode is ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(len(step.req_rows)):
-            return self.graphs.replay(input_ids, positions, out_cache_loc, req_rows, seq_lens)
+        """Logits [batch, vocab] float32 for each sequence's last new token. A DECODE step's new
+        KV slots are recorded in the request-to-token table here, on the device (the scheduler
+        records extend steps' slots itself, per request)."""
+        tokens, seqs = len(step.input_ids), len(step.req_rows)
+        # Every per-step integer in one host-to-device copy: [ids | positions | KV slots | rows | lens].
+        packed = torch.cat([torch.tensor(step.input_ids + step.positions, dtype=torch.int64), step.out_cache_loc,
+                            torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)])
+        input_ids, positions, out_cache_loc, req_rows, seq_lens = packed.to(self.device, non_blocking=True).split(
+            [tokens, tokens, tokens, seqs, seqs])
+        if step.mode is ForwardMode.DECODE:
+            self.req_to_token.table[req_rows, positions] = out_cache_loc
+            if self.graphs is not None and self.graphs.can_run(seqs):
+                return self.graphs.replay(input_ids, positions, out_cache_loc, req_rows, seq_lens)
         return self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
             req_rows=req_rows, seq_lens=seq_lens,

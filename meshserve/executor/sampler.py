@@ -127,12 +127,13 @@ class SamplingBatch:
     top_logprobs_k: int  # K of the [B, K] top-logprob outputs (0: none)
     any_logprob: bool  # some row asked for logprobs
 
-    # Per-row [B] tensors.
-    is_greedy: torch.Tensor  # bool
-    temperatures: torch.Tensor  # float32, 1.0 on greedy rows
-    top_ks: torch.Tensor  # int64 in [1, vocab_size]
-    top_ps: torch.Tensor  # float32 in (0, 1]
-    min_ps: torch.Tensor  # float32 in [0, 1]
+    # Per-row [B] tensors. None on a fast-greedy batch: its plain argmax reads none of them, and
+    # skipping them saves five host-to-device copies on every greedy decode step.
+    is_greedy: torch.Tensor | None  # bool
+    temperatures: torch.Tensor | None  # float32, 1.0 on greedy rows
+    top_ks: torch.Tensor | None  # int64 in [1, vocab_size]
+    top_ps: torch.Tensor | None  # float32 in (0, 1]
+    min_ps: torch.Tensor | None  # float32 in [0, 1]
 
     # Penalties: None when no row needs them. [P] rows, [P, L] output ids padded with vocab_size.
     penalty_rows: torch.Tensor | None = None
@@ -233,6 +234,11 @@ class SamplingBatch:
         k = max((n for n, want in zip(top_logprobs_nums, return_logprob) if want), default=0)
         # topk(vocab_size) would just be a sort: 0 says "sort" explicitly.
         candidate_k = max_cut_top_k if max_cut_top_k <= min(vocab_size - 1, _MAX_TOPK_CANDIDATES) else 0
+        fast_greedy = all(greedy) and not pen_rows and not ban_rows and not any(return_logprob)
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if fast_greedy else _to_device(values, dtype, device)
+
         out = cls(
             batch_size=batch,
             vocab_size=vocab_size,
@@ -245,11 +251,11 @@ class SamplingBatch:
             any_untruncated=any_untruncated,
             top_logprobs_k=min(max(k, 0), vocab_size),
             any_logprob=any(return_logprob),
-            is_greedy=_to_device(greedy, torch.bool, device),
-            temperatures=_to_device(temps, torch.float32, device),
-            top_ks=_to_device(top_ks, torch.int64, device),
-            top_ps=_to_device(top_ps, torch.float32, device),
-            min_ps=_to_device(min_ps, torch.float32, device),
+            is_greedy=per_row(greedy, torch.bool),
+            temperatures=per_row(temps, torch.float32),
+            top_ks=per_row(top_ks, torch.int64),
+            top_ps=per_row(top_ps, torch.float32),
+            min_ps=per_row(min_ps, torch.float32),
             seeded_rows=tuple(seeded_rows),
             seeded_keys=tuple(seeded_keys),
         )
@@ -299,6 +305,7 @@ class Sampler:
 
         if batch.fast_greedy:
             return SampleOutput(token_ids=raw.argmax(dim=-1))
+        assert batch.is_greedy is not None  # built for every batch that is not fast-greedy
 
         adjusted = self._apply_penalties(raw, batch)
         if batch.ban_rows is not None:

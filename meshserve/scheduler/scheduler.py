@@ -246,8 +246,7 @@ class Scheduler:
             return
         reqs = self.running
         slots = self.pool.alloc(len(reqs))
-        assert slots is not None
-        self.rows.assign_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        assert slots is not None  # the runner records them in the request-to-token table
         step = StepInput(
             mode=ForwardMode.DECODE,
             input_ids=[req.last_token for req in reqs],
