@@ -49,6 +49,15 @@ class ForwardBatch:
         visible = torch.arange(max_len, device=slots.device)[None, :] < self.seq_lens[:, None]
         return slots, visible
 
+    @functools.cached_property
+    def extend_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] new tokens per sequence, [B] index of each sequence's first new token on the [T]
+        axis), on the device; computed once per step and shared by every layer."""
+        assert self.host is not None
+        lens = torch.tensor(self.host.extend_lens, dtype=torch.int64)
+        both = torch.cat([lens, lens.cumsum(0) - lens]).to(self.input_ids.device, non_blocking=True)
+        return both[: len(lens)], both[len(lens) :]
+
     def last_token_index(self) -> torch.Tensor | None:
         """Index into the [T] token axis of each sequence's last new token (where logits are
         taken); None in decode, where every token is its sequence's last."""

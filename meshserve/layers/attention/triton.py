@@ -1,5 +1,6 @@
-"""GPU attention backend: decode through the paged Triton kernel (CUDA-graph safe), extend
-through PyTorch's fused SDPA per sequence (flash attention on the GPU)."""
+"""GPU attention backend: Triton kernels reading the paged KV pool through the request-to-token
+table — decode (split over the sequence, CUDA-graph safe) and extend (cached prefix + new
+tokens, every sequence of the batch in one launch)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from meshserve.layers.attention.torch_native import TorchNativeBackend
+from meshserve.layers.attention.base import AttentionBackend
 
 if TYPE_CHECKING:
     from meshserve.executor.forward_batch import ForwardBatch
     from meshserve.layers.attention.layer import AttentionLayer
 
 
-class TritonBackend(TorchNativeBackend):
+class TritonBackend(AttentionBackend):
     supports_cuda_graph = True
+
+    def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        from meshserve.layers.attention.triton_extend import extend_attention
+
+        assert batch.host is not None
+        extend_lens, q_starts = batch.extend_offsets
+        return extend_attention(q, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
+                                batch.req_to_token.table, batch.req_rows, batch.seq_lens, extend_lens, q_starts,
+                                max(batch.host.extend_lens), layer.scaling)
 
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         from meshserve.layers.attention.triton_decode import decode_attention

@@ -1,0 +1,97 @@
+"""Paged extend (prefill) attention in Triton: the new tokens of every sequence of a batch attend,
+causally, to their sequence's cached prefix and to each other, in one launch.
+
+One program per (block of BLOCK_M new tokens, sequence, query head). Keys and values are read
+from the pool through the request-to-token table — the new tokens' K/V are already there — so a
+cached prefix (radix hit, later chunk of a chunked prefill) and a fresh prompt take the same
+path. Online softmax over key blocks (FlashAttention-2); a block of queries stops at the last
+key it can see, so the causal half of the new-token square is never read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _extend_kernel(
+    Q, K, V, Out, Table, Rows, SeqLens, ExtendLens, QStarts,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_table,
+    scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    extend_len = tl.load(ExtendLens + b)
+    seq_len = tl.load(SeqLens + b)
+    row = tl.load(Rows + b)
+    q_start = tl.load(QStarts + b)
+    prefix = seq_len - extend_len
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # index among this sequence's new tokens
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < extend_len
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q_pos = prefix + offs_m  # absolute positions; query i sees keys 0..q_pos[i]
+
+    # Keys this block can see; none when the block lies past the sequence's new tokens (the grid
+    # is sized for the longest sequence of the batch).
+    end = tl.where(m_block * BLOCK_M < extend_len, tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M), 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+        # Key 0 is visible to every query row (padding rows included), so each row's running
+        # maximum is finite after the first block and no -inf - -inf can appear.
+        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                     rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor, q_starts: torch.Tensor,
+                     max_extend_len: int, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D], the new tokens of every sequence, sequence after sequence; k_cache/v_cache:
+    [slots, Hkv, D] holding every sequence's prefix and new tokens; table: [rows, max_context];
+    rows, seq_lens (prefix + new), extend_lens, q_starts (offset of each sequence's first new
+    token in q): [B] device tensors; max_extend_len: the largest extend length (host).
+    Returns [T, Hq, D]."""
+    tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    if tokens == 0:
+        return out
+    grid = (triton.cdiv(max_extend_len, BLOCK_M), rows.shape[0], num_heads)
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        table.stride(0), scale,
+        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+    )
+    return out
