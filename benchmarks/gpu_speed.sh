@@ -2,12 +2,12 @@
 # GPU machine, one GPU: issue 4's checks and figures on a random Llama-3.1-8B-shaped model (bf16)
 # and the SmolLM2-135M shape. Usage (repo root, after `source .whl/prelude.sh`):
 #   bash benchmarks/gpu_speed.sh OUT_DIR TOKENIZER_DIR [PHASE ...]
-# PHASE: check floor attn one_batch smol offline online (default: all; the whole set takes longer
+# PHASE: check floor attn profile one_batch smol offline online (default: all; the whole set takes longer
 # than one 10-minute device call, so split it: "check floor attn one_batch smol", then "offline online").
 # TOKENIZER_DIR: any HF tokenizer whose ids fit the vocabulary (bench_serving counts tokens with it).
 set -u
 out=${1:-/tmp/gpu_speed}; tok=${2:-.tok}; shift 2 || true
-phases=${*:-check floor attn one_batch smol offline online}
+phases=${*:-check floor attn profile one_batch smol offline online}
 mkdir -p "$out"
 want() { [[ " $phases " == *" $1 "* ]]; }
 l8b() { [ -f /tmp/l8b/config.json ] || python -m meshserve.bench.random_model --shape llama-3.1-8b --out /tmp/l8b > /dev/null; }
@@ -16,6 +16,11 @@ if want check; then
 fi
 want floor && python -m meshserve.bench.linear_floor --batch-size 1 64 256 | tee "$out/floor.log"
 want attn && python -m meshserve.bench.decode_attention --batch-size 1 16 64 256 --context-len 512 3000 | tee "$out/attn.log"
+if want profile; then  # prefill time by prompt length, and the operators of a 4096-token prefill
+  l8b
+  timeout 150 python -m meshserve.bench.profile_step --model-path /tmp/l8b --input-len 256 2048 4096 --top 12 \
+    > "$out/profile.log" 2>&1; grep -E "^prefill|Self CUDA time total|Self CPU time total" "$out/profile.log"
+fi
 if want one_batch; then
   l8b
   timeout 200 python -m meshserve.bench_one_batch --model-path /tmp/l8b --batch-size 1 64 256 --input-len 256 \
