@@ -1,7 +1,7 @@
 """bfloat16: the fused Triton kernels round where the unfused PyTorch layers round, so their
-outputs are nearly bit-identical, not merely close (CUDA only). "Nearly": compiled float
-arithmetic (fused multiply-adds, reduction order) may move a few elements by one bf16 unit; on
-an H200 rotary was the only kernel where that showed (2026-12-02)."""
+outputs are bit-identical but for float32 reduction order or exp/rsqrt implementations moving a
+rare element by one unit (CUDA only). Before kernels/rounding.py, the compiler folded the
+kernels' round trips through bf16 away and 20 % of rotary outputs were one unit off."""
 
 from __future__ import annotations
 
@@ -62,6 +62,4 @@ def test_rotary_bf16_rounds_like_reference():
     c, s = cos[positions].bfloat16().unsqueeze(1), sin[positions].bfloat16().unsqueeze(1)
     q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
     apply_rotary_(q, k, cos, sin, positions)
-    for got, ref in ((q, q_ref), (k, k_ref)):
-        assert _identical_fraction(got, ref) > 0.99
-        torch.testing.assert_close(got, ref)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.rounding import round_to
+
 BLOCK = 1024
 
 
@@ -15,10 +17,10 @@ def _silu_and_mul_kernel(GateUp, Out, stride_in, stride_out, n_cols, BLOCK: tl.c
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(GateUp + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(GateUp + row * stride_in + n_cols + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # silu, rounded like the reference's own kernel
-    tl.store(Out + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(Out.dtype.element_ty),
-             mask=mask)
+    up = tl.load(GateUp + row * stride_in + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = Out.dtype.element_ty
+    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)  # silu, rounded like the reference's own kernel
+    tl.store(Out + row * stride_out + cols, round_to(act * up, dtype).to(dtype), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

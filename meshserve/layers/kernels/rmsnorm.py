@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.rounding import round_to
+
 
 @triton.jit
 def _rmsnorm_kernel(X, Residual, Out, ResidualOut, W, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
@@ -14,16 +16,17 @@ def _rmsnorm_kernel(X, Residual, Out, ResidualOut, W, stride_x, stride_r, stride
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = X.dtype.element_ty
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # the reference's x + residual
-        tl.store(ResidualOut + row * stride_ro + cols, x, mask=mask)
-    h = x.to(tl.float32)
+        h = round_to(h + r.to(tl.float32), dtype)  # the reference's x + residual
+        tl.store(ResidualOut + row * stride_ro + cols, h.to(dtype), mask=mask)
     variance = tl.sum(h * h, axis=0) / n_cols
-    h = (h * tl.rsqrt(variance + eps)).to(X.dtype.element_ty)  # normalised, back in the input dtype
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    tl.store(Out + row * stride_o + cols, (h.to(tl.float32) * w.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    h = round_to(h * tl.rsqrt(variance + eps), dtype)  # normalised, back in the input dtype
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    out_dtype = Out.dtype.element_ty
+    tl.store(Out + row * stride_o + cols, round_to(h * w, out_dtype).to(out_dtype), mask=mask)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.rounding import round_to
+
 
 @triton.jit
 def _rotate(X, base, stride_h, n_heads, c, s, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
@@ -24,12 +26,12 @@ def _rotate(X, base, stride_h, n_heads, c, s, BLOCK_H: tl.constexpr, HALF: tl.co
     dtype = X.dtype.element_ty
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    a1 = (x1 * c).to(dtype).to(tl.float32)
-    b1 = (x2 * s).to(dtype).to(tl.float32)
-    a2 = (x2 * c).to(dtype).to(tl.float32)
-    b2 = (x1 * s).to(dtype).to(tl.float32)
-    tl.store(ptr, (a1 - b1).to(dtype), mask=mask)
-    tl.store(ptr + HALF, (a2 + b2).to(dtype), mask=mask)
+    a1 = round_to(x1 * c, dtype)
+    b1 = round_to(x2 * s, dtype)
+    a2 = round_to(x2 * c, dtype)
+    b2 = round_to(x1 * s, dtype)
+    tl.store(ptr, round_to(a1 - b1, dtype).to(dtype), mask=mask)
+    tl.store(ptr + HALF, round_to(a2 + b2, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -41,8 +43,8 @@ def _rotary_kernel(Q, K, Cos, Sin, Positions, stride_qt, stride_qh, stride_kt, s
     offs = tl.arange(0, BLOCK_HALF)
     dtype = Q.dtype.element_ty
     # The table holds float32 values for the first half (the second half repeats them).
-    c = tl.load(Cos + pos * stride_table + offs, mask=offs < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
-    s = tl.load(Sin + pos * stride_table + offs, mask=offs < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
+    c = round_to(tl.load(Cos + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)[None, :]
+    s = round_to(tl.load(Sin + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)[None, :]
     _rotate(Q, t * stride_qt, stride_qh, n_q_heads, c, s, BLOCK_HQ, HALF, BLOCK_HALF)
     _rotate(K, t * stride_kt, stride_kh, n_k_heads, c, s, BLOCK_HK, HALF, BLOCK_HALF)
 
