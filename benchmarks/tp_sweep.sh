@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # GPU machine: tensor-parallel sweep on a random Llama-3.1-8B-shaped model (bf16):
+#   first, greedy equality with transformers at tp = 2, 4, 8 (as many as there are GPUs; bf16
+#   divergences only at the reference's near-ties: tests/gpu/test_cuda_matches_hf.py),
 #   bench_one_batch at tp = 1, 2, 4, 8 (as many as there are GPUs), then "two nodes x N/2 GPUs"
 #   on one N-GPU host (two launch_server processes split by CUDA_VISIBLE_DEVICES) compared with tp=N.
 # Usage (from the repo root, after `source .whl/prelude.sh`): bash benchmarks/tp_sweep.sh OUT_DIR
 set -u
 out=${1:-/tmp/tp_sweep}; mkdir -p "$out"
+timeout 300 python -m pytest -q -s tests/gpu/test_cuda_matches_hf.py -k tensor_parallel > "$out/tp_check.log" 2>&1
+grep -E "divergence|passed|failed" "$out/tp_check.log"
 gpus=$(nvidia-smi -L | wc -l)
 model=/tmp/l8b
 python -m meshserve.bench.random_model --shape llama-3.1-8b --out $model > /dev/null || exit 1

@@ -18,7 +18,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[list[int]], new_tokens: int,
-               extra: list[str], out_file: str) -> None:
+               extra: list[str], out_file: str, device_type: str) -> None:
     from meshserve.cluster.distributed import init_tp_group
     from meshserve.config.model_config import ModelConfig
     from meshserve.config.server_args import ServerArgs
@@ -27,18 +27,21 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     from tests.scheduler_driver import greedy, output_ids, run_to_completion
 
     torch.set_num_threads(1)
-    args = ServerArgs.parse_args(["--model-path", model_dir, "--device", "cpu", "--tp", str(world), *extra])
-    tp = init_tp_group(world_size=world, rank=rank, rendezvous=f"127.0.0.1:{port}", device=torch.device("cpu"),
-                       timeout_s=120)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    args = ServerArgs.parse_args(["--model-path", model_dir, "--device", device_type, "--tp", str(world), *extra])
+    tp = init_tp_group(world_size=world, rank=rank, rendezvous=f"127.0.0.1:{port}", device=device, timeout_s=120)
     model_config = ModelConfig.from_server_args(args)
-    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=torch.device("cpu"), tp=tp))
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=tp))
     outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
     if rank == 0:
         Path(out_file).write_text(json.dumps([output_ids(outs[str(i)]) for i in range(len(prompts))]))
 
 
 def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
-                extra: tuple[str, ...] = ()) -> list[list[int]]:
+                extra: tuple[str, ...] = (), device_type: str = "cpu") -> list[list[int]]:
+    """Greedy outputs of `world` ranks (processes; on CUDA, rank r on GPU r)."""
     from meshserve.cluster.distributed import serve_rendezvous_store
 
     out_file = tmp / f"tp{world}.json"
@@ -46,7 +49,7 @@ def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_token
     store = serve_rendezvous_store("127.0.0.1", port)  # noqa: F841 - must outlive the ranks
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), prompts, new_tokens, list(extra),
-                                                  str(out_file))) for r in range(world)]
+                                                  str(out_file), device_type)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -45,8 +45,29 @@ def test_cuda_greedy_matches_transformers(tmp_path, dtype, engine_args):
     scheduler = build_scheduler(model_dir, "--skip-tokenizer-init", "--max-total-tokens", "4096",
                                 "--cuda-graph-max-bs", "8", *engine_args, device="cuda")
     outs = run_to_completion(scheduler, {str(i): (p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)})
-    for i, ref in enumerate(reference):
-        got = output_ids(outs[str(i)])
+    _assert_matches([output_ids(outs[str(i)]) for i in range(len(prompts))], reference, ref_logits, dtype)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more GPUs")
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_greedy_matches_transformers(tmp_path, tp):
+    """tp ranks on tp GPUs (NCCL, CUDA graphs, Triton attention), bf16: the same output as
+    transformers, hence as tp = 1, except at near-ties of the reference."""
+    from meshserve.bench.random_model import SHAPES, write_random_model
+    from tests.tp_worker import tp_generate
+
+    if tp > torch.cuda.device_count():
+        pytest.skip(f"needs {tp} GPUs")
+    model_dir = write_random_model("llama-small", tmp_path / "m", dtype="bfloat16")
+    prompts = _prompts(SHAPES["llama-small"]["vocab_size"])
+    reference, ref_logits = _hf_greedy(model_dir, torch.bfloat16, prompts)
+    got = tp_generate(model_dir, tp, prompts, NEW_TOKENS, tmp_path, ("--skip-tokenizer-init", "--max-total-tokens",
+                                                                     "4096", "--cuda-graph-max-bs", "8"), "cuda")
+    _assert_matches(got, reference, ref_logits, "bfloat16")
+
+
+def _assert_matches(outputs: list[list[int]], reference: list[list[int]], ref_logits, dtype: str) -> None:
+    for i, (got, ref) in enumerate(zip(outputs, reference)):
         if got == ref:
             continue
         assert dtype == "bfloat16", f"float32 must match exactly: prompt {i}: {got} != {ref}"
