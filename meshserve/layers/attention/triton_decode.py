@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.attention.triton_paged import attend_block
+
 MAX_SPLITS = 16
 BLOCK_N = 64
 
@@ -56,20 +58,9 @@ def _decode_stage1(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start in range(begin, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
+                                     stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False, BLOCK_N=BLOCK_N,
+                                     PRECISION=PRECISION)
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SPLITS == 1:

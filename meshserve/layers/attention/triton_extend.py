@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.attention.triton_paged import attend_block
+
 BLOCK_M = 64
 BLOCK_N = 64
 
@@ -50,23 +52,12 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Key 0 is visible to every query row (padding rows included), so each row's running maximum
+    # is finite after the first block and no -inf - -inf can appear.
     for start in range(0, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [BLOCK_M, BLOCK_N]
-        # Key 0 is visible to every query row (padding rows included), so each row's running
-        # maximum is finite after the first block and no -inf - -inf can appear.
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
+                                     stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=True, BLOCK_N=BLOCK_N,
+                                     PRECISION=PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],

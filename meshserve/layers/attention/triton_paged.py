@@ -1,0 +1,32 @@
+"""The inner step shared by the paged Triton attention kernels (decode and extend)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
+                 stride_table, stride_kt, stride_kh, scale, offs_d, mask_d,
+                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold keys [start, start + BLOCK_N) ∩ [0, end) of sequence `row` (slots read through the
+    request-to-token table) into the online-softmax state (m_i, l_i, acc) of the query rows `q`.
+    With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. Returns the new state."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < end
+    slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [rows, BLOCK_N]
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l_i, acc
