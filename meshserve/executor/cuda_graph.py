@@ -19,6 +19,8 @@ from meshserve.executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger("meshserve")
 
+DECODE_INPUT_ROWS = 5  # input ids, positions, KV slots, request rows, sequence lengths
+
 
 def capture_sizes(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to 256, then every 32: padding wastes at most ~12 %."""
@@ -32,12 +34,13 @@ class CudaGraphRunner:
         self.sizes = capture_sizes(max_bs)
         self.max_bs = max_bs
         self._forward = forward
-        # Static inputs: replays read these buffers, so each step copies its values in.
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.req_rows = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        # Static inputs, one row each: input ids, positions, KV slots, request rows, sequence
+        # lengths. Replays read these buffers, so each step copies its values in (one copy).
+        self.inputs = torch.zeros((DECODE_INPUT_ROWS, max_bs), dtype=torch.int64, device=device)
+        # What padding entries hold: a dummy token of row 0 at length 1, written to slot 0.
+        self._padding = torch.zeros_like(self.inputs)
+        self._padding[4].fill_(1)
+        self.inputs.copy_(self._padding)
         self._make_batch = make_batch
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -65,22 +68,14 @@ class CudaGraphRunner:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, out_cache_loc: torch.Tensor,
-               req_rows: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of a decode batch of B sequences (device tensors of length B)."""
-        bs = input_ids.shape[0]
+    def replay(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch of B sequences; `inputs` is [DECODE_INPUT_ROWS, B]
+        on the device, rows as in `self.inputs`."""
+        bs = inputs.shape[1]
         size = next(s for s in self.sizes if s >= bs)
+        self.inputs[:, :bs].copy_(inputs)
         if size > bs:  # reset the padding entries (a previous, larger batch left values there)
-            self.input_ids[bs:size].zero_()
-            self.positions[bs:size].zero_()
-            self.out_cache_loc[bs:size].zero_()
-            self.req_rows[bs:size].zero_()
-            self.seq_lens[bs:size].fill_(1)
-        self.input_ids[:bs].copy_(input_ids)
-        self.positions[:bs].copy_(positions)
-        self.out_cache_loc[:bs].copy_(out_cache_loc)
-        self.req_rows[:bs].copy_(req_rows)
-        self.seq_lens[:bs].copy_(seq_lens)
+            self.inputs[:, bs:size].copy_(self._padding[:, bs:size])
         self._graphs[size].replay()
         return self._outputs[size][:bs]
 
@@ -90,7 +85,6 @@ class CudaGraphRunner:
         self._graphs[next(s for s in self.sizes if s >= batch_size)].replay()
 
     def _static_batch(self, bs: int) -> ForwardBatch:
-        return self._make_batch(
-            mode=ForwardMode.DECODE, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
-            out_cache_loc=self.out_cache_loc[:bs], req_rows=self.req_rows[:bs], seq_lens=self.seq_lens[:bs],
-            host=None)
+        input_ids, positions, out_cache_loc, req_rows, seq_lens = self.inputs[:, :bs]
+        return self._make_batch(mode=ForwardMode.DECODE, input_ids=input_ids, positions=positions,
+                                out_cache_loc=out_cache_loc, req_rows=req_rows, seq_lens=seq_lens, host=None)

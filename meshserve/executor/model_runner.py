@@ -11,7 +11,7 @@ from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
 from meshserve.cluster.comm import TensorParallelGroup
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
-from meshserve.executor.cuda_graph import CudaGraphRunner
+from meshserve.executor.cuda_graph import DECODE_INPUT_ROWS, CudaGraphRunner
 from meshserve.executor.forward_batch import ForwardBatch, ForwardMode, HostLens
 from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
@@ -93,12 +93,13 @@ class ModelRunner:
         # Every per-step integer in one host-to-device copy: [ids | positions | KV slots | rows | lens].
         packed = torch.cat([torch.tensor(step.input_ids + step.positions, dtype=torch.int64), step.out_cache_loc,
                             torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)])
-        input_ids, positions, out_cache_loc, req_rows, seq_lens = packed.to(self.device, non_blocking=True).split(
-            [tokens, tokens, tokens, seqs, seqs])
+        on_device = packed.to(self.device, non_blocking=True)
+        input_ids, positions, out_cache_loc, req_rows, seq_lens = on_device.split([tokens, tokens, tokens, seqs, seqs])
         if step.mode is ForwardMode.DECODE:
             self.req_to_token.table[req_rows, positions] = out_cache_loc
             if self.graphs is not None and self.graphs.can_run(seqs):
-                return self.graphs.replay(input_ids, positions, out_cache_loc, req_rows, seq_lens)
+                # One token per sequence: the packed integers are exactly the graph's input rows.
+                return self.graphs.replay(on_device.view(DECODE_INPUT_ROWS, seqs))
         return self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
             req_rows=req_rows, seq_lens=seq_lens,
