@@ -365,6 +365,10 @@ class SchedulerArgs(_ConcernMixin):
     cuda_graph_max_bs: int | None = _arg(
         None, "Largest decode batch size captured in a CUDA graph.")
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly, without CUDA graphs.")
+    enable_overlap_schedule: bool = _arg(
+        False, "Schedule the next decode step while the device still runs the current one (one step "
+        "in flight; hides the per-step host work). Batches needing the previous token on the host "
+        "(penalties, min_new_tokens, seeds) still run in lockstep.")
     random_seed: int | None = _arg(None, "Random seed; default picked at start-up.")
     stream_interval: int = _arg(1, "Stream a chunk every this many generated tokens.")
     grammar_backend: str = _arg(

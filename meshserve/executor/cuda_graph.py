@@ -68,12 +68,13 @@ class CudaGraphRunner:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs
 
-    def replay(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of a decode batch of B sequences; `inputs` is [DECODE_INPUT_ROWS, B]
-        on the device, rows as in `self.inputs`."""
-        bs = inputs.shape[1]
+    def replay(self, input_ids: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of a decode batch of B sequences: input_ids [B] and `others`
+        [DECODE_INPUT_ROWS - 1, B] (positions, KV slots, request rows, lengths) on the device."""
+        bs = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= bs)
-        self.inputs[:, :bs].copy_(inputs)
+        self.inputs[0, :bs].copy_(input_ids)
+        self.inputs[1:, :bs].copy_(others)
         if size > bs:  # reset the padding entries (a previous, larger batch left values there)
             self.inputs[:, bs:size].copy_(self._padding[:, bs:size])
         self._graphs[size].replay()

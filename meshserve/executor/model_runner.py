@@ -30,6 +30,9 @@ class StepInput:
     """The host-side description of one step, built by the scheduler."""
 
     mode: ForwardMode
+    # EXTEND only. A DECODE step's input is each sequence's newest token, which the runner keeps
+    # on the device (`record_tokens`), so a decode step can be launched before the host has
+    # read the previous step's tokens.
     input_ids: list[int]
     positions: list[int]
     out_cache_loc: torch.Tensor  # int64 CPU
@@ -58,6 +61,9 @@ class ModelRunner:
                                            max_context=model_config.context_length + 1, device=device)
         self.attn_backend = create_attention_backend(
             args.scheduler.attention_backend or default_attention_backend(device.type))
+        # Each request row's newest sampled token: the input of its next decode step.
+        self.last_tokens = torch.zeros(self.max_running_requests, dtype=torch.int64, device=device)
+        self._step_rows: torch.Tensor | None = None  # request rows of the last forward step (device)
         logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
         self.graphs: CudaGraphRunner | None = None
         if device.type == "cuda" and not args.scheduler.disable_cuda_graph and self.attn_backend.supports_cuda_graph:
@@ -89,21 +95,36 @@ class ModelRunner:
         """Logits [batch, vocab] float32 for each sequence's last new token. A DECODE step's new
         KV slots are recorded in the request-to-token table here, on the device (the scheduler
         records extend steps' slots itself, per request)."""
-        tokens, seqs = len(step.input_ids), len(step.req_rows)
-        # Every per-step integer in one host-to-device copy: [ids | positions | KV slots | rows | lens].
-        packed = torch.cat([torch.tensor(step.input_ids + step.positions, dtype=torch.int64), step.out_cache_loc,
-                            torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)])
-        on_device = packed.to(self.device, non_blocking=True)
-        input_ids, positions, out_cache_loc, req_rows, seq_lens = on_device.split([tokens, tokens, tokens, seqs, seqs])
-        if step.mode is ForwardMode.DECODE:
+        seqs, tokens = len(step.req_rows), len(step.positions)
+        decode = step.mode is ForwardMode.DECODE
+        # Every per-step integer in one host-to-device copy: [positions | KV slots | rows | lens | ids].
+        host = [torch.tensor(step.positions, dtype=torch.int64), step.out_cache_loc,
+                torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)]
+        if not decode:
+            host.append(torch.tensor(step.input_ids, dtype=torch.int64))
+        on_device = torch.cat(host).to(self.device, non_blocking=True)
+        positions, out_cache_loc, req_rows, seq_lens, *extend_ids = on_device.split(
+            [tokens, tokens, seqs, seqs] + ([] if decode else [tokens]))
+        self._step_rows = req_rows
+        if not decode:
+            input_ids = extend_ids[0]
+        else:
             self.req_to_token.table[req_rows, positions] = out_cache_loc
+            input_ids = self.last_tokens.index_select(0, req_rows)
             if self.graphs is not None and self.graphs.can_run(seqs):
-                # One token per sequence: the packed integers are exactly the graph's input rows.
-                return self.graphs.replay(on_device.view(DECODE_INPUT_ROWS, seqs))
+                # One token per sequence: the packed integers are the graph's other input rows.
+                return self.graphs.replay(input_ids, on_device.view(DECODE_INPUT_ROWS - 1, seqs))
         return self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
             req_rows=req_rows, seq_lens=seq_lens,
             host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
+
+    def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
+        """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]
+        belongs to the i-th sequence of the last forward step, or to its among[i]-th."""
+        assert self._step_rows is not None
+        rows = self._step_rows if among is None else self._step_rows.index_select(0, among)
+        self.last_tokens.index_copy_(0, rows, token_ids)
 
     @torch.inference_mode()
     def _forward_inference(self, batch: ForwardBatch) -> torch.Tensor:

@@ -20,7 +20,7 @@ from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.forward_batch import ForwardMode
 from meshserve.executor.model_runner import ModelRunner, StepInput
-from meshserve.executor.sampler import Sampler, SamplingBatch
+from meshserve.executor.sampler import SampleOutput, Sampler, SamplingBatch
 from meshserve.messages import FinishReason, GenerateReq, ReqOutput, SchedulerStats, TopLogprob
 from meshserve.scheduler.finish import FinishChecker
 from meshserve.scheduler.policy import PrefillPolicy
@@ -35,6 +35,33 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
 NEW_TOKEN_RATIO_BUMP = 0.1  # per retraction
+
+
+@dataclass
+class _Sampled:
+    """A step's sampled tokens, being copied to the host; `_advance` reads them."""
+
+    reqs: list[Req]
+    tokens: SampleOutput  # host tensors, valid once `copied` has completed
+    copied: torch.cuda.Event | None  # None on the CPU, where the copy is done at once
+
+    @classmethod
+    def start_copy(cls, reqs: list[Req], out: SampleOutput) -> _Sampled:
+        """Queue the device-to-host copy now and mark its end with an event: reading the tokens
+        later waits for this step only. (A plain `.tolist()` issued after the next step was
+        launched would wait for that step too, since the copy would queue behind it.)"""
+        if out.token_ids.device.type != "cuda":
+            return cls(reqs, out, None)
+
+        def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)  # into pinned memory
+
+        host = SampleOutput(token_ids=to_host(out.token_ids), logprobs=to_host(out.logprobs),
+                            top_logprob_ids=to_host(out.top_logprob_ids),
+                            top_logprob_vals=to_host(out.top_logprob_vals))
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(reqs, host, copied)
 
 
 @dataclass
@@ -69,6 +96,11 @@ class Scheduler:
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
         self.stream_interval = args.scheduler.stream_interval
         self.check_batches = args.scheduler.enable_deterministic_check and runner.tp.size > 1
+        # --enable-overlap-schedule: at most one decode step in flight whose tokens the host has
+        # not read. While one is, each of its sequences has kv_len == seq_len (the in-flight token
+        # has KV written by the step but is not in output_ids yet).
+        self.overlap = args.scheduler.enable_overlap_schedule
+        self._in_flight: _Sampled | None = None
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
@@ -78,7 +110,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self._in_flight)
 
     def add_request(self, msg: GenerateReq) -> None:
         req = Req.from_message(msg)
@@ -133,11 +165,17 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
-        batch = self._admit()
-        if batch:
-            self._run_extend(batch)
-        elif self.running:
+        if self.waiting or self.chunked is not None:
+            # Admission, prefix matching and extend read every sequence's tokens on the host.
+            self._complete_in_flight()
+            batch = self._admit()
+            if batch:
+                self._run_extend(batch)
+                return
+        if self.running:
             self._run_decode()
+        else:
+            self._complete_in_flight()
 
     def _admit(self) -> list[_Extend]:
         """Pick the extend work of this step: the chunked request first, then waiting requests in
@@ -235,21 +273,30 @@ class Scheduler:
             else:
                 done.append((i, item.req))
         if done:
-            rows = torch.tensor([i for i, _ in done], device=logits.device)
-            self._sample_and_advance(logits.index_select(0, rows) if len(done) < len(batch) else logits,
-                                     [req for _, req in done])
-            self.running += [req for _, req in done if not req.finished]
+            reqs = [req for _, req in done]
+            if len(done) < len(batch):
+                among = torch.tensor([i for i, _ in done], device=logits.device)
+                sampled = self._sample(logits.index_select(0, among), reqs, among)
+            else:
+                sampled = self._sample(logits, reqs)
+            self._advance(sampled)
+            self.running += [req for req in reqs if not req.finished]
 
     def _run_decode(self) -> None:
+        if not self.overlap or any(self._needs_host_tokens(req) for req in self.running):
+            self._complete_in_flight()
         self._make_room_for_decode()
-        if not self.running:
+        # A sequence that its in-flight token is certain to end gets no further step.
+        in_flight = set(self._in_flight.reqs) if self._in_flight is not None else set()
+        reqs = [req for req in self.running if req not in in_flight or not self._ends_with_next_token(req)]
+        if not reqs:
+            self._complete_in_flight()
             return
-        reqs = self.running
         slots = self.pool.alloc(len(reqs))
         assert slots is not None  # the runner records them in the request-to-token table
         step = StepInput(
             mode=ForwardMode.DECODE,
-            input_ids=[req.last_token for req in reqs],
+            input_ids=[],  # each sequence's newest token is on the device already
             positions=[req.kv_len for req in reqs],
             out_cache_loc=slots,
             req_rows=[req.row for req in reqs],
@@ -260,8 +307,31 @@ class Scheduler:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for req in reqs:
             req.kv_len += 1
-        self._sample_and_advance(logits, list(reqs))
-        self.running = [req for req in self.running if not req.finished]
+        launched = self._sample(logits, reqs)
+        self._complete_in_flight()  # the previous step's tokens, read while this step runs
+        if self.overlap:
+            self._in_flight = launched
+        else:
+            self._advance(launched)
+
+    def _complete_in_flight(self) -> None:
+        if self._in_flight is not None:
+            launched, self._in_flight = self._in_flight, None
+            self._advance(launched)
+
+    @staticmethod
+    def _needs_host_tokens(req: Req) -> bool:
+        """Whether sampling the request's next token reads its output so far on the host (penalty
+        counts, the min_new_tokens ban, a seed keyed on the token count): such a step cannot be
+        launched before the previous step's token is known."""
+        p = req.sampling
+        return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                or len(req.output_ids) < p.min_new_tokens or p.seed is not None)
+
+    def _ends_with_next_token(self, req: Req) -> bool:
+        """True when the token now in flight certainly finishes the request (length limits)."""
+        return (len(req.output_ids) + 1 >= req.sampling.max_new_tokens
+                or req.seq_len + 1 >= self.model_config.context_length)
 
     def _forward(self, step: StepInput) -> torch.Tensor:
         if self.check_batches:
@@ -285,18 +355,31 @@ class Scheduler:
             logger.info("KV cache full: retracted request %s (%d tokens) to the waiting queue",
                         victim.rid, victim.seq_len)
 
-    def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> None:
+    def _sample(self, logits: torch.Tensor, reqs: list[Req], among: torch.Tensor | None = None) -> _Sampled:
+        """Next tokens of `reqs`, sampled on the device and on their way to the host (no wait);
+        `among` as in ModelRunner.record_tokens."""
         batch = SamplingBatch.build(
             [r.sampling for r in reqs], [r.output_ids for r in reqs], self.model_config.eos_token_ids,
             self.model_config.vocab_size, logits.device,
             top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs])
         out = self.sampler.sample(logits, batch)
         # Rank 0's choice is everyone's: unseeded noise differs between ranks.
-        token_ids = self.runner.tp.broadcast_from_leader(out.token_ids).tolist()
+        out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)
+        self.runner.record_tokens(out.token_ids, among)
+        return _Sampled.start_copy(reqs, out)
+
+    def _advance(self, step: _Sampled) -> None:
+        """Read a step's tokens on the host: append them, check finishes, stream or retire."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        out = step.tokens
+        token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
         top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
-        for i, (req, token) in enumerate(zip(reqs, token_ids)):
+        for i, (req, token) in enumerate(zip(step.reqs, token_ids)):
+            if req.finished:
+                continue  # aborted while its step was in flight
             req.output_ids.append(token)
             self.stats["generation_tokens"] += 1
             if req.wants_logprobs and logprobs is not None:

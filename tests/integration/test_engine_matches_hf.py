@@ -1,5 +1,6 @@
 """Greedy generations of the real engine equal Hugging Face transformers token for token —
-fresh, from the radix cache, with chunked prefill forced small, under KV pressure (retraction)."""
+fresh, from the radix cache, with chunked prefill forced small, under KV pressure (retraction),
+with a decode step in flight (--enable-overlap-schedule)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _generate(model_dir, prompts, new_tokens, *extra, rounds=1) -> list[list[lis
     (),
     ("--chunked-prefill-size", "7"),
     ("--disable-radix-cache",),
-], ids=["default", "chunked-7", "no-radix"])
+    ("--enable-overlap-schedule",),
+], ids=["default", "chunked-7", "no-radix", "overlap"])
 def test_default_model_matches_transformers(default_model_dir, chat_prompt_ids, default_reference, extra):
     first, second = _generate(default_model_dir, chat_prompt_ids, NEW_TOKENS, *extra, rounds=2)
     assert first == default_reference
@@ -76,7 +78,8 @@ def tiny_prompts() -> list[list[int]]:
     # 120 slots for 5 sequences of up to 64+24 tokens: forces eviction and retraction.
     ("--max-total-tokens", "120"),
     ("--max-total-tokens", "120", "--disable-radix-cache", "--chunked-prefill-size", "16", "--schedule-policy", "fcfs"),
-], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix"])
+    ("--max-total-tokens", "120", "--enable-overlap-schedule"),
+], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap"])
 def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, tiny_prompts, 24)
@@ -85,10 +88,12 @@ def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     assert second == reference
 
 
-def test_optimistic_admission_retracts_and_stays_exact(tiny_qwen3_dir, tiny_prompts):
+@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",)], ids=["lockstep", "overlap"])
+def test_optimistic_admission_retracts_and_stays_exact(tiny_qwen3_dir, tiny_prompts, extra):
     """When the admission estimate is too optimistic (forced here), decode runs out of KV and
-    retracts sequences; their outputs are still exactly the reference."""
-    scheduler = build_scheduler(tiny_qwen3_dir, "--max-total-tokens", "120")
+    retracts sequences (with overlap: sequences whose token is still in flight); their outputs
+    are still exactly the reference."""
+    scheduler = build_scheduler(tiny_qwen3_dir, "--max-total-tokens", "120", *extra)
     scheduler.new_token_ratio = 0.0  # reserve nothing for future tokens: over-admit on purpose
     outs = run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(tiny_prompts)})
     assert scheduler.stats["num_retracted"] > 0
@@ -117,3 +122,52 @@ def test_stream_interval_batches_reports(tiny_qwen3_dir, tiny_prompts):
     outs = run_to_completion(scheduler, {"a": (tiny_prompts[0], greedy(12))})
     assert [len(o.new_ids) for o in outs["a"]] == [5, 5, 2]
     assert output_ids(outs["a"]) == hf_greedy(tiny_qwen3_dir, tiny_prompts[:1], 12)[0]
+
+
+def test_overlap_schedule_matches_lockstep_with_mixed_sampling(tiny_qwen3_dir, tiny_prompts):
+    """One decode step in flight gives the same tokens and finish reasons as lockstep decoding
+    for greedy, seeded, penalised, min_new_tokens and stop-token requests in one batch."""
+    from meshserve.sampling_params import SamplingParams
+
+    stop_at = run_to_completion(build_scheduler(tiny_qwen3_dir), {"x": (tiny_prompts[4], greedy(8))})
+    stop_token = output_ids(stop_at["x"])[5]
+    # The seeded and penalised requests end early: the rest of the run overlaps.
+    params = [greedy(20), SamplingParams(max_new_tokens=4, temperature=0.8, seed=3),
+              SamplingParams(max_new_tokens=7, temperature=0.0, repetition_penalty=1.3),
+              SamplingParams(max_new_tokens=9, temperature=0.0, min_new_tokens=5),
+              SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[stop_token])]
+    requests = {str(i): (p, params[i]) for i, p in enumerate(tiny_prompts)}
+    lockstep = run_to_completion(build_scheduler(tiny_qwen3_dir), requests)
+    overlapped = run_to_completion(build_scheduler(tiny_qwen3_dir, "--enable-overlap-schedule"), requests)
+    assert {r: output_ids(o) for r, o in overlapped.items()} == {r: output_ids(o) for r, o in lockstep.items()}
+    assert {r: o[-1].finish for r, o in overlapped.items()} == {r: o[-1].finish for r, o in lockstep.items()}
+    assert len(output_ids(overlapped["4"])) == 6  # stopped at the stop token, not one step later
+
+
+def test_abort_while_a_step_is_in_flight(tiny_qwen3_dir, tiny_prompts):
+    """A request aborted while its decode step is in flight ends with the abort and nothing
+    after it; its neighbours are unaffected and every KV slot comes back."""
+    from meshserve.messages import GenerateReq
+
+    scheduler = build_scheduler(tiny_qwen3_dir, "--enable-overlap-schedule")
+    for i, prompt in enumerate(tiny_prompts[:3]):
+        scheduler.add_request(GenerateReq(rid=str(i), input_ids=prompt, sampling=greedy(20)))
+    outs: dict[str, list] = {"0": [], "1": [], "2": []}
+
+    def step() -> None:
+        scheduler.step()
+        for out in scheduler.take_outputs():
+            outs[out.rid].append(out)
+
+    for _ in range(4):
+        step()
+    assert scheduler._in_flight is not None and any(r.rid == "1" for r in scheduler._in_flight.reqs)
+    scheduler.abort("1", "the client went away")
+    while scheduler.has_work:
+        step()
+    step()
+    assert outs["1"][-1].finish.kind == "abort"
+    assert output_ids(outs["1"]) == hf_greedy(tiny_qwen3_dir, tiny_prompts[1:2], 20)[0][: len(output_ids(outs["1"]))]
+    assert len(output_ids(outs["1"])) < 20
+    assert [output_ids(outs["0"]), output_ids(outs["2"])] == hf_greedy(tiny_qwen3_dir, tiny_prompts[0:3:2], 20)
+    assert scheduler.pool.num_free + scheduler.cache.evictable_size == scheduler.pool.size
