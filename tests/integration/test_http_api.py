@@ -327,8 +327,8 @@ def test_default_model_knows_the_capital_of_france(default_server):
     assert "Paris" in reply.choices[0].message.content
 
 
-def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
-    prompts = [f"Count from {i} to {i + 5}, then name a colour." for i in range(32)]
+def _assert_concurrent_equals_solo(server, count: int) -> None:
+    prompts = [f"Count from {i} to {i + 5}, then name a colour." for i in range(count)]
 
     def generate(http: httpx.Client, text: str) -> list[int]:
         r = http.post("/generate", json={"text": text, "sampling_params": {
@@ -336,12 +336,12 @@ def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
         assert r.status_code == 200, r.text
         return r.json()["output_ids"]
 
-    with default_server.client() as http:
+    with server.client() as http:
         alone = [generate(http, p) for p in prompts]
     together: list[list[int] | None] = [None] * len(prompts)
 
     def worker(i: int) -> None:
-        with default_server.client() as http:
+        with server.client() as http:
             together[i] = generate(http, prompts[i])
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
@@ -350,6 +350,22 @@ def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
     for t in threads:
         t.join(300)
     assert together == alone
+
+
+def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
+    _assert_concurrent_equals_solo(default_server, 32)
+
+
+def test_overlap_schedule_serves_the_same_tokens(start_server, default_server):
+    """--enable-overlap-schedule over HTTP: concurrent requests equal their solo runs and the
+    lockstep server's output, and the server is idle afterwards."""
+    server = start_server("--enable-overlap-schedule")
+    _assert_concurrent_equals_solo(server, 8)
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+    with server.client() as http, default_server.client() as lockstep:
+        assert http.post("/generate", json=body).json()["output_ids"] == \
+            lockstep.post("/generate", json=body).json()["output_ids"]
+    _wait_idle(server)
 
 
 @pytest.mark.parametrize("body", [
