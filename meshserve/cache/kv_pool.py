@@ -7,6 +7,7 @@ so padding can never overwrite a live request's cache.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -59,11 +60,22 @@ class KVPool:
         self._num_free = self.size
 
 
+_KEEP_HOST_ROW = 8192  # slots of host row capacity kept across requests
+
+
 class ReqToTokenPool:
-    """Row r lists, in order, the KV slots of the request that owns row r."""
+    """Row r lists, in order, the KV slots of the request that owns row r.
+
+    Kept twice: `table` on the device, read by the attention kernels, and a host copy the
+    scheduler reads without waiting for the device (with a decode step in flight, reading the
+    device table would wait for that step). Both are written together, except a decode step's
+    one slot per sequence: the host side by `record_decode`, the device side by the runner
+    from the step's packed inputs."""
 
     def __init__(self, *, max_requests: int, max_context: int, device: torch.device) -> None:
         self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
+        self._max_context = max_context
+        self._host = [np.zeros(0, dtype=np.int64) for _ in range(max_requests)]  # grown on demand
         self._free_rows = list(range(max_requests - 1, -1, -1))
 
     @property
@@ -74,10 +86,29 @@ class ReqToTokenPool:
         return self._free_rows.pop() if self._free_rows else None
 
     def free(self, row: int) -> None:
+        if len(self._host[row]) > _KEEP_HOST_ROW:  # host memory follows the live requests
+            self._host[row] = self._host[row][:_KEEP_HOST_ROW].copy()
         self._free_rows.append(row)
 
     def assign(self, row: int, start: int, slots: torch.Tensor) -> None:
-        self.table[row, start : start + slots.numel()] = slots.to(self.table.device)
+        """Row `row` holds `slots` (CPU int64) from position `start` on."""
+        end = start + slots.numel()
+        self.table[row, start:end] = slots.to(self.table.device)
+        self._host_row(row, end)[start:end] = slots.numpy()
+
+    def record_decode(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
+        """Host side of a decode step: row rows[i] holds slots[i] at positions[i]."""
+        for row, position, slot in zip(rows, positions, slots.tolist()):
+            self._host_row(row, position + 1)[position] = slot
 
     def slots(self, row: int, end: int, start: int = 0) -> torch.Tensor:
-        return self.table[row, start:end]
+        """A copy, on the CPU, of row `row`'s slots in [start, end)."""
+        return torch.from_numpy(self._host[row][start:end].copy())
+
+    def _host_row(self, row: int, length: int) -> np.ndarray:
+        held = self._host[row]
+        if len(held) < length:  # grow geometrically: a decode step adds one slot at a time
+            grown = np.zeros(min(self._max_context, max(length, 2 * len(held))), dtype=np.int64)
+            grown[: len(held)] = held
+            self._host[row] = held = grown
+        return held

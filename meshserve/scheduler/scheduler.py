@@ -293,7 +293,9 @@ class Scheduler:
             self._complete_in_flight()
             return
         slots = self.pool.alloc(len(reqs))
-        assert slots is not None  # the runner records them in the request-to-token table
+        assert slots is not None
+        # The host copy of the table; the runner writes the device table.
+        self.rows.record_decode([req.row for req in reqs], [req.kv_len for req in reqs], slots)
         step = StepInput(
             mode=ForwardMode.DECODE,
             input_ids=[],  # each sequence's newest token is on the device already
@@ -413,7 +415,7 @@ class Scheduler:
         and drop its row. A finished request's tokens stay reusable by later requests; a
         retracted one is re-admitted through the same cache."""
         assert req.row is not None
-        slots = self.rows.slots(req.row, req.kv_len).cpu()
+        slots = self.rows.slots(req.row, req.kv_len)
         already = self.cache.insert(req.fill_ids[: req.kv_len], slots)
         if already > req.prefix_len:
             self.pool.free(slots[req.prefix_len : already])
@@ -428,7 +430,7 @@ class Scheduler:
         if not isinstance(self.cache, RadixCache):
             return
         tokens = req.fill_ids[: req.kv_len]
-        slots = self.rows.slots(req.row, req.kv_len).cpu()
+        slots = self.rows.slots(req.row, req.kv_len)
         already = self.cache.insert(tokens, slots)
         if already > req.prefix_len:
             self.pool.free(slots[req.prefix_len : already])

@@ -31,7 +31,7 @@ class TorchNativeBackend(AttentionBackend):
             if new == total:  # no cached prefix: the new keys and values are the whole sequence
                 ks, vs = k[start : start + new].transpose(0, 1), v[start : start + new].transpose(0, 1)
             else:
-                slots = batch.req_to_token.slots(row, total)
+                slots = batch.req_to_token.table[row, :total]
                 ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
                 vs = v_cache[slots].transpose(0, 1)
             mask = None
