@@ -101,6 +101,12 @@ class ReqToTokenPool:
         for row, position, slot in zip(rows, positions, slots.tolist()):
             self._host_row(row, position + 1)[position] = slot
 
+    def assign_each(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
+        """One slot per row, host and device: row rows[i] holds slots[i] at positions[i]."""
+        self.record_decode(rows, positions, slots)
+        device = self.table.device
+        self.table[torch.tensor(rows, device=device), torch.tensor(positions, device=device)] = slots.to(device)
+
     def slots(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         """A copy, on the CPU, of row `row`'s slots in [start, end)."""
         return torch.from_numpy(self._host[row][start:end].copy())

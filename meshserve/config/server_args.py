@@ -365,6 +365,9 @@ class SchedulerArgs(_ConcernMixin):
     cuda_graph_max_bs: int | None = _arg(
         None, "Largest decode batch size captured in a CUDA graph.")
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly, without CUDA graphs.")
+    enable_mixed_chunk: bool = _arg(
+        False, "Decode every running sequence inside each prefill step (one mixed batch), so "
+        "prefills do not pause generation.")
     enable_overlap_schedule: bool = _arg(
         False, "Schedule the next decode step while the device still runs the current one (one step "
         "in flight; hides the per-step host work). Batches needing the previous token on the host "

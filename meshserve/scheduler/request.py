@@ -53,6 +53,15 @@ class Req:
         """len(fill_ids), without building the list (the per-step paths need only this)."""
         return len(self.input_ids) + len(self.output_ids)
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end], without building fill_ids."""
+        n = len(self.input_ids)
+        if end <= n:
+            return self.input_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.input_ids[start:] + self.output_ids[: end - n]
+
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.input_ids[-1]

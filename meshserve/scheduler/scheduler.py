@@ -100,6 +100,7 @@ class Scheduler:
         # not read. While one is, each of its sequences has kv_len == seq_len (the in-flight token
         # has KV written by the step but is not in output_ids yet).
         self.overlap = args.scheduler.enable_overlap_schedule
+        self.mixed_chunk = args.scheduler.enable_mixed_chunk
         self._in_flight: _Sampled | None = None
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
@@ -170,6 +171,8 @@ class Scheduler:
             self._complete_in_flight()
             batch = self._admit()
             if batch:
+                if self.mixed_chunk:
+                    batch += self._decodes_as_extends()
                 self._run_extend(batch)
                 return
         if self.running:
@@ -201,6 +204,18 @@ class Scheduler:
             if self.chunked is not None:
                 break  # a chunked request takes what is left of this step's budget
         return batch
+
+    def _decodes_as_extends(self) -> list[_Extend]:
+        """--enable-mixed-chunk: every running sequence's next token as a one-token extend
+        (prefix = all it has computed), or nothing when the pool cannot give each a slot now
+        (the next decode step evicts or retracts as usual)."""
+        reqs = [req for req in self.running if not req.finished]
+        if not reqs or not self._ensure_free(len(reqs)):
+            return []
+        slots = self.pool.alloc(len(reqs))
+        assert slots is not None
+        self.rows.assign_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        return [_Extend(req, slots[i : i + 1]) for i, req in enumerate(reqs)]
 
     def _plan_extend(self, req: Req, budget, batch: list[_Extend]) -> bool:
         """Give `req` a row, its cached prefix and KV slots for its next chunk; False if it must wait."""
@@ -251,7 +266,7 @@ class Scheduler:
         positions: list[int] = []
         for item in batch:
             start = item.req.kv_len
-            input_ids += item.req.fill_ids[start : start + item.length]
+            input_ids += item.req.tokens(start, start + item.length)
             positions += range(start, start + item.length)
         step = StepInput(
             mode=ForwardMode.EXTEND,
@@ -280,7 +295,8 @@ class Scheduler:
             else:
                 sampled = self._sample(logits, reqs)
             self._advance(sampled)
-            self.running += [req for req in reqs if not req.finished]
+            running = set(self.running)  # with mixed chunks, some of reqs were running already
+            self.running += [req for req in reqs if not req.finished and req not in running]
 
     def _run_decode(self) -> None:
         if not self.overlap or any(self._needs_host_tokens(req) for req in self.running):

@@ -1,6 +1,7 @@
 """Greedy generations of the real engine equal Hugging Face transformers token for token —
 fresh, from the radix cache, with chunked prefill forced small, under KV pressure (retraction),
-with a decode step in flight (--enable-overlap-schedule)."""
+with a decode step in flight (--enable-overlap-schedule), with decodes inside prefill steps
+(--enable-mixed-chunk)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _generate(model_dir, prompts, new_tokens, *extra, rounds=1) -> list[list[lis
     ("--chunked-prefill-size", "7"),
     ("--disable-radix-cache",),
     ("--enable-overlap-schedule",),
-], ids=["default", "chunked-7", "no-radix", "overlap"])
+    ("--enable-mixed-chunk", "--chunked-prefill-size", "7", "--enable-overlap-schedule"),
+], ids=["default", "chunked-7", "no-radix", "overlap", "mixed-chunk-overlap"])
 def test_default_model_matches_transformers(default_model_dir, chat_prompt_ids, default_reference, extra):
     first, second = _generate(default_model_dir, chat_prompt_ids, NEW_TOKENS, *extra, rounds=2)
     assert first == default_reference
@@ -79,7 +81,10 @@ def tiny_prompts() -> list[list[int]]:
     ("--max-total-tokens", "120"),
     ("--max-total-tokens", "120", "--disable-radix-cache", "--chunked-prefill-size", "16", "--schedule-policy", "fcfs"),
     ("--max-total-tokens", "120", "--enable-overlap-schedule"),
-], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap"])
+    ("--chunked-prefill-size", "5", "--enable-mixed-chunk"),
+    ("--max-total-tokens", "120", "--chunked-prefill-size", "9", "--enable-mixed-chunk"),
+], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap", "mixed-chunk",
+        "kv-pressure-mixed-chunk"])
 def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, tiny_prompts, 24)
@@ -171,3 +176,30 @@ def test_abort_while_a_step_is_in_flight(tiny_qwen3_dir, tiny_prompts):
     assert len(output_ids(outs["1"])) < 20
     assert [output_ids(outs["0"]), output_ids(outs["2"])] == hf_greedy(tiny_qwen3_dir, tiny_prompts[0:3:2], 20)
     assert scheduler.pool.num_free + scheduler.cache.evictable_size == scheduler.pool.size
+
+
+def test_mixed_chunk_decodes_during_a_long_chunked_prefill(tiny_qwen3_dir, tiny_prompts):
+    """With --enable-mixed-chunk a running sequence gains a token in every step of another
+    request's chunked prefill, and both outputs stay exact."""
+    from meshserve.messages import GenerateReq
+
+    scheduler = build_scheduler(tiny_qwen3_dir, "--chunked-prefill-size", "4", "--enable-mixed-chunk")
+    outs: dict[str, list[int]] = {"short": [], "long": []}
+
+    def step() -> list[int]:
+        scheduler.step()
+        gained = {"short": 0, "long": 0}
+        for out in scheduler.take_outputs():
+            outs[out.rid] += out.new_ids
+            gained[out.rid] += len(out.new_ids)
+        return gained["short"]
+
+    scheduler.add_request(GenerateReq(rid="short", input_ids=tiny_prompts[0], sampling=greedy(30)))
+    step()  # the short prompt's prefill: it runs from here on
+    scheduler.add_request(GenerateReq(rid="long", input_ids=tiny_prompts[3], sampling=greedy(4)))
+    during_prefill = [step() for _ in range(16)]  # 64 prompt tokens in chunks of 4
+    assert during_prefill == [1] * 16
+    while scheduler.has_work:
+        step()
+    assert [outs["short"], outs["long"]] == [hf_greedy(tiny_qwen3_dir, tiny_prompts[:1], 30)[0],
+                                             hf_greedy(tiny_qwen3_dir, tiny_prompts[3:4], 4)[0]]
