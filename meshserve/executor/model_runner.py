@@ -102,7 +102,12 @@ class ModelRunner:
                 torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)]
         if not decode:
             host.append(torch.tensor(step.input_ids, dtype=torch.int64))
-        on_device = torch.cat(host).to(self.device, non_blocking=True)
+        staged = torch.cat(host)
+        if self.device.type == "cuda":
+            # From pinned memory the copy is truly asynchronous: with a decode step in flight
+            # (--enable-overlap-schedule) a pageable copy may wait for that step to finish.
+            staged = staged.pin_memory()
+        on_device = staged.to(self.device, non_blocking=True)
         positions, out_cache_loc, req_rows, seq_lens, *extend_ids = on_device.split(
             [tokens, tokens, seqs, seqs] + ([] if decode else [tokens]))
         self._step_rows = req_rows
