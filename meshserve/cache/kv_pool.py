@@ -51,6 +51,12 @@ class KVPool:
         self._num_free += n
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Slot slots[i] of `layer` gets k[i] and v[i] ([T, kv heads, head_dim] each)."""
+        if k.is_cuda:
+            from meshserve.layers.kernels.kv_store import store_kv
+
+            store_kv(self.k[layer], self.v[layer], slots, k, v)
+            return
         self.k[layer][slots] = k
         self.v[layer][slots] = v
 

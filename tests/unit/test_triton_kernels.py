@@ -183,3 +183,17 @@ def test_bfloat16_kernels_round_like_reference():
     q_dev, k_dev = qkv_dev[:, : 4 * d].view(5, 4, d), qkv_dev[:, 4 * d : 5 * d].view(5, 1, d)
     apply_rotary_(q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE), positions.to(DEVICE))
     assert torch.equal(q_dev.cpu(), q_ref) and torch.equal(k_dev.cpu(), k_ref)
+
+
+def test_store_kv_writes_each_token_to_its_slot():
+    from meshserve.layers.kernels.kv_store import store_kv
+
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.zeros(50, 3, 32).to(DEVICE), torch.zeros(50, 3, 32).to(DEVICE)
+    qkv = torch.randn(6, 9 * 32, generator=gen).to(DEVICE)  # k and v are strided views, as in the model
+    k, v = qkv[:, 3 * 32 : 6 * 32].view(6, 3, 32), qkv[:, 6 * 32 :].view(6, 3, 32)
+    slots = torch.tensor([7, 1, 49, 20, 3, 8], device=DEVICE)
+    store_kv(k_cache, v_cache, slots, k, v)
+    expected_k, expected_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    expected_k[slots], expected_v[slots] = k, v
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
