@@ -5,7 +5,10 @@
 # PHASE: check floor attn profile one_batch smol offline online (default: all; the whole set takes longer
 # than one 10-minute device call, so split it: "check floor attn one_batch smol", then "offline online").
 # TOKENIZER_DIR: any HF tokenizer whose ids fit the vocabulary (bench_serving counts tokens with it).
+# SERVER_FLAGS (environment): extra launch_server flags for the engine runs, e.g.
+#   SERVER_FLAGS="--enable-overlap-schedule --enable-mixed-chunk" bash benchmarks/gpu_speed.sh ...
 set -u
+flags=${SERVER_FLAGS:-}
 out=${1:-/tmp/gpu_speed}; tok=${2:-.tok}; shift 2 || true
 phases=${*:-check floor attn profile one_batch smol offline online}
 mkdir -p "$out"
@@ -24,24 +27,25 @@ fi
 if want one_batch; then
   l8b
   timeout 200 python -m meshserve.bench_one_batch --model-path /tmp/l8b --batch-size 1 64 256 --input-len 256 \
-    --output-len 32 --output-file "$out/one_batch.jsonl" > "$out/l8b.log" 2>&1; tail -4 "$out/l8b.log"
+    --output-len 32 --output-file "$out/one_batch.jsonl" $flags > "$out/l8b.log" 2>&1; tail -4 "$out/l8b.log"
 fi
 if want smol; then
   python -m meshserve.bench.random_model --shape smollm2-135m --out /tmp/s135 > /dev/null
   timeout 120 python -m meshserve.bench_one_batch --model-path /tmp/s135 --batch-size 1 64 256 --input-len 256 \
-    --output-len 32 --output-file "$out/one_batch.jsonl" > "$out/s135.log" 2>&1; tail -4 "$out/s135.log"
+    --output-len 32 --output-file "$out/one_batch.jsonl" $flags > "$out/s135.log" 2>&1; tail -4 "$out/s135.log"
 fi
 # SGLang's CI workload: 500 prompts, input U[1,4096], output U[1,2048], all at once.
 if want offline; then
   l8b
   timeout 330 python -m meshserve.bench_offline_throughput --model-path /tmp/l8b --num-prompts 500 \
     --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file "$out/offline.jsonl" \
-    > "$out/offline.log" 2>&1; tail -2 "$out/offline.log"
+    $flags > "$out/offline.log" 2>&1; tail -2 "$out/offline.log"
 fi
 # Online: 100 prompts of the same shape at 1 request/s.
 if want online; then
   l8b
-  python -m meshserve.launch_server --model-path /tmp/l8b --skip-tokenizer-init --port 30000 > "$out/server.log" 2>&1 &
+  python -m meshserve.launch_server --model-path /tmp/l8b --skip-tokenizer-init --port 30000 $flags \
+    > "$out/server.log" 2>&1 &
   for _ in $(seq 180); do curl -sf localhost:30000/health > /dev/null && break; sleep 1; done
   timeout 200 python -m meshserve.bench_serving --backend meshserve --port 30000 --tokenizer "$tok" \
     --dataset-name random-ids --num-prompts 100 --random-input-len 4096 --random-output-len 2048 \
