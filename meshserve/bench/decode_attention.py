@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
             t_one = _graph_time_ms(lambda: decode_attention(q, k, v, table, rows, lens, 0.088, splits=1))
             print(f"{bs:>6} {ctx:>8} {auto:>7} {t_auto * 1e3:>9.1f} {kv_bytes / t_auto / 1e6:>8.0f} "
                   f"{t_one * 1e3:>11.1f} {kv_bytes / t_one / 1e6:>8.0f}")
-            del k, v
 
 
 if __name__ == "__main__":
