@@ -8,6 +8,7 @@ is what lets every tensor-parallel rank run the same decisions (DESIGN §2).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import deque
@@ -44,6 +45,10 @@ class _Sampled:
     reqs: list[Req]
     tokens: SampleOutput  # host tensors, valid once `copied` has completed
     copied: torch.cuda.Event | None  # None on the CPU, where the copy is done at once
+
+    @functools.cached_property
+    def reqs_set(self) -> set[Req]:
+        return set(self.reqs)
 
     @classmethod
     def start_copy(cls, reqs: list[Req], out: SampleOutput) -> _Sampled:
@@ -167,10 +172,14 @@ class Scheduler:
 
     def step(self) -> None:
         if self.waiting or self.chunked is not None:
-            # Admission, prefix matching and extend read every sequence's tokens on the host.
-            self._complete_in_flight()
+            if self._in_flight is not None and not self._in_flight.reqs_set.isdisjoint(self.waiting):
+                # A request retracted while its token was in flight is admitted with that token.
+                self._complete_in_flight()
+            # Admission needs no in-flight token (the step's KV slots are allocated already), so
+            # a backlog that cannot be admitted yet does not stop the overlap.
             batch = self._admit()
             if batch:
+                self._complete_in_flight()  # extend steps run in lockstep
                 if self.mixed_chunk:
                     batch += self._decodes_as_extends()
                 self._run_extend(batch)
@@ -303,7 +312,7 @@ class Scheduler:
             self._complete_in_flight()
         self._make_room_for_decode()
         # A sequence that its in-flight token is certain to end gets no further step.
-        in_flight = set(self._in_flight.reqs) if self._in_flight is not None else set()
+        in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
         reqs = [req for req in self.running if req not in in_flight or not self._ends_with_next_token(req)]
         if not reqs:
             self._complete_in_flight()

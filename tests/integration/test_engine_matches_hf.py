@@ -81,10 +81,11 @@ def tiny_prompts() -> list[list[int]]:
     ("--max-total-tokens", "120"),
     ("--max-total-tokens", "120", "--disable-radix-cache", "--chunked-prefill-size", "16", "--schedule-policy", "fcfs"),
     ("--max-total-tokens", "120", "--enable-overlap-schedule"),
+    ("--max-running-requests", "2", "--enable-overlap-schedule"),  # a backlog waits while steps overlap
     ("--chunked-prefill-size", "5", "--enable-mixed-chunk"),
     ("--max-total-tokens", "120", "--chunked-prefill-size", "9", "--enable-mixed-chunk"),
-], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap", "mixed-chunk",
-        "kv-pressure-mixed-chunk"])
+], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap", "backlog-overlap",
+        "mixed-chunk", "kv-pressure-mixed-chunk"])
 def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, tiny_prompts, 24)
