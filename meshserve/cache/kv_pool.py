@@ -74,9 +74,9 @@ class ReqToTokenPool:
 
     Kept twice: `table` on the device, read by the attention kernels, and a host copy the
     scheduler reads without waiting for the device (with a decode step in flight, reading the
-    device table would wait for that step). Both are written together, except a decode step's
-    one slot per sequence: the host side by `record_decode`, the device side by the runner
-    from the step's packed inputs."""
+    device table would wait for that step). The slots of a step's new tokens reach the device
+    table through the runner, from the step's own inputs; the scheduler `record`s them on the
+    host. Slots of a cached prefix are `assign`ed to both."""
 
     def __init__(self, *, max_requests: int, max_context: int, device: torch.device) -> None:
         self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
@@ -97,21 +97,19 @@ class ReqToTokenPool:
         self._free_rows.append(row)
 
     def assign(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """Row `row` holds `slots` (CPU int64) from position `start` on."""
+        """Row `row` holds `slots` (CPU int64) from position `start` on, host and device."""
+        self.table[row, start : start + slots.numel()] = slots.to(self.table.device)
+        self.record(row, start, slots)
+
+    def record(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Host copy only: row `row` holds `slots` (CPU int64) from position `start` on."""
         end = start + slots.numel()
-        self.table[row, start:end] = slots.to(self.table.device)
         self._host_row(row, end)[start:end] = slots.numpy()
 
-    def record_decode(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
-        """Host side of a decode step: row rows[i] holds slots[i] at positions[i]."""
+    def record_each(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
+        """Host copy only, one slot per row: row rows[i] holds slots[i] at positions[i]."""
         for row, position, slot in zip(rows, positions, slots.tolist()):
             self._host_row(row, position + 1)[position] = slot
-
-    def assign_each(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
-        """One slot per row, host and device: row rows[i] holds slots[i] at positions[i]."""
-        self.record_decode(rows, positions, slots)
-        device = self.table.device
-        self.table[torch.tensor(rows, device=device), torch.tensor(positions, device=device)] = slots.to(device)
 
     def slots(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         """A copy, on the CPU, of row `row`'s slots in [start, end)."""

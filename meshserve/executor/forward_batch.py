@@ -33,6 +33,7 @@ class ForwardBatch:
     # Host copies, for backends that loop over sequences on the host. None inside a CUDA graph,
     # whose replays must not depend on host values.
     host: HostLens | None = None
+    extend_lens: torch.Tensor | None = None  # [B] new tokens per sequence (device); EXTEND only
 
     @property
     def batch_size(self) -> int:
@@ -50,22 +51,18 @@ class ForwardBatch:
         return slots, visible
 
     @functools.cached_property
-    def extend_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B] new tokens per sequence, [B] index of each sequence's first new token on the [T]
-        axis), on the device; computed once per step and shared by every layer."""
-        assert self.host is not None
-        lens = torch.tensor(self.host.extend_lens, dtype=torch.int64)
-        both = torch.cat([lens, lens.cumsum(0) - lens]).to(self.input_ids.device, non_blocking=True)
-        return both[: len(lens)], both[len(lens) :]
+    def extend_starts(self) -> torch.Tensor:
+        """[B] index of each sequence's first new token on the [T] axis (device); computed once
+        per step and shared by every layer."""
+        assert self.extend_lens is not None
+        return self.extend_lens.cumsum(0) - self.extend_lens
 
     def last_token_index(self) -> torch.Tensor | None:
         """Index into the [T] token axis of each sequence's last new token (where logits are
         taken); None in decode, where every token is its sequence's last."""
         if self.mode is ForwardMode.DECODE:
             return None
-        assert self.host is not None
-        ends = torch.tensor(self.host.extend_lens, dtype=torch.int64).cumsum(0) - 1
-        return ends.to(self.input_ids.device)
+        return self.extend_starts + self.extend_lens - 1
 
 
 @dataclass(frozen=True)

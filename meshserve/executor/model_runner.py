@@ -92,36 +92,41 @@ class ModelRunner:
         return budget // per_token
 
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits [batch, vocab] float32 for each sequence's last new token. A DECODE step's new
-        KV slots are recorded in the request-to-token table here, on the device (the scheduler
-        records extend steps' slots itself, per request)."""
+        """Logits [batch, vocab] float32 for each sequence's last new token. The new tokens' KV
+        slots are written into the device's request-to-token table here (the scheduler keeps
+        the host copy)."""
         seqs, tokens = len(step.req_rows), len(step.positions)
         decode = step.mode is ForwardMode.DECODE
-        # Every per-step integer in one host-to-device copy: [positions | KV slots | rows | lens | ids].
+        # Every per-step integer in one host-to-device copy:
+        # [positions | KV slots | rows | lens], then for EXTEND [new tokens per sequence | ids].
         host = [torch.tensor(step.positions, dtype=torch.int64), step.out_cache_loc,
                 torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)]
         if not decode:
-            host.append(torch.tensor(step.input_ids, dtype=torch.int64))
+            host.append(torch.tensor(step.extend_lens + step.input_ids, dtype=torch.int64))
         staged = torch.cat(host)
         if self.device.type == "cuda":
             # From pinned memory the copy is truly asynchronous: with a decode step in flight
             # (--enable-overlap-schedule) a pageable copy may wait for that step to finish.
             staged = staged.pin_memory()
         on_device = staged.to(self.device, non_blocking=True)
-        positions, out_cache_loc, req_rows, seq_lens, *extend_ids = on_device.split(
-            [tokens, tokens, seqs, seqs] + ([] if decode else [tokens]))
+        positions, out_cache_loc, req_rows, seq_lens, *extend = on_device.split(
+            [tokens, tokens, seqs, seqs] + ([] if decode else [seqs, tokens]))
         self._step_rows = req_rows
-        if not decode:
-            input_ids = extend_ids[0]
+        extend_lens = None
+        if decode:
+            token_rows = req_rows
         else:
-            self.req_to_token.table[req_rows, positions] = out_cache_loc
+            extend_lens, input_ids = extend
+            token_rows = torch.repeat_interleave(req_rows, extend_lens, output_size=tokens)
+        self.req_to_token.table[token_rows, positions] = out_cache_loc
+        if decode:
             input_ids = self.last_tokens.index_select(0, req_rows)
             if self.graphs is not None and self.graphs.can_run(seqs):
                 # One token per sequence: the packed integers are the graph's other input rows.
                 return self.graphs.replay(input_ids, on_device.view(DECODE_INPUT_ROWS - 1, seqs))
         return self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
-            req_rows=req_rows, seq_lens=seq_lens,
+            req_rows=req_rows, seq_lens=seq_lens, extend_lens=extend_lens,
             host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:

@@ -223,7 +223,7 @@ class Scheduler:
             return []
         slots = self.pool.alloc(len(reqs))
         assert slots is not None
-        self.rows.assign_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        self.rows.record_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
         return [_Extend(req, slots[i : i + 1]) for i, req in enumerate(reqs)]
 
     def _plan_extend(self, req: Req, budget, batch: list[_Extend]) -> bool:
@@ -254,7 +254,7 @@ class Scheduler:
                 self.stats["cache_hit_tokens"] += match.length
         slots = self.pool.alloc(take)
         assert slots is not None  # _ensure_free guaranteed it
-        self.rows.assign(req.row, req.kv_len, slots)
+        self.rows.record(req.row, req.kv_len, slots)  # the runner writes the device table
         batch.append(_Extend(req, slots))
         if take < remaining:
             self.chunked = req
@@ -319,8 +319,7 @@ class Scheduler:
             return
         slots = self.pool.alloc(len(reqs))
         assert slots is not None
-        # The host copy of the table; the runner writes the device table.
-        self.rows.record_decode([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        self.rows.record_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
         step = StepInput(
             mode=ForwardMode.DECODE,
             input_ids=[],  # each sequence's newest token is on the device already

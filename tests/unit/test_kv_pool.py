@@ -13,7 +13,7 @@ def test_host_copy_follows_the_table_through_extends_decodes_and_reuse():
     prompt = torch.arange(100, 110, dtype=torch.int64)
     pool.assign(row, 0, prompt)
     for position in range(10, 12_000):  # decode steps, one slot each; grows past the kept capacity
-        pool.record_decode([row], [position], torch.tensor([position + 1000]))
+        pool.record_each([row], [position], torch.tensor([position + 1000]))
         pool.table[row, position] = position + 1000  # the runner's device-side write
     assert torch.equal(pool.slots(row, 12_000), pool.table[row, :12_000])
     assert torch.equal(pool.slots(row, 8, start=3), prompt[3:8])

@@ -23,10 +23,9 @@ class TritonBackend(AttentionBackend):
         from meshserve.layers.attention.triton_extend import extend_attention
 
         assert batch.host is not None
-        extend_lens, q_starts = batch.extend_offsets
         return extend_attention(q, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
-                                batch.req_to_token.table, batch.req_rows, batch.seq_lens, extend_lens, q_starts,
-                                max(batch.host.extend_lens), layer.scaling)
+                                batch.req_to_token.table, batch.req_rows, batch.seq_lens, batch.extend_lens,
+                                batch.extend_starts, max(batch.host.extend_lens), layer.scaling)
 
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         from meshserve.layers.attention.triton_decode import decode_attention
