@@ -42,6 +42,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def has_penalty(self) -> bool:
+        """Whether any penalty changes the logits (they count the tokens generated so far)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise SamplingParamsError naming the first bad field."""
 

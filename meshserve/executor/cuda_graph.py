@@ -39,7 +39,7 @@ class CudaGraphRunner:
         self.inputs = torch.zeros((DECODE_INPUT_ROWS, max_bs), dtype=torch.int64, device=device)
         # What padding entries hold: a dummy token of row 0 at length 1, written to slot 0.
         self._padding = torch.zeros_like(self.inputs)
-        self._padding[4].fill_(1)
+        self._padding[-1].fill_(1)  # the sequence-length row
         self.inputs.copy_(self._padding)
         self._make_batch = make_batch
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}

@@ -216,10 +216,7 @@ class SamplingBatch:
                     seeded_rows.append(i)
                     seeded_keys.append(_row_seed(p.seed, len(out)))
 
-            has_penalty = (
-                p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            )
-            if has_penalty and len(out) > 0:  # no output yet => counts are all zero => no-op
+            if p.has_penalty and len(out) > 0:  # no output yet => counts are all zero => no-op
                 pen_rows.append(i)
                 pen_ids.append(out)
                 reps.append(p.repetition_penalty)

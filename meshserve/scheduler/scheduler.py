@@ -351,8 +351,7 @@ class Scheduler:
         counts, the min_new_tokens ban, a seed keyed on the token count): such a step cannot be
         launched before the previous step's token is known."""
         p = req.sampling
-        return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                or len(req.output_ids) < p.min_new_tokens or p.seed is not None)
+        return p.has_penalty or len(req.output_ids) < p.min_new_tokens or p.seed is not None
 
     def _ends_with_next_token(self, req: Req) -> bool:
         """True when the token now in flight certainly finishes the request (length limits)."""

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block
+from meshserve.layers.attention.triton_paged import attend_block, dot_precision
 
 MAX_SPLITS = 16
 BLOCK_N = 64
@@ -136,8 +136,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=BLOCK_N, SPLITS=splits,
-        # float32 models get true float32 products (Triton's default for them is tf32).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](

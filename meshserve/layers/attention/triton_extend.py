@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block
+from meshserve.layers.attention.triton_paged import attend_block, dot_precision
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -83,6 +83,6 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         table.stride(0), scale,
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
     )
     return out

@@ -1,9 +1,15 @@
-"""The inner step shared by the paged Triton attention kernels (decode and extend)."""
+"""What the paged Triton attention kernels (decode and extend) share."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 models get true float32 products (Triton's default for float32 dots is tf32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
