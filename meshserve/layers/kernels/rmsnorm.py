@@ -34,23 +34,21 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """x (and residual): [..., hidden]. Without residual: weight * norm(x). With it:
     (weight * norm(x + residual), x + residual)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     n_rows, n_cols = x2.shape
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    # Without a residual the kernel touches neither the residual input nor its output.
+    r2 = x2 if residual is None else _rows(residual)
+    summed = out if residual is None else torch.empty_like(x2)
     block = triton.next_power_of_2(n_cols)
-    warps = min(8, max(1, block // 256))
-    if residual is None:
-        if n_rows:
-            _rmsnorm_kernel[(n_rows,)](x2, x2, out, out, weight, x2.stride(0), 0, out.stride(0), 0, n_cols, eps,
-                                       HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
-        return out.view(shape)
-    r2 = residual.reshape(-1, shape[-1])
-    if r2.stride(-1) != 1:
-        r2 = r2.contiguous()
-    summed = torch.empty_like(x2)
     if n_rows:
         _rmsnorm_kernel[(n_rows,)](x2, r2, out, summed, weight, x2.stride(0), r2.stride(0), out.stride(0),
-                                   summed.stride(0), n_cols, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
-    return out.view(shape), summed.view(shape)
+                                   summed.stride(0), n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                   num_warps=min(8, max(1, block // 256)))
+    return out.view(shape) if residual is None else (out.view(shape), summed.view(shape))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] as [rows, hidden] with unit stride along hidden."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
