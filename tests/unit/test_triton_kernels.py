@@ -24,6 +24,11 @@ def _rmsnorm_ref(x, w, eps, residual=None):
     return w * h.to(x.dtype), x
 
 
+def _rotary_ref(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 @pytest.mark.parametrize("hidden", [64, 96])
 def test_rmsnorm_matches_reference(hidden):
     from meshserve.layers.kernels.rmsnorm import rmsnorm
@@ -66,11 +71,8 @@ def test_rotary_matches_reference(heads, kv_heads, head_dim):
     q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
 
-    def rotate_half(x):
-        return torch.cat((-x[..., head_dim // 2 :], x[..., : head_dim // 2]), dim=-1)
-
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-    q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    q_ref, k_ref = _rotary_ref(q, c, s), _rotary_ref(k, c, s)
     v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     apply_rotary_(q, k, cos, sin, positions)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
@@ -174,11 +176,8 @@ def test_bfloat16_kernels_round_like_reference():
     positions = torch.randint(0, 100, (5,), generator=gen)
     q, k = qkv[:, : 4 * d].view(5, 4, d), qkv[:, 4 * d : 5 * d].view(5, 1, d)
 
-    def rotate_half(t):
-        return torch.cat((-t[..., d // 2 :], t[..., : d // 2]), dim=-1)
-
     c, s = cos[positions].bfloat16().unsqueeze(1), sin[positions].bfloat16().unsqueeze(1)
-    q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    q_ref, k_ref = _rotary_ref(q, c, s), _rotary_ref(k, c, s)
     qkv_dev = qkv.to(DEVICE)
     q_dev, k_dev = qkv_dev[:, : 4 * d].view(5, 4, d), qkv_dev[:, 4 * d : 5 * d].view(5, 1, d)
     apply_rotary_(q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE), positions.to(DEVICE))
