@@ -75,12 +75,15 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
         first_ids: list[int] = []
         first_rid = f"{batch_size}-0-{len(rows)}"
         started_seqs: set[str] = set()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         while scheduler.has_work:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            # No synchronize here: in lockstep step() ends in a host read of its own tokens; under
+            # --enable-overlap-schedule it reads the previous step's, and the time between returns
+            # is the steady cadence a server sees (a sync would serialise the overlap away).
             start = time.perf_counter()
             scheduler.step()
-            elapsed = (time.perf_counter() - start) * 1e3  # step() ends in a host read: synchronous
+            elapsed = (time.perf_counter() - start) * 1e3
             in_prefill = len(started_seqs) < batch_size
             outputs = scheduler.take_outputs()
             started_seqs.update(out.rid for out in outputs)

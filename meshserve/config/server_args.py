@@ -368,10 +368,14 @@ class SchedulerArgs(_ConcernMixin):
     enable_mixed_chunk: bool = _arg(
         False, "Decode every running sequence inside each prefill step (one mixed batch), so "
         "prefills do not pause generation.")
+    disable_overlap_schedule: bool = _arg(
+        False, "Run every step in lockstep. By default on CUDA the next decode step is scheduled "
+        "while the device still runs the current one (one step in flight; hides the per-step host "
+        "work). Batches needing the previous token on the host (penalties, min_new_tokens, seeds) "
+        "run in lockstep either way.")
     enable_overlap_schedule: bool = _arg(
-        False, "Schedule the next decode step while the device still runs the current one (one step "
-        "in flight; hides the per-step host work). Batches needing the previous token on the host "
-        "(penalties, min_new_tokens, seeds) still run in lockstep.")
+        False, "Overlap scheduling also on devices where it is off by default (the CPU, whose "
+        "forward is synchronous: there it only delays each token by one step).")
     random_seed: int | None = _arg(None, "Random seed; default picked at start-up.")
     stream_interval: int = _arg(1, "Stream a chunk every this many generated tokens.")
     grammar_backend: str = _arg(
@@ -381,6 +385,12 @@ class SchedulerArgs(_ConcernMixin):
     enable_deterministic_check: bool = _arg(
         False, "Debug: check every step that all ranks scheduled the same batch (hash "
         "comparison across ranks, DESIGN §2).")
+
+    def resolved_overlap_schedule(self, device_type: str) -> bool:
+        """Whether decode steps overlap: on CUDA unless disabled; elsewhere only when asked."""
+        if self.disable_overlap_schedule:
+            return False
+        return self.enable_overlap_schedule or device_type == "cuda"
 
     def resolved_chunked_prefill_size(self) -> int | None:
         """Chunk size in tokens, or ``None`` when chunking is disabled (``-1``)."""
@@ -675,6 +685,9 @@ class ServerArgs:
 
         # model
         yield from at_least("context_length", 1, optional=True)
+
+        if s.enable_overlap_schedule and s.disable_overlap_schedule:
+            yield "--enable-overlap-schedule and --disable-overlap-schedule contradict each other"
 
         # parallel
         for name in ("tp_size", "dp_size", "ep_size", "nnodes"):

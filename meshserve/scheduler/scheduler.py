@@ -101,10 +101,10 @@ class Scheduler:
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
         self.stream_interval = args.scheduler.stream_interval
         self.check_batches = args.scheduler.enable_deterministic_check and runner.tp.size > 1
-        # --enable-overlap-schedule: at most one decode step in flight whose tokens the host has
-        # not read. While one is, each of its sequences has kv_len == seq_len (the in-flight token
-        # has KV written by the step but is not in output_ids yet).
-        self.overlap = args.scheduler.enable_overlap_schedule
+        # Overlap scheduling (default on CUDA): at most one decode step in flight whose tokens the
+        # host has not read. While one is, each of its sequences has kv_len == seq_len (the
+        # in-flight token has KV written by the step but is not in output_ids yet).
+        self.overlap = args.scheduler.resolved_overlap_schedule(runner.device.type)
         self.mixed_chunk = args.scheduler.enable_mixed_chunk
         self._in_flight: _Sampled | None = None
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO

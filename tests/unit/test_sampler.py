@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from meshserve.executor.sampler import Sampler, SampleOutput, SamplingBatch
+from meshserve.executor.sampler import Sampler, SampleOutput, SamplingBatch, first_argmax
 from meshserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -101,6 +101,23 @@ def test_greedy_is_argmax_and_consumes_no_randomness() -> None:
     out2 = sample(logits, params, logprob=[True] * 16)
     assert torch.equal(out2.token_ids, logits.argmax(-1))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("cols", [128256, 49152, 1000, 97])
+def test_first_argmax_equals_torch_argmax_with_ties_and_nan(cols: int) -> None:
+    """Two-stage argmax: same index as torch.argmax (the first maximum; NaN wins), in bf16, on
+    a padded slice, with maxima repeated inside one chunk and across chunks."""
+    gen = torch.Generator().manual_seed(cols)
+    padded = torch.randn(6, cols + 64, generator=gen).to(torch.bfloat16)
+    x = padded[:, :cols]  # rows contiguous, not the tensor
+    x[1, cols // 3] = x[1, cols - 1] = 9.0  # across chunks
+    x[2, 5] = x[2, 6] = 9.0  # inside one chunk
+    x[3] = 0.0  # all equal
+    x[4, cols // 2] = float("nan")
+    x[5, -1] = float("inf")
+    expected = x.float().argmax(dim=-1)
+    assert expected.tolist()[1:4] == [cols // 3, 5, 0]
+    assert torch.equal(first_argmax(x), expected)
 
 
 def test_top_k_one_equals_greedy() -> None:

@@ -172,6 +172,14 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     assert "error:" in capsys.readouterr().err
 
 
+def test_overlap_schedule_resolution() -> None:
+    """On by default where the device runs asynchronously (CUDA), off on the CPU unless asked."""
+    assert SchedulerArgs().resolved_overlap_schedule("cuda")
+    assert not SchedulerArgs().resolved_overlap_schedule("cpu")
+    assert SchedulerArgs(enable_overlap_schedule=True).resolved_overlap_schedule("cpu")
+    assert not SchedulerArgs(disable_overlap_schedule=True).resolved_overlap_schedule("cuda")
+
+
 def test_chunked_prefill_resolution() -> None:
     assert ServerArgs().scheduler.resolved_chunked_prefill_size() == sa.DEFAULT_CHUNKED_PREFILL_SIZE
     assert SchedulerArgs(chunked_prefill_size=-1).resolved_chunked_prefill_size() is None
@@ -209,6 +217,7 @@ def test_chunked_prefill_resolution() -> None:
         (["--dist-init-addr", "nohost"], "must be HOST:PORT"),
         (["--base-gpu-id", "-1"], "--base-gpu-id must be >= 0"),
         (["--host", ""], "--host must not be empty"),
+        (["--enable-overlap-schedule", "--disable-overlap-schedule"], "contradict each other"),
     ],
 )
 def test_value_errors(on_gpu: None, argv: list[str], needle: str) -> None:
