@@ -51,12 +51,8 @@ class KVPool:
         self._num_free += n
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Slot slots[i] of `layer` gets k[i] and v[i] ([T, kv heads, head_dim] each)."""
-        if k.is_cuda:
-            from meshserve.layers.kernels.kv_store import store_kv
-
-            store_kv(self.k[layer], self.v[layer], slots, k, v)
-            return
+        """Slot slots[i] of `layer` gets k[i] and v[i] ([T, kv heads, head_dim] each). On CUDA the
+        attention layer writes with the rotary kernel instead (kernels/rotary.py)."""
         self.k[layer][slots] = k
         self.v[layer][slots] = v
 

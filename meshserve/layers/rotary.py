@@ -48,13 +48,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T] -> rotated (q, k). On CUDA, q and k are
-        rotated in place by one fused kernel (they are fresh projections nobody else reads)."""
-        if q.is_cuda:
-            from meshserve.layers.kernels.rotary import apply_rotary_
-
-            apply_rotary_(q, k, self.cos, self.sin, positions)
-            return q, k
+        """q: [T, Hq, D], k: [T, Hk, D], positions: [T] -> rotated (q, k), in PyTorch ops. On
+        CUDA the attention layer instead rotates and stores in one kernel (kernels/rotary.py)."""
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -46,8 +46,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=self.o_bias(config), dtype=dtype, tp=tp)
         self.attn = AttentionLayer(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
-                                   scaling=head_dim**-0.5)
-        self.rotary = rotary
+                                   scaling=head_dim**-0.5, rotary=rotary)
         self.head_dim = head_dim
 
     @staticmethod
@@ -68,8 +67,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.attn.num_heads, self.head_dim)
         k = k.view(-1, self.attn.num_kv_heads, self.head_dim)
         q, k = self.project_qk(q, k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        return self.o_proj(self.attn(positions, q, k, v, batch))
 
 
 class LlamaDecoderLayer(nn.Module):

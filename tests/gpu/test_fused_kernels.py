@@ -43,7 +43,7 @@ def test_silu_and_mul_bf16_rounds_like_reference():
 
 
 def test_rotary_bf16_rounds_like_reference():
-    from meshserve.layers.kernels.rotary import apply_rotary_
+    from meshserve.layers.kernels.rotary import rotate_and_store_
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     tokens, heads, kv_heads, d = 300, 32, 8, 128
@@ -61,5 +61,9 @@ def test_rotary_bf16_rounds_like_reference():
 
     c, s = cos[positions].bfloat16().unsqueeze(1), sin[positions].bfloat16().unsqueeze(1)
     q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-    apply_rotary_(q, k, cos, sin, positions)
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    k_cache, v_cache = torch.zeros(2, 4 * tokens, kv_heads, d, device="cuda", dtype=torch.bfloat16).unbind(0)
+    slots = torch.randperm(4 * tokens, device="cuda", generator=gen)[:tokens]
+    rotate_and_store_(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(k_cache[slots], k_ref) and torch.equal(v_cache[slots], v)

@@ -56,10 +56,20 @@ def test_silu_and_mul_matches_reference():
     torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 64), (6, 6, 32)])
-def test_rotary_matches_reference(heads, kv_heads, head_dim):
-    from meshserve.layers.kernels.rotary import apply_rotary_
+def _rotate_and_store(q, k, v, cos, sin, positions, cache_slots=40):
+    """Run the fused kernel into fresh zeroed caches; returns (k_cache, v_cache, slots)."""
+    from meshserve.layers.kernels.rotary import rotate_and_store_
 
+    k_cache = torch.zeros(cache_slots, k.shape[1], k.shape[2], dtype=k.dtype, device=k.device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(cache_slots, generator=torch.Generator().manual_seed(5))[: q.shape[0]].to(q.device)
+    rotate_and_store_(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+    return k_cache, v_cache, slots
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 64), (6, 6, 32)])
+def test_rotate_and_store_matches_reference(heads, kv_heads, head_dim):
+    """q and k rotated in place; rotated k and untouched v land in their slots and nowhere else."""
     gen = torch.Generator().manual_seed(heads)
     tokens, max_pos = 9, 50
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -70,14 +80,18 @@ def test_rotary_matches_reference(heads, kv_heads, head_dim):
     positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(DEVICE)
     q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
 
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     q_ref, k_ref = _rotary_ref(q, c, s), _rotary_ref(k, c, s)
-    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
-    apply_rotary_(q, k, cos, sin, positions)
+    v_before = v.clone()
+    k_cache, v_cache, slots = _rotate_and_store(q, k, v, cos, sin, positions)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+    assert torch.equal(v, v_before)
+    expected_k, expected_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    expected_k[slots], expected_v[slots] = k, v
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
 @pytest.mark.parametrize("splits", [1, 4])
@@ -154,7 +168,6 @@ def test_bfloat16_kernels_round_like_reference():
     rare element by one unit."""
     from meshserve.layers.kernels.activation import silu_and_mul
     from meshserve.layers.kernels.rmsnorm import rmsnorm
-    from meshserve.layers.kernels.rotary import apply_rotary_
 
     gen = torch.Generator().manual_seed(7)
     x, r = torch.randn(6, 256, generator=gen).bfloat16(), torch.randn(6, 256, generator=gen).bfloat16()
@@ -180,19 +193,7 @@ def test_bfloat16_kernels_round_like_reference():
     q_ref, k_ref = _rotary_ref(q, c, s), _rotary_ref(k, c, s)
     qkv_dev = qkv.to(DEVICE)
     q_dev, k_dev = qkv_dev[:, : 4 * d].view(5, 4, d), qkv_dev[:, 4 * d : 5 * d].view(5, 1, d)
-    apply_rotary_(q_dev, k_dev, cos.to(DEVICE), sin.to(DEVICE), positions.to(DEVICE))
+    v_dev = qkv_dev[:, 5 * d :].view(5, 1, d)
+    k_cache, _, slots = _rotate_and_store(q_dev, k_dev, v_dev, cos.to(DEVICE), sin.to(DEVICE), positions.to(DEVICE))
     assert torch.equal(q_dev.cpu(), q_ref) and torch.equal(k_dev.cpu(), k_ref)
-
-
-def test_store_kv_writes_each_token_to_its_slot():
-    from meshserve.layers.kernels.kv_store import store_kv
-
-    gen = torch.Generator().manual_seed(3)
-    k_cache, v_cache = torch.zeros(50, 3, 32).to(DEVICE), torch.zeros(50, 3, 32).to(DEVICE)
-    qkv = torch.randn(6, 9 * 32, generator=gen).to(DEVICE)  # k and v are strided views, as in the model
-    k, v = qkv[:, 3 * 32 : 6 * 32].view(6, 3, 32), qkv[:, 6 * 32 :].view(6, 3, 32)
-    slots = torch.tensor([7, 1, 49, 20, 3, 8], device=DEVICE)
-    store_kv(k_cache, v_cache, slots, k, v)
-    expected_k, expected_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-    expected_k[slots], expected_v[slots] = k, v
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert torch.equal(k_cache[slots].cpu(), k_ref)

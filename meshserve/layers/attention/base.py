@@ -1,5 +1,6 @@
-"""The attention-backend interface. A backend reads and writes the paged KV pool; models only
-call `AttentionLayer`, which hands the work to the backend carried by the ForwardBatch."""
+"""The attention-backend interface. A backend reads the paged KV pool; models only call
+`AttentionLayer`, which stores the new tokens' keys and values and hands the attention to the
+backend carried by the ForwardBatch."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class AttentionBackend(ABC):
 
     def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens. Stores k/v in the pool, returns [T, Hq, D]."""
-        batch.kv_pool.write(layer.layer_id, batch.out_cache_loc, k, v)
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens, already in the pool (AttentionLayer
+        stores them). Returns [T, Hq, D]."""
         if batch.mode is ForwardMode.DECODE:
             return self.decode(layer, q, batch)
         return self.extend(layer, q, k, v, batch)

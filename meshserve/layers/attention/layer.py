@@ -1,4 +1,6 @@
-"""The attention module models use: fixed head geometry, work delegated to the batch's backend."""
+"""The attention module models use: fixed head geometry and the rotary embedding; it rotates the
+new tokens' queries and keys, stores their keys and values in the KV pool, and delegates the
+attention to the batch's backend."""
 
 from __future__ import annotations
 
@@ -9,24 +11,33 @@ from torch import nn
 
 if TYPE_CHECKING:
     from meshserve.executor.forward_batch import ForwardBatch
+    from meshserve.layers.rotary import RotaryEmbedding
 
 
 class AttentionLayer(nn.Module):
-    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float) -> None:
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = num_heads  # local (this rank's) heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scaling = scaling
+        self.rotary = rotary  # shared by every layer of the model
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """q, k, v: [T, heads * head_dim] -> [T, num_heads * head_dim]."""
-        out = batch.attn_backend.forward(
-            self,
-            q.view(-1, self.num_heads, self.head_dim),
-            k.view(-1, self.num_kv_heads, self.head_dim),
-            v.view(-1, self.num_kv_heads, self.head_dim),
-            batch,
-        )
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        """q [T, Hq, D], k [T, Hkv, D] (not yet rotated), v [T, Hkv * D] of the new tokens ->
+        [T, Hq * D]. q and k may be rotated in place: they are fresh projections."""
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        pool = batch.kv_pool
+        if q.is_cuda:  # one kernel rotates q and k and stores k and v
+            from meshserve.layers.kernels.rotary import rotate_and_store_
+
+            rotate_and_store_(q, k, v, self.rotary.cos, self.rotary.sin, positions, pool.k[self.layer_id],
+                              pool.v[self.layer_id], batch.out_cache_loc)
+        else:
+            q, k = self.rotary(positions, q, k)
+            pool.write(self.layer_id, batch.out_cache_loc, k, v)
+        out = batch.attn_backend.forward(self, q, k, v, batch)
         return out.reshape(-1, self.num_heads * self.head_dim)

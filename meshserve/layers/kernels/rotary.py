@@ -1,5 +1,7 @@
-"""Rotary position embedding applied in place to the query and key heads of each token, in one
-kernel (the unfused reference takes about fourteen: gathers, casts, rotate_half, products, sums).
+"""The new tokens' way into the KV cache, in one kernel per layer: rotary position embedding
+applied in place to the query and key heads, and the rotated keys and the values written to
+their slots of the paged KV pool. Unfused, that is about fourteen kernels for the rotation
+(gathers, casts, rotate_half, products, sums) and two index_put kernels for the store.
 
 The reference computes `x * cos + rotate_half(x) * sin` in the activation dtype with cos/sin
 first cast to it; with halves x1, x2 that is
@@ -17,48 +19,61 @@ from meshserve.layers.kernels.rounding import round_to
 
 
 @triton.jit
-def _rotate(X, base, stride_h, n_heads, c, s, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
-            BLOCK_HALF: tl.constexpr):
-    heads = tl.arange(0, BLOCK_H)
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = (heads[:, None] < n_heads) & (offs[None, :] < HALF)
-    ptr = X + base + heads[:, None] * stride_h + offs[None, :]
-    dtype = X.dtype.element_ty
+def _rotate(ptr, mask, c, s, HALF: tl.constexpr):
+    """Rotate the [heads, HALF] halves at ptr and ptr + HALF in place; return the new halves."""
+    dtype = ptr.dtype.element_ty
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    a1 = round_to(x1 * c, dtype)
-    b1 = round_to(x2 * s, dtype)
-    a2 = round_to(x2 * c, dtype)
-    b2 = round_to(x1 * s, dtype)
-    tl.store(ptr, round_to(a1 - b1, dtype).to(dtype), mask=mask)
-    tl.store(ptr + HALF, round_to(a2 + b2, dtype).to(dtype), mask=mask)
+    o1 = round_to(round_to(x1 * c, dtype) - round_to(x2 * s, dtype), dtype).to(dtype)
+    o2 = round_to(round_to(x2 * c, dtype) + round_to(x1 * s, dtype), dtype).to(dtype)
+    tl.store(ptr, o1, mask=mask)
+    tl.store(ptr + HALF, o2, mask=mask)
+    return o1, o2
 
 
 @triton.jit
-def _rotary_kernel(Q, K, Cos, Sin, Positions, stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
-                   n_q_heads, n_k_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+def _rotate_and_store_kernel(Q, K, V, Cos, Sin, Positions, KCache, VCache, Slots, stride_qt, stride_qh, stride_kt,
+                             stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_table, n_q_heads,
+                             n_k_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                             BLOCK_HK: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(Positions + t)
-    offs = tl.arange(0, BLOCK_HALF)
+    slot = tl.load(Slots + t)
+    offs = tl.arange(0, BLOCK_HALF)[None, :]
     dtype = Q.dtype.element_ty
     # The table holds float32 values for the first half (the second half repeats them).
-    c = round_to(tl.load(Cos + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)[None, :]
-    s = round_to(tl.load(Sin + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)[None, :]
-    _rotate(Q, t * stride_qt, stride_qh, n_q_heads, c, s, BLOCK_HQ, HALF, BLOCK_HALF)
-    _rotate(K, t * stride_kt, stride_kh, n_k_heads, c, s, BLOCK_HK, HALF, BLOCK_HALF)
+    c = round_to(tl.load(Cos + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)
+    s = round_to(tl.load(Sin + pos * stride_table + offs, mask=offs < HALF, other=0.0), dtype)
+
+    q_heads = tl.arange(0, BLOCK_HQ)[:, None]
+    _rotate(Q + t * stride_qt + q_heads * stride_qh + offs, (q_heads < n_q_heads) & (offs < HALF), c, s, HALF)
+
+    k_heads = tl.arange(0, BLOCK_HK)[:, None]
+    k_mask = (k_heads < n_k_heads) & (offs < HALF)
+    k1, k2 = _rotate(K + t * stride_kt + k_heads * stride_kh + offs, k_mask, c, s, HALF)
+    dst = slot * stride_cs + k_heads * stride_ch + offs
+    tl.store(KCache + dst, k1, mask=k_mask)
+    tl.store(KCache + dst + HALF, k2, mask=k_mask)
+    v = V + t * stride_vt + k_heads * stride_vh + offs
+    tl.store(VCache + dst, tl.load(v, mask=k_mask), mask=k_mask)
+    tl.store(VCache + dst + HALF, tl.load(v + HALF, mask=k_mask), mask=k_mask)
 
 
-def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] in place (each head's D values contiguous).
-    cos, sin: float32 [max_positions, D] tables; positions: [T]."""
+def rotate_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place, then k_cache[slots[t]] = k[t] and
+    v_cache[slots[t]] = v[t] (v [T, Hk, D]; caches [S, Hk, D] with equal strides; each head's D
+    values contiguous everywhere). cos, sin: float32 [max_positions, D] tables; positions and
+    slots: [T]."""
     tokens, n_q, head_dim = q.shape
     n_k = k.shape[1]
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.stride(-1) == 1
+    assert sin.stride() == cos.stride() and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     half = head_dim // 2
     if tokens:
-        _rotary_kernel[(tokens,)](
-            q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), n_q, n_k,
+        _rotate_and_store_kernel[(tokens,)](
+            q, k, v, cos, sin, positions, k_cache, v_cache, slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), cos.stride(0), n_q, n_k,
             HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(n_q),
             BLOCK_HK=triton.next_power_of_2(n_k), num_warps=4)
