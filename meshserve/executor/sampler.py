@@ -184,16 +184,21 @@ class SamplingBatch:
         device: torch.device,
         top_logprobs_nums: Sequence[int],
         return_logprob: Sequence[bool],
+        pending: Sequence[int] | None = None,
     ) -> SamplingBatch:
         """Collect the per-row values on the host and ship them to `device` in a few async copies.
 
-        `output_ids[i]` are the tokens row i has generated so far (not its prompt). `vocab_size`
-        is the real vocabulary: logits columns beyond it (lm_head padding) are ignored by the
-        sampler. `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
+        `output_ids[i]` are the tokens row i has generated so far (not its prompt), `pending[i]`
+        (default 0) how many more it has generated that the host has not read yet (a step in
+        flight): the min_new_tokens ban and seeds count those too; penalties need the tokens
+        themselves, so a penalised row must have none pending. `vocab_size` is the real
+        vocabulary: logits columns beyond it (lm_head padding) are ignored by the sampler.
+        `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
         """
         batch = len(params)
-        if not (len(output_ids) == len(top_logprobs_nums) == len(return_logprob) == batch):
-            raise ValueError("params, output_ids, top_logprobs_nums, return_logprob: lengths differ")
+        pending = pending if pending is not None else [0] * batch
+        if not (len(output_ids) == len(top_logprobs_nums) == len(return_logprob) == len(pending) == batch):
+            raise ValueError("params, output_ids, top_logprobs_nums, return_logprob, pending: lengths differ")
         device = torch.device(device)
 
         greedy: list[bool] = []
@@ -213,7 +218,8 @@ class SamplingBatch:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
 
-        for i, (p, out) in enumerate(zip(params, output_ids)):
+        for i, (p, out, unread) in enumerate(zip(params, output_ids, pending)):
+            generated = len(out) + unread
             is_greedy = p.is_greedy or p.temperature < _GREEDY_TEMPERATURE_EPS
             greedy.append(is_greedy)
             top_k = p.top_k if 0 < p.top_k < vocab_size else vocab_size
@@ -231,8 +237,10 @@ class SamplingBatch:
                     any_untruncated = True
                 if p.seed is not None:
                     seeded_rows.append(i)
-                    seeded_keys.append(_row_seed(p.seed, len(out)))
+                    seeded_keys.append(_row_seed(p.seed, generated))
 
+            if p.has_penalty and unread:
+                raise ValueError("a penalised row needs its output on the host (pending must be 0)")
             if p.has_penalty and len(out) > 0:  # no output yet => counts are all zero => no-op
                 pen_rows.append(i)
                 pen_ids.append(out)
@@ -240,7 +248,7 @@ class SamplingBatch:
                 freqs.append(p.frequency_penalty)
                 pres.append(p.presence_penalty)
 
-            if len(out) < p.min_new_tokens:
+            if generated < p.min_new_tokens:
                 banned = {t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab_size}
                 ban_rows.extend([i] * len(banned))
                 ban_ids.extend(sorted(banned))

@@ -348,10 +348,9 @@ class Scheduler:
     @staticmethod
     def _needs_host_tokens(req: Req) -> bool:
         """Whether sampling the request's next token reads its output so far on the host (penalty
-        counts, the min_new_tokens ban, a seed keyed on the token count): such a step cannot be
-        launched before the previous step's token is known."""
-        p = req.sampling
-        return p.has_penalty or len(req.output_ids) < p.min_new_tokens or p.seed is not None
+        counts): such a step cannot be launched before the previous step's token is known. (The
+        min_new_tokens ban and seeds need only the token count, known with a step in flight.)"""
+        return req.sampling.has_penalty
 
     def _ends_with_next_token(self, req: Req) -> bool:
         """True when the token now in flight certainly finishes the request (length limits)."""
@@ -382,11 +381,14 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req], among: torch.Tensor | None = None) -> _Sampled:
         """Next tokens of `reqs`, sampled on the device and on their way to the host (no wait);
-        `among` as in ModelRunner.record_tokens."""
+        `among` as in ModelRunner.record_tokens. A step still in flight has one unread token of
+        each of its sequences."""
+        in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
         batch = SamplingBatch.build(
             [r.sampling for r in reqs], [r.output_ids for r in reqs], self.model_config.eos_token_ids,
             self.model_config.vocab_size, logits.device,
-            top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs])
+            top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs],
+            pending=[int(r in in_flight) for r in reqs])
         out = self.sampler.sample(logits, batch)
         # Rank 0's choice is everyone's: unseeded noise differs between ranks.
         out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)

@@ -320,6 +320,22 @@ def test_min_new_tokens_blocks_eos_and_stop_tokens() -> None:
     assert torch.isfinite(out.logprobs).all()
 
 
+def test_pending_tokens_count_for_the_ban_and_seeds_but_not_penalties() -> None:
+    """A row with a token still in flight (pending=1) is banned and seeded as if that token
+    were in its output already; a penalised row must have its tokens on the host."""
+    params = [SamplingParams(temperature=0.0, min_new_tokens=3), SamplingParams(temperature=0.7, seed=9)]
+
+    def built(outputs: list[list[int]], pending: list[int]) -> SamplingBatch:
+        return SamplingBatch.build(params, outputs, [5], 8, CPU, [0, 0], [False, False], pending=pending)
+
+    read_all, one_pending = built([[1, 1, 1], [1, 1, 1]], [0, 0]), built([[1, 1], [1, 1]], [1, 1])
+    assert read_all.ban_rows is None and one_pending.ban_rows is None  # 3 tokens: free
+    assert one_pending.seeded_keys == read_all.seeded_keys
+    assert built([[1], [1]], [1, 1]).ban_rows is not None  # 2 tokens: EOS still banned
+    with pytest.raises(ValueError, match="penalised row"):
+        SamplingBatch.build([SamplingParams(repetition_penalty=1.2)], [[1]], [5], 8, CPU, [0], [False], pending=[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeds
 
