@@ -113,8 +113,6 @@ def test_decode_attention_matches_sdpa(splits, heads, kv_heads, head_dim):
         ref = F.scaled_dot_product_attention(q[b][:, None], k[sl].transpose(0, 1), v[sl].transpose(0, 1),
                                              scale=head_dim**-0.5, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
-    # The merging programs left their arrival counters at zero: a second launch merges alike.
-    assert torch.equal(decode_attention(q, k, v, table, rows, lens, head_dim**-0.5, splits=splits), out)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])

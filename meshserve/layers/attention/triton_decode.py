@@ -1,19 +1,15 @@
 """Paged decode attention in Triton: one new query token per sequence against the sequence's
-K/V, read through the request-to-token table, split over the sequence (flash-decoding), in one
-kernel launch.
+K/V, read through the request-to-token table, split over the sequence (flash-decoding).
 
-One program per (sequence, KV head, split) computes every query head of that KV head's group
-(each K/V block is loaded once for the whole GQA group) over its split of the sequence, with an
-online softmax, and writes a partial output and its log-sum-exp. The program of a (sequence, KV
-head) that finishes last — it counts arrivals with an atomic — merges the splits and writes the
-output, so no second kernel is launched (at batch 1 that launch was ~1.7 us per layer on an
-H200, 6 % of the non-GEMM time of an 8B decode step). With one split, the program writes the
-output directly.
+Stage 1: one program per (sequence, KV head, split) computes every query head of that KV head's
+group (each K/V block is loaded once for the whole GQA group) over its split of the sequence,
+with an online softmax; it writes a partial output and its log-sum-exp. Stage 2 merges the
+splits of each (sequence, query head). With one split, stage 1 writes the final output itself.
 
 Why splits: with few sequences, (sequence × KV head) programs cannot fill the GPU, and a long
 sequence read by one program runs at a fraction of memory bandwidth. The split count depends
 only on the batch size and the GPU, and each sequence's split length is computed on the device
-from its own length, so the kernel reads no host values per step and can be captured in a CUDA
+from its own length, so the kernels read no host values per step and can be captured in a CUDA
 graph.
 """
 
@@ -32,11 +28,11 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _decode_kernel(
-    Q, K, V, Out, PartialOut, PartialLse, Arrivals, Table, Rows, SeqLens,
+def _decode_stage1(
+    Q, K, V, Out, PartialOut, PartialLse, Table, Rows, SeqLens,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_table,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    scale, n_kv_heads,
+    scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -78,35 +74,25 @@ def _decode_kernel(
         tl.store(PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
                  partial, mask=out_mask)
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
-        # Every thread's stores precede the (single-thread) release below; the program that
-        # arrives last acquires them all, merges, and resets the counter for the next launch.
-        tl.debug_barrier()
-        counter = Arrivals + b * n_kv_heads + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
-            _merge_splits(Out, PartialOut, PartialLse, b, heads, mask_g, offs_d, out_mask, stride_ob, stride_oh,
-                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLITS)
-            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _merge_splits(Out, PartialOut, PartialLse, b, heads, mask_g, offs_d, out_mask, stride_ob, stride_oh,
-                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SPLITS: tl.constexpr):
-    """out = sum_s w_s * partial_s / sum_s w_s, w_s = exp(lse_s - max lse) (split 0 is never
-    empty, so the maximum is finite). Loads bypass L1: the partials were written by other SMs."""
-    lse_base = PartialLse + b * stride_lb + heads * stride_lh
-    top = tl.load(lse_base, mask=mask_g, other=0.0, cache_modifier=".cg")
-    for s in tl.static_range(1, SPLITS):
-        top = tl.maximum(top, tl.load(lse_base + s, mask=mask_g, other=0.0, cache_modifier=".cg"))
-    total = tl.zeros_like(top)
-    acc = tl.zeros(out_mask.shape, dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        weight = tl.exp(tl.load(lse_base + s, mask=mask_g, other=0.0, cache_modifier=".cg") - top)
-        partial = tl.load(PartialOut + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
-                          mask=out_mask, other=0.0, cache_modifier=".cg")
-        acc += partial * weight[:, None]
-        total += weight
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             (acc / total[:, None]).to(Out.dtype.element_ty), mask=out_mask)
+def _decode_stage2(
+    Out, PartialOut, PartialLse,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s)  # [SPLITS]; split 0 is never empty
+    weight = tl.exp(lse - tl.max(lse, axis=0))
+    partial = tl.load(PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                      mask=mask_d[None, :], other=0.0)
+    out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
 @functools.cache
@@ -121,19 +107,6 @@ def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     wanted = triton.cdiv(target, batch * num_kv_heads)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
-
-
-_MAX_COUNTERS = 4096  # (sequence, KV head) pairs of one split launch; automatic splits stay below 2 per SM
-
-
-@functools.cache
-def _arrivals(device: torch.device) -> torch.Tensor:
-    """The per-(sequence, KV head) arrival counters of a device, zero between launches (the
-    merging program resets its own). Allocated once, outside any CUDA-graph capture, so every
-    graph and eager launch sees the same zeroed memory."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    assert not capturing, "first decode_attention call inside a graph capture"
-    return torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
@@ -151,21 +124,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     block_d = triton.next_power_of_2(head_dim)
     if splits > 1:
-        assert batch * num_kv_heads <= _MAX_COUNTERS, "too many (sequence, KV head) pairs for split decoding"
         partial = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
-        arrivals = _arrivals(q.device)
-    else:  # the kernel writes `out` directly; the partial buffers and counters are not touched
+    else:  # stage 1 writes `out` directly; the partial buffers are not touched
         partial, lse = out.view(batch, num_heads, 1, head_dim), out.view(batch, num_heads, head_dim)
-        arrivals = seq_lens
-    _decode_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, out, partial, lse, arrivals, table, rows, seq_lens,
+    _decode_stage1[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, out, partial, lse, table, rows, seq_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        scale, num_kv_heads,
+        scale,
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=BLOCK_N, SPLITS=splits,
         PRECISION=dot_precision(q.dtype),
     )
+    if splits > 1:
+        _decode_stage2[(batch, num_heads)](
+            out, partial, lse, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits)
     return out
