@@ -357,14 +357,31 @@ def test_32_concurrent_greedy_requests_equal_their_solo_runs(default_server):
 
 
 def test_overlap_schedule_serves_the_same_tokens(start_server, default_server):
-    """--enable-overlap-schedule over HTTP: concurrent requests equal their solo runs and the
-    lockstep server's output, and the server is idle afterwards."""
+    """Overlap scheduling (the default on GPUs) over HTTP: concurrent requests equal their solo
+    runs, and greedy, stop-string, logprob, seeded n > 1, min_tokens and penalised requests
+    answer exactly as the lockstep server does; the server is idle afterwards."""
     server = start_server("--enable-overlap-schedule")
     _assert_concurrent_equals_solo(server, 8)
     body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
     with server.client() as http, default_server.client() as lockstep:
         assert http.post("/generate", json=body).json()["output_ids"] == \
             lockstep.post("/generate", json=body).json()["output_ids"]
+    overlapped, reference = server.openai(), default_server.openai()
+    prompt = "The first ten letters of the alphabet are"
+    free = reference.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0).choices[0].text
+    requests = [
+        dict(prompt=prompt, max_tokens=30, temperature=0, stop=[free[5:9]]),
+        dict(prompt="Hello, my name is", max_tokens=6, temperature=0, logprobs=3),
+        dict(prompt="Once upon a time", max_tokens=16, temperature=1.0, n=3, seed=77),
+        dict(prompt="Once upon a time", max_tokens=10, temperature=0, frequency_penalty=1.5, extra_body={
+            "min_tokens": 8}),
+    ]
+    for kwargs in requests:
+        got = overlapped.completions.create(model=MODEL, **kwargs)
+        want = reference.completions.create(model=MODEL, **kwargs)
+        assert [(c.text, c.finish_reason) for c in got.choices] == [(c.text, c.finish_reason) for c in want.choices]
+        if kwargs.get("logprobs"):
+            assert got.choices[0].logprobs.top_logprobs == want.choices[0].logprobs.top_logprobs
     _wait_idle(server)
 
 
