@@ -371,8 +371,7 @@ class SchedulerArgs(_ConcernMixin):
     disable_overlap_schedule: bool = _arg(
         False, "Run every step in lockstep. By default on CUDA the next decode step is scheduled "
         "while the device still runs the current one (one step in flight; hides the per-step host "
-        "work). Batches with repetition/frequency/presence penalties (they count the previous "
-        "tokens on the host) run in lockstep either way.")
+        "work); prefill steps run in lockstep either way.")
     enable_overlap_schedule: bool = _arg(
         False, "Overlap scheduling also on devices where it is off by default (the CPU, whose "
         "forward is synchronous: there it only delays each token by one step).")

@@ -185,20 +185,24 @@ class SamplingBatch:
         top_logprobs_nums: Sequence[int],
         return_logprob: Sequence[bool],
         pending: Sequence[int] | None = None,
+        newest_tokens: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Collect the per-row values on the host and ship them to `device` in a few async copies.
 
-        `output_ids[i]` are the tokens row i has generated so far (not its prompt), `pending[i]`
-        (default 0) how many more it has generated that the host has not read yet (a step in
-        flight): the min_new_tokens ban and seeds count those too; penalties need the tokens
-        themselves, so a penalised row must have none pending. `vocab_size` is the real
-        vocabulary: logits columns beyond it (lm_head padding) are ignored by the sampler.
-        `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
+        `output_ids[i]` are the tokens row i has generated so far (not its prompt); `pending[i]`
+        (0 by default, at most 1) says whether it has generated one more that the host has not
+        read yet (a step in flight). That token counts everywhere: in the min_new_tokens ban
+        and the seed (by number), and in penalties by value, read from `newest_tokens` ([B] on
+        `device`, row i's newest sampled token), which penalised pending rows require.
+        `vocab_size` is the real vocabulary: logits columns beyond it (lm_head padding) are
+        ignored by the sampler. `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
         """
         batch = len(params)
         pending = pending if pending is not None else [0] * batch
         if not (len(output_ids) == len(top_logprobs_nums) == len(return_logprob) == len(pending) == batch):
             raise ValueError("params, output_ids, top_logprobs_nums, return_logprob, pending: lengths differ")
+        if any(n not in (0, 1) for n in pending):
+            raise ValueError("pending must be 0 or 1 per row (one step in flight at most)")
         device = torch.device(device)
 
         greedy: list[bool] = []
@@ -212,6 +216,7 @@ class SamplingBatch:
         seeded_keys: list[int] = []
         pen_rows: list[int] = []
         pen_ids: list[Sequence[int]] = []
+        pen_unread: list[bool] = []
         reps: list[float] = []
         freqs: list[float] = []
         pres: list[float] = []
@@ -239,11 +244,10 @@ class SamplingBatch:
                     seeded_rows.append(i)
                     seeded_keys.append(_row_seed(p.seed, generated))
 
-            if p.has_penalty and unread:
-                raise ValueError("a penalised row needs its output on the host (pending must be 0)")
-            if p.has_penalty and len(out) > 0:  # no output yet => counts are all zero => no-op
+            if p.has_penalty and generated > 0:  # no output yet => counts are all zero => no-op
                 pen_rows.append(i)
                 pen_ids.append(out)
+                pen_unread.append(bool(unread))
                 reps.append(p.repetition_penalty)
                 freqs.append(p.frequency_penalty)
                 pres.append(p.presence_penalty)
@@ -286,11 +290,19 @@ class SamplingBatch:
             # NOTE: this walks every penalised row's whole output each step (O(total output));
             # a persistent per-request count tensor updated incrementally is the later fix.
             # Row-wise numpy assignment: ~10x faster than torch.tensor() on nested lists.
-            padded = np.full((len(pen_ids), max(len(ids) for ids in pen_ids)), vocab_size, dtype=np.int64)
+            # An unread token gets one more column, filled on the device.
+            width = max(len(ids) for ids in pen_ids) + any(pen_unread)
+            padded = np.full((len(pen_ids), width), vocab_size, dtype=np.int64)
             for r, ids in enumerate(pen_ids):
                 padded[r, : len(ids)] = ids
             out.penalty_rows = _to_device(pen_rows, torch.int64, device)
             out.penalty_token_ids = _to_device(padded, torch.int64, device)
+            if any(pen_unread):
+                if newest_tokens is None:
+                    raise ValueError("penalised rows with an unread token need newest_tokens")
+                unread_ids = newest_tokens.index_select(0, out.penalty_rows)
+                out.penalty_token_ids[:, -1] = torch.where(_to_device(pen_unread, torch.bool, device), unread_ids,
+                                                           vocab_size)
             out.repetition_penalties = _to_device(reps, torch.float32, device)
             out.frequency_penalties = _to_device(freqs, torch.float32, device)
             out.presence_penalties = _to_device(pres, torch.float32, device)

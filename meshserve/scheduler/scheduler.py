@@ -308,8 +308,6 @@ class Scheduler:
             self.running += [req for req in reqs if not req.finished and req not in running]
 
     def _run_decode(self) -> None:
-        if not self.overlap or any(self._needs_host_tokens(req) for req in self.running):
-            self._complete_in_flight()
         self._make_room_for_decode()
         # A sequence that its in-flight token is certain to end gets no further step.
         in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
@@ -345,13 +343,6 @@ class Scheduler:
             launched, self._in_flight = self._in_flight, None
             self._advance(launched)
 
-    @staticmethod
-    def _needs_host_tokens(req: Req) -> bool:
-        """Whether sampling the request's next token reads its output so far on the host (penalty
-        counts): such a step cannot be launched before the previous step's token is known. (The
-        min_new_tokens ban and seeds need only the token count, known with a step in flight.)"""
-        return req.sampling.has_penalty
-
     def _ends_with_next_token(self, req: Req) -> bool:
         """True when the token now in flight certainly finishes the request (length limits)."""
         return (len(req.output_ids) + 1 >= req.sampling.max_new_tokens
@@ -384,11 +375,14 @@ class Scheduler:
         `among` as in ModelRunner.record_tokens. A step still in flight has one unread token of
         each of its sequences."""
         in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
+        pending = [int(r in in_flight) for r in reqs]
+        # Penalties count the unread token by value: read it where the decode inputs come from.
+        penalised = any(n and r.sampling.has_penalty for n, r in zip(pending, reqs))
         batch = SamplingBatch.build(
             [r.sampling for r in reqs], [r.output_ids for r in reqs], self.model_config.eos_token_ids,
             self.model_config.vocab_size, logits.device,
             top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs],
-            pending=[int(r in in_flight) for r in reqs])
+            pending=pending, newest_tokens=self.runner.newest_tokens(among) if penalised else None)
         out = self.sampler.sample(logits, batch)
         # Rank 0's choice is everyone's: unseeded noise differs between ranks.
         out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)

@@ -137,10 +137,13 @@ def test_overlap_schedule_matches_lockstep_with_mixed_sampling(tiny_qwen3_dir, t
 
     stop_at = run_to_completion(build_scheduler(tiny_qwen3_dir), {"x": (tiny_prompts[4], greedy(8))})
     stop_token = output_ids(stop_at["x"])[5]
-    # The penalised request ends early: the rest of the run overlaps, the seeded and
-    # min_new_tokens rows counting their in-flight token.
-    params = [greedy(20), SamplingParams(max_new_tokens=14, temperature=0.8, seed=3),
-              SamplingParams(max_new_tokens=7, temperature=0.0, repetition_penalty=1.3),
+    # Every row overlaps: the seeded, penalised and min_new_tokens rows count their in-flight
+    # token (penalties by its value, read on the device).
+    # Unpenalised, prompt 1's greedy output repeats its newest token: the penalty must see the
+    # in-flight token to prevent that.
+    params = [greedy(20), SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.3,
+                                         frequency_penalty=5.0),
+              SamplingParams(max_new_tokens=14, temperature=0.8, seed=3),
               SamplingParams(max_new_tokens=9, temperature=0.0, min_new_tokens=5),
               SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[stop_token])]
     requests = {str(i): (p, params[i]) for i, p in enumerate(tiny_prompts)}

@@ -211,7 +211,9 @@ def _wait_idle(server, timeout: float = 10.0) -> None:
 def test_client_disconnect_aborts_the_request(default_server, stream):
     aborted = metric(default_server, "meshserve:num_requests_total", finish_reason="abort")
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": stream}
-    with default_server.client(timeout=1.0) as http:
+    # Streaming: read the first chunk, then hang up (generous timeout: a busy CI machine may take
+    # a while to the first token). Not streaming: the client's 1 s timeout is the hang-up.
+    with default_server.client(timeout=30.0 if stream else 1.0) as http:
         if stream:
             with http.stream("POST", "/v1/completions", json=body) as response:
                 next(response.iter_lines())

@@ -320,9 +320,9 @@ def test_min_new_tokens_blocks_eos_and_stop_tokens() -> None:
     assert torch.isfinite(out.logprobs).all()
 
 
-def test_pending_tokens_count_for_the_ban_and_seeds_but_not_penalties() -> None:
-    """A row with a token still in flight (pending=1) is banned and seeded as if that token
-    were in its output already; a penalised row must have its tokens on the host."""
+def test_pending_tokens_count_for_the_ban_seeds_and_penalties() -> None:
+    """A row with a token still in flight (pending=1) is banned, seeded and penalised as if that
+    token were in its output already; penalties read its value from `newest_tokens`."""
     params = [SamplingParams(temperature=0.0, min_new_tokens=3), SamplingParams(temperature=0.7, seed=9)]
 
     def built(outputs: list[list[int]], pending: list[int]) -> SamplingBatch:
@@ -332,8 +332,16 @@ def test_pending_tokens_count_for_the_ban_and_seeds_but_not_penalties() -> None:
     assert read_all.ban_rows is None and one_pending.ban_rows is None  # 3 tokens: free
     assert one_pending.seeded_keys == read_all.seeded_keys
     assert built([[1], [1]], [1, 1]).ban_rows is not None  # 2 tokens: EOS still banned
-    with pytest.raises(ValueError, match="penalised row"):
-        SamplingBatch.build([SamplingParams(repetition_penalty=1.2)], [[1]], [5], 8, CPU, [0], [False], pending=[1])
+
+    penalised = [SamplingParams(temperature=0.0, frequency_penalty=2.0), SamplingParams(temperature=0.0)]
+    logits = torch.tensor([[0.0, 1.0, 0.0, 3.0, 2.5, 0.0, 0.0, 0.0]] * 2)
+    on_host = SamplingBatch.build(penalised, [[1, 3], [3]], [5], 8, CPU, [0, 0], [False, False])
+    unread = SamplingBatch.build(penalised, [[1], []], [5], 8, CPU, [0, 0], [False, False], pending=[1, 1],
+                                 newest_tokens=torch.tensor([3, 3]))
+    assert Sampler().sample(logits, on_host).token_ids.tolist() == [4, 3]  # 3.0 - 2.0 * 1 < 2.5
+    assert Sampler().sample(logits, unread).token_ids.tolist() == [4, 3]
+    with pytest.raises(ValueError, match="newest_tokens"):
+        SamplingBatch.build(penalised, [[1], []], [5], 8, CPU, [0, 0], [False, False], pending=[1, 0])
 
 
 # ---------------------------------------------------------------------------------------------
