@@ -338,8 +338,7 @@ class Sampler:
         raw = logits[:, : batch.vocab_size].float()
 
         if batch.fast_greedy:
-            # The activation dtype converts to float exactly and in order: same argmax, one copy fewer.
-            return SampleOutput(token_ids=first_argmax(logits[:, : batch.vocab_size]))
+            return SampleOutput(token_ids=first_argmax(raw))
         assert batch.is_greedy is not None  # built for every batch that is not fast-greedy
 
         adjusted = self._apply_penalties(raw, batch)
