@@ -2,7 +2,7 @@
 # GPU machine, one GPU: issue 4's checks and figures on a random Llama-3.1-8B-shaped model (bf16)
 # and the SmolLM2-135M shape. Usage (repo root, after `source .whl/prelude.sh`):
 #   bash benchmarks/gpu_speed.sh OUT_DIR TOKENIZER_DIR [PHASE ...]
-# PHASE: check floor attn profile one_batch smol offline online (default: all; the whole set takes longer
+# PHASE: check floor attn profile decode_profile one_batch smol offline online (default: all; the whole set takes longer
 # than one 10-minute device call, so split it: "check floor attn one_batch smol", then "offline online").
 # TOKENIZER_DIR: any HF tokenizer whose ids fit the vocabulary (bench_serving counts tokens with it).
 # SERVER_FLAGS (environment): extra launch_server flags for the engine runs, e.g.
@@ -10,7 +10,7 @@
 set -u
 flags=${SERVER_FLAGS:-}
 out=${1:-/tmp/gpu_speed}; tok=${2:-.tok}; shift 2 || true
-phases=${*:-check floor attn profile one_batch smol offline online}
+phases=${*:-check floor attn profile decode_profile one_batch smol offline online}
 mkdir -p "$out"
 want() { [[ " $phases " == *" $1 "* ]]; }
 l8b() { [ -f /tmp/l8b/config.json ] || python -m meshserve.bench.random_model --shape llama-3.1-8b --out /tmp/l8b > /dev/null; }
@@ -23,6 +23,11 @@ if want profile; then  # prefill time by prompt length, and the operators of a 4
   l8b
   timeout 150 python -m meshserve.bench.profile_step --model-path /tmp/l8b --input-len 256 2048 4096 --top 12 \
     > "$out/profile.log" 2>&1; grep -E "^prefill|Self CUDA time total|Self CPU time total" "$out/profile.log"
+fi
+if want decode_profile; then  # per-kernel time of batch-1 decode steps (kernels inside the CUDA graph)
+  l8b
+  timeout 120 python -m meshserve.bench.profile_step --model-path /tmp/l8b --input-len 256 --decode-batch-size 1 \
+    --top 16 $flags > "$out/decode_profile.log" 2>&1; grep -E "^ +_|nvjet|aten::|Self CUDA time total" "$out/decode_profile.log" | cut -c1-62,150-200
 fi
 if want one_batch; then
   l8b
