@@ -70,3 +70,8 @@ class HostLens:
     req_rows: list[int]
     seq_lens: list[int]
     extend_lens: list[int]
+
+    @functools.cached_property
+    def max_extend_len(self) -> int:
+        """Computed once per step, shared by every layer."""
+        return max(self.extend_lens)

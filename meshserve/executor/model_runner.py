@@ -132,16 +132,16 @@ class ModelRunner:
     def newest_tokens(self, among: torch.Tensor | None = None) -> torch.Tensor:
         """The newest recorded token of each sequence of the last forward step (or of its
         among[i]-th), on the device: before record_tokens, the previous step's."""
-        assert self._step_rows is not None
-        rows = self._step_rows if among is None else self._step_rows.index_select(0, among)
-        return self.last_tokens.index_select(0, rows)
+        return self.last_tokens.index_select(0, self._step_rows_among(among))
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]
         belongs to the i-th sequence of the last forward step, or to its among[i]-th."""
+        self.last_tokens.index_copy_(0, self._step_rows_among(among), token_ids)
+
+    def _step_rows_among(self, among: torch.Tensor | None) -> torch.Tensor:
         assert self._step_rows is not None
-        rows = self._step_rows if among is None else self._step_rows.index_select(0, among)
-        self.last_tokens.index_copy_(0, rows, token_ids)
+        return self._step_rows if among is None else self._step_rows.index_select(0, among)
 
     @torch.inference_mode()
     def _forward_inference(self, batch: ForwardBatch) -> torch.Tensor:

@@ -169,10 +169,9 @@ class SamplingBatch:
 
     @property
     def fast_greedy(self) -> bool:
-        """True when `sample` may return a plain argmax of the logits."""
-        return (
-            self.all_greedy and self.penalty_rows is None and self.ban_rows is None and not self.any_logprob
-        )
+        """True when `sample` may return a plain argmax of the logits (all rows greedy, no
+        penalty, ban or logprob): exactly the batches `build` gives no per-row tensors."""
+        return self.is_greedy is None
 
     @classmethod
     def build(

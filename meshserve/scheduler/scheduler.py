@@ -172,7 +172,7 @@ class Scheduler:
 
     def step(self) -> None:
         if self.waiting or self.chunked is not None:
-            if self._in_flight is not None and not self._in_flight.reqs_set.isdisjoint(self.waiting):
+            if not self._in_flight_reqs.isdisjoint(self.waiting):
                 # A request retracted while its token was in flight is admitted with that token.
                 self._complete_in_flight()
             # Admission needs no in-flight token (the step's KV slots are allocated already), so
@@ -310,7 +310,7 @@ class Scheduler:
     def _run_decode(self) -> None:
         self._make_room_for_decode()
         # A sequence that its in-flight token is certain to end gets no further step.
-        in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
+        in_flight = self._in_flight_reqs
         reqs = [req for req in self.running if req not in in_flight or not self._ends_with_next_token(req)]
         if not reqs:
             self._complete_in_flight()
@@ -337,6 +337,11 @@ class Scheduler:
             self._in_flight = launched
         else:
             self._advance(launched)
+
+    @property
+    def _in_flight_reqs(self) -> set[Req]:
+        """The requests whose token of the step in flight the host has not read (empty if none)."""
+        return self._in_flight.reqs_set if self._in_flight is not None else set()
 
     def _complete_in_flight(self) -> None:
         if self._in_flight is not None:
@@ -374,7 +379,7 @@ class Scheduler:
         """Next tokens of `reqs`, sampled on the device and on their way to the host (no wait);
         `among` as in ModelRunner.record_tokens. A step still in flight has one unread token of
         each of its sequences."""
-        in_flight = self._in_flight.reqs_set if self._in_flight is not None else set()
+        in_flight = self._in_flight_reqs
         pending = [int(r in in_flight) for r in reqs]
         # Penalties count the unread token by value: read it where the decode inputs come from.
         penalised = any(n and r.sampling.has_penalty for n, r in zip(pending, reqs))

@@ -25,7 +25,7 @@ class TritonBackend(AttentionBackend):
         assert batch.host is not None
         return extend_attention(q, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
                                 batch.req_to_token.table, batch.req_rows, batch.seq_lens, batch.extend_lens,
-                                batch.extend_starts, max(batch.host.extend_lens), layer.scaling)
+                                batch.extend_starts, batch.host.max_extend_len, layer.scaling)
 
     def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         from meshserve.layers.attention.triton_decode import decode_attention

@@ -1,4 +1,4 @@
-"""Triton kernels behind the layers' GPU paths (RMSNorm, rotary, SiLU·mul).
+"""Triton kernels behind the layers' GPU paths (RMSNorm, SiLU·mul, rotary + KV-pool store).
 
 Each kernel reproduces its PyTorch reference's rounding: where the reference rounds an
 intermediate to the activation dtype (bf16 products, the residual sum, the normalised value
