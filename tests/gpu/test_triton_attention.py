@@ -1,10 +1,10 @@
-"""The Triton paged decode kernel equals PyTorch SDPA over the same pages (CUDA only)."""
+"""The Triton paged decode kernel equals PyTorch SDPA over the same pages, and stores the rotated
+new keys and the new values exactly where the reference would (CUDA only)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -12,21 +12,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64), (4, 4, 64)])
 def test_decode_kernel_matches_sdpa(dtype, heads, kv_heads, head_dim):
-    from meshserve.layers.attention.triton_decode import decode_attention
+    from tests.decode_cases import make_decode_case
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    slots, rows_total, width = 5000, 8, 2048
-    k = torch.randn(slots, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(slots, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-    table = torch.randint(1, slots, (rows_total, width), device="cuda", generator=gen)
-    rows = torch.tensor([3, 0, 7, 5], device="cuda")
-    lens = torch.tensor([1, 64, 65, 1999], device="cuda")
-    q = torch.randn(4, heads, head_dim, device="cuda", generator=gen).to(dtype)
-    out = decode_attention(q, k, v, table, rows, lens, head_dim**-0.5)
-    for b in range(4):
-        s = table[rows[b], : lens[b]]
-        ref = F.scaled_dot_product_attention(q[b].float()[:, None], k[s].float().transpose(0, 1),
-                                             v[s].float().transpose(0, 1), scale=head_dim**-0.5,
-                                             enable_gqa=True)[:, 0]
-        err = (out[b].float() - ref).norm() / ref.norm()
+    case = make_decode_case(heads, kv_heads, head_dim, [1, 64, 65, 1999], dtype, "cuda")
+    before = case.k_cache.clone(), case.v_cache.clone()
+    out = case.run()
+    expected = case.expected_caches(before)
+    # float32 keys may differ in the last bit (the compiler contracts x * cos + y * sin into an
+    # FMA); bfloat16 keys are rounded like the reference, bit for bit.
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(case.k_cache, expected[0], **tol)
+    assert torch.equal(case.v_cache, expected[1])
+    ref = case.reference(expected)
+    for b in range(out.shape[0]):
+        err = (out[b].float() - ref[b]).norm() / ref[b].norm()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), (b, float(err))

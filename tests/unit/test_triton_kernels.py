@@ -97,22 +97,17 @@ def test_rotate_and_store_matches_reference(heads, kv_heads, head_dim):
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
 def test_decode_attention_matches_sdpa(splits, heads, kv_heads, head_dim):
-    from meshserve.layers.attention.triton_decode import decode_attention
+    """One block, exact blocks, a ragged tail, long: the kernel rotates each new query and key,
+    stores the key and value in their slots (and nowhere else) and attends to them."""
+    from tests.decode_cases import make_decode_case
 
-    gen = torch.Generator().manual_seed(splits * 100 + heads)
-    slots, width = 700, 600
-    k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
-    v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
-    table = torch.randint(1, slots, (5, width), generator=gen).to(DEVICE)
-    rows = torch.tensor([3, 0, 4, 1], device=DEVICE)
-    lens = torch.tensor([1, 64, 65, 517], device=DEVICE)  # one block, exact blocks, a ragged tail, long
-    q = torch.randn(4, heads, head_dim, generator=gen).to(DEVICE)
-    out = decode_attention(q, k, v, table, rows, lens, head_dim**-0.5, splits=splits)
-    for b in range(4):
-        sl = table[rows[b], : lens[b]]
-        ref = F.scaled_dot_product_attention(q[b][:, None], k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                             scale=head_dim**-0.5, enable_gqa=True)[:, 0]
-        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
+    case = make_decode_case(heads, kv_heads, head_dim, [1, 64, 65, 517], torch.float32, DEVICE, seed=splits + heads)
+    before = case.k_cache.clone(), case.v_cache.clone()
+    out = case.run(splits=splits)
+    expected = case.expected_caches(before)
+    torch.testing.assert_close(case.k_cache, expected[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(case.v_cache, expected[1])
+    torch.testing.assert_close(out, case.reference(expected), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
@@ -197,3 +192,14 @@ def test_bfloat16_kernels_round_like_reference():
     k_cache, _, slots = _rotate_and_store(q_dev, k_dev, v_dev, cos.to(DEVICE), sin.to(DEVICE), positions.to(DEVICE))
     assert torch.equal(q_dev.cpu(), q_ref) and torch.equal(k_dev.cpu(), k_ref)
     assert torch.equal(k_cache[slots].cpu(), k_ref)
+
+    # Decode attention's own rotation of the new key, as stored in the pool.
+    from tests.decode_cases import make_decode_case
+
+    case = make_decode_case(4, 1, d, [3, 70], torch.bfloat16, DEVICE, seed=3)
+    before = case.k_cache.clone(), case.v_cache.clone()
+    out = case.run()
+    expected = case.expected_caches(before)
+    assert torch.equal(case.k_cache, expected[0]) and torch.equal(case.v_cache, expected[1])
+    if DEVICE == "cuda":  # Triton's interpreter gets bfloat16 dots wrong (1e8-sized outputs, before this kernel too)
+        torch.testing.assert_close(out.float(), case.reference(expected), rtol=2e-2, atol=2e-2)

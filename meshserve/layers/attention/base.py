@@ -1,6 +1,7 @@
 """The attention-backend interface. A backend reads the paged KV pool; models only call
-`AttentionLayer`, which stores the new tokens' keys and values and hands the attention to the
-backend carried by the ForwardBatch."""
+`AttentionLayer`, which hands the new tokens to the backend carried by the ForwardBatch. Extend
+steps store the new tokens (AttentionLayer.store_new_tokens) before the backend runs; in decode
+steps the backend does it, so a backend may fuse the rotation and the store into its kernel."""
 
 from __future__ import annotations
 
@@ -21,18 +22,22 @@ class AttentionBackend(ABC):
     # decode step can be captured once in a CUDA graph and replayed.
     supports_cuda_graph = False
 
-    def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens, already in the pool (AttentionLayer
-        stores them). Returns [T, Hq, D]."""
+    def forward(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] of the new tokens as projected: not yet rotated, not
+        yet in the pool. Returns [T, Hq, D]."""
         if batch.mode is ForwardMode.DECODE:
-            return self.decode(layer, q, batch)
+            return self.decode(layer, positions, q, k, v, batch)
+        q, k = layer.store_new_tokens(positions, q, k, v, batch)
         return self.extend(layer, q, k, v, batch)
 
     @abstractmethod
     def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
-        """k, v: the new tokens' keys and values (already in the pool too)."""
+        """q, k rotated; k, v: the new tokens' keys and values, already in the pool too."""
 
     @abstractmethod
-    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+    def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One new token per sequence, as projected (see forward): the backend brings it into the
+        pool, with layer.store_new_tokens or inside its own kernel."""

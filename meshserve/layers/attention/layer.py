@@ -1,6 +1,6 @@
-"""The attention module models use: fixed head geometry and the rotary embedding; it rotates the
-new tokens' queries and keys, stores their keys and values in the KV pool, and delegates the
-attention to the batch's backend."""
+"""The attention module models use: fixed head geometry and the rotary embedding. It hands the
+new tokens, as projected, to the batch's backend, and offers the backends the one way to rotate
+them and store them in the KV pool (`store_new_tokens`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ class AttentionLayer(nn.Module):
         """q [T, Hq, D], k [T, Hkv, D] (not yet rotated), v [T, Hkv * D] of the new tokens ->
         [T, Hq * D]. q and k may be rotated in place: they are fresh projections."""
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = batch.attn_backend.forward(self, positions, q, k, v, batch)
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def store_new_tokens(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k, and write k and v to the new tokens' slots of the pool; returns the
+        rotated (q, k). Backends call it unless their kernel does both itself."""
         pool = batch.kv_pool
         if q.is_cuda:  # one kernel rotates q and k and stores k and v
             from meshserve.layers.kernels.rotary import rotate_and_store_
@@ -39,5 +46,4 @@ class AttentionLayer(nn.Module):
         else:
             q, k = self.rotary(positions, q, k)
             pool.write(self.layer_id, batch.out_cache_loc, k, v)
-        out = batch.attn_backend.forward(self, q, k, v, batch)
-        return out.reshape(-1, self.num_heads * self.head_dim)
+        return q, k

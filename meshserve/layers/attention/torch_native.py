@@ -47,7 +47,9 @@ class TorchNativeBackend(AttentionBackend):
             start += new
         return out
 
-    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        q, _ = layer.store_new_tokens(positions, q, k, v, batch)
         slots, visible = batch.padded_kv_slots  # [B, L] each
         k = batch.kv_pool.k[layer.layer_id][slots].transpose(1, 2)  # [B, Hkv, L, D]
         v = batch.kv_pool.v[layer.layer_id][slots].transpose(1, 2)

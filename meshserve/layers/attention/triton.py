@@ -1,5 +1,6 @@
 """GPU attention backend: Triton kernels reading the paged KV pool through the request-to-token
-table — decode (split over the sequence, CUDA-graph safe) and extend (cached prefix + new
+table — decode (split over the sequence, CUDA-graph safe, rotating and storing the new token
+itself) and extend (cached prefix + new
 tokens, every sequence of the batch in one launch)."""
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class TritonBackend(AttentionBackend):
                                 batch.req_to_token.table, batch.req_rows, batch.seq_lens, batch.extend_lens,
                                 batch.extend_starts, batch.host.max_extend_len, layer.scaling)
 
-    def decode(self, layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        from meshserve.layers.attention.triton_decode import decode_attention
+    def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        from meshserve.layers.attention.triton_decode import NewTokens, decode_attention
 
-        return decode_attention(q, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
+        new = NewTokens(k, v, positions, batch.out_cache_loc, layer.rotary.cos, layer.rotary.sin)
+        return decode_attention(q, new, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
                                 batch.req_to_token.table, batch.req_rows, batch.seq_lens, layer.scaling)

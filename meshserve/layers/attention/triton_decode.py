@@ -1,5 +1,8 @@
 """Paged decode attention in Triton: one new query token per sequence against the sequence's
-K/V, read through the request-to-token table, split over the sequence (flash-decoding).
+K/V, read through the request-to-token table, split over the sequence (flash-decoding). The
+kernel also brings the new token in: it rotates the query and key (rotary embedding) and stores
+the key and value in the pool, which saves a kernel per layer on the step where launches, not
+bytes, bound the time (batch 1).
 
 Stage 1: one program per (sequence, KV head, split) computes every query head of that KV head's
 group (each K/V block is loaded once for the whole GQA group) over its split of the sequence,
@@ -16,12 +19,14 @@ graph.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import attend_block, dot_precision
+from meshserve.layers.kernels.rotary import load_rotated
 
 MAX_SPLITS = 16
 BLOCK_N = 64
@@ -29,9 +34,9 @@ BLOCK_N = 64
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, Out, PartialOut, PartialLse, Table, Rows, SeqLens,
-    stride_qb, stride_qh, stride_kt, stride_kh, stride_ob, stride_oh, stride_table,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    Q, K, V, NewK, NewV, Cos, Sin, Positions, Slots, Out, PartialOut, PartialLse, Table, Rows, SeqLens,
+    stride_qb, stride_qh, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cos, stride_kt, stride_kh,
+    stride_ob, stride_oh, stride_table, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
@@ -41,26 +46,50 @@ def _decode_stage1(
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     row = tl.load(Rows + b)
+    pos = tl.load(Positions + b)
     # Splits are whole blocks long; trailing splits of a short sequence are empty.
     split_len = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
     begin = split * split_len
     end = tl.minimum(begin + split_len, seq_len)
+    new_index = seq_len - 1
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    dtype = K.dtype.element_ty
+    # Every program rotates the query heads it needs and the new key of its KV head (a few
+    # hundred values). The new key and value come from registers, never from their slot: the
+    # loop stops before the new token, which the split holding it folds in last.
+    q = load_rotated(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], offs_d[None, :],
+                     mask_g[:, None] & mask_d[None, :], Cos, Sin, pos, stride_cos, HALF=HEAD_DIM // 2).to(dtype)
+    new_k = load_rotated(NewK + b * stride_nkb + kv_head * stride_nkh + offs_d, offs_d, mask_d, Cos, Sin, pos,
+                         stride_cos, HALF=HEAD_DIM // 2).to(dtype)
+    new_v = tl.load(NewV + b * stride_nvb + kv_head * stride_nvh + offs_d, mask=mask_d, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start in range(begin, end, BLOCK_N):
-        m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
-                                     stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False, BLOCK_N=BLOCK_N,
-                                     PRECISION=PRECISION)
+    cached_end = tl.minimum(end, new_index)
+    for start in range(begin, cached_end, BLOCK_N):
+        m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
+                                     stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
+                                     BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+
+    # The new token: folded into the state of the split that holds it, then stored in its slot
+    # for later steps (no program reads that slot in this step).
+    holds_new = (begin <= new_index) & (new_index < end)
+    s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale  # [BLOCK_G]
+    m_new = tl.maximum(m_i, s_new)
+    p_new = tl.exp(s_new - m_new)
+    alpha = tl.exp(m_i - m_new)
+    m_i = tl.where(holds_new, m_new, m_i)
+    l_i = tl.where(holds_new, l_i * alpha + p_new, l_i)
+    acc = tl.where(holds_new, acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :], acc)
+    slot = tl.load(Slots + b)
+    tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, new_k, mask=mask_d & holds_new)
+    tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, new_v, mask=mask_d & holds_new)
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SPLITS == 1:
@@ -109,15 +138,33 @@ def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                     rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+@dataclass(frozen=True)
+class NewTokens:
+    """A decode step's new token of each sequence as the projections left it: not yet rotated,
+    not yet in the pool. Decode attention rotates q and k to `positions`, writes k and v to
+    their `slots` (the slots the request-to-token table already lists as each sequence's last),
+    and attends to them."""
+
+    k: torch.Tensor  # [B, Hkv, D]
+    v: torch.Tensor  # [B, Hkv, D]
+    positions: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B]
+    cos: torch.Tensor  # float32 [max_positions, D], the rotary tables (second half repeats the first)
+    sin: torch.Tensor
+
+
+def decode_attention(q: torch.Tensor, new: NewTokens, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      splits: int | None = None) -> torch.Tensor:
-    """q: [B, Hq, D]; k_cache/v_cache: [slots, Hkv, D]; table: [rows, max_context] slot ids;
-    rows, seq_lens: [B] (seq_lens >= 1, including the new token). Returns [B, Hq, D].
-    `splits` overrides the automatic choice (a power of two)."""
+    """q: [B, Hq, D], not yet rotated; k_cache/v_cache: [slots, Hkv, D]; table: [rows,
+    max_context] slot ids; rows, seq_lens: [B] (seq_lens >= 1, including the new token). Stores
+    the new tokens (see NewTokens) and returns [B, Hq, D]. `splits` overrides the automatic
+    choice (a power of two)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and new.k.stride(-1) == 1 and new.v.stride(-1) == 1 and new.cos.stride(-1) == 1
+    assert new.sin.stride() == new.cos.stride() and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     splits = splits or num_splits(batch, num_kv_heads, q.device)
     out = torch.empty_like(q)
     if batch == 0:
@@ -129,8 +176,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:  # stage 1 writes `out` directly; the partial buffers are not touched
         partial, lse = out.view(batch, num_heads, 1, head_dim), out.view(batch, num_heads, head_dim)
     _decode_stage1[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, out, partial, lse, table, rows, seq_lens,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, new.k, new.v, new.cos, new.sin, new.positions, new.slots, out, partial, lse, table,
+        rows, seq_lens,
+        q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1),
+        new.cos.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         scale,
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.

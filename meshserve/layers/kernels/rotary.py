@@ -1,7 +1,9 @@
 """The new tokens' way into the KV cache, in one kernel per layer: rotary position embedding
 applied in place to the query and key heads, and the rotated keys and the values written to
 their slots of the paged KV pool. Unfused, that is about fourteen kernels for the rotation
-(gathers, casts, rotate_half, products, sums) and two index_put kernels for the store.
+(gathers, casts, rotate_half, products, sums) and two index_put kernels for the store. Decode
+steps skip even that kernel: decode attention rotates and stores its one new token per sequence
+itself, with `load_rotated` (attention/triton_decode.py).
 
 The reference computes `x * cos + rotate_half(x) * sin` in the activation dtype with cos/sin
 first cast to it; with halves x1, x2 that is
@@ -19,16 +21,39 @@ from meshserve.layers.kernels.rounding import round_to
 
 
 @triton.jit
+def _rotation(x, partner, c, signed_s, dtype: tl.constexpr):
+    """round(round(x * c) + round(partner * signed_s)): one output element of the rotation, with
+    partner the other half's element and signed_s = -sin for the first half, +sin for the second
+    (rounding is symmetric, so this is the reference's subtraction there)."""
+    return round_to(round_to(x * c, dtype) + round_to(partner * signed_s, dtype), dtype)
+
+
+@triton.jit
 def _rotate(ptr, mask, c, s, HALF: tl.constexpr):
     """Rotate the [heads, HALF] halves at ptr and ptr + HALF in place; return the new halves."""
     dtype = ptr.dtype.element_ty
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = round_to(round_to(x1 * c, dtype) - round_to(x2 * s, dtype), dtype).to(dtype)
-    o2 = round_to(round_to(x2 * c, dtype) + round_to(x1 * s, dtype), dtype).to(dtype)
+    o1 = _rotation(x1, x2, c, -s, dtype).to(dtype)
+    o2 = _rotation(x2, x1, c, s, dtype).to(dtype)
     tl.store(ptr, o1, mask=mask)
     tl.store(ptr + HALF, o2, mask=mask)
     return o1, o2
+
+
+@triton.jit
+def load_rotated(ptr, offs_d, mask, Cos, Sin, pos, stride_table, HALF: tl.constexpr):
+    """Head vectors at `ptr` (whole heads: offs_d, of any block width, runs along the last axis)
+    rotated to position `pos`, as float32 values already rounded to the activation dtype. For
+    kernels that use rotated heads without writing them back (decode attention)."""
+    dtype = ptr.dtype.element_ty
+    lower = offs_d < HALF
+    x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(ptr + tl.where(lower, HALF, -HALF), mask=mask, other=0.0).to(tl.float32)
+    in_head = offs_d < 2 * HALF
+    c = round_to(tl.load(Cos + pos * stride_table + offs_d, mask=in_head, other=0.0), dtype)
+    s = round_to(tl.load(Sin + pos * stride_table + offs_d, mask=in_head, other=0.0), dtype)
+    return _rotation(x, partner, c, tl.where(lower, -s, s), dtype)
 
 
 @triton.jit
