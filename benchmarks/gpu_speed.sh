@@ -18,7 +18,7 @@ if want check; then
   timeout 300 python -m pytest -q tests/gpu tests/unit/test_triton_kernels.py > "$out/check.log" 2>&1; tail -3 "$out/check.log"
 fi
 want floor && python -m meshserve.bench.linear_floor --batch-size 1 64 256 | tee "$out/floor.log"
-want attn && python -m meshserve.bench.decode_attention --batch-size 1 16 64 256 --context-len 512 3000 | tee "$out/attn.log"
+want attn && python -m meshserve.bench.decode_attention --batch-size 1 2 4 8 16 32 64 256 --context-len 300 3000 | tee "$out/attn.log"
 if want profile; then  # prefill time by prompt length, and the operators of a 4096-token prefill
   l8b
   timeout 150 python -m meshserve.bench.profile_step --model-path /tmp/l8b --input-len 256 2048 4096 --top 12 \

@@ -36,9 +36,17 @@ class DecodeCase:
     seq_lens: torch.Tensor
     scale: float
 
-    def run(self, splits: int | None = None) -> torch.Tensor:
-        return decode_attention(self.q, self.new, self.k_cache, self.v_cache, self.table, self.rows, self.seq_lens,
-                                self.scale, splits=splits)
+    def run(self, splits: int | None = None, fused: bool = True) -> torch.Tensor:
+        """Decode attention; fused: the kernel brings the new tokens in itself. Otherwise they
+        are rotated and stored here first (by the reference) and the kernel only attends."""
+        if fused:
+            return decode_attention(self.q, self.new, self.k_cache, self.v_cache, self.table, self.rows,
+                                    self.seq_lens, self.scale, splits=splits)
+        k_cache, v_cache = self.expected_caches((self.k_cache, self.v_cache))
+        self.k_cache.copy_(k_cache)
+        self.v_cache.copy_(v_cache)
+        return decode_attention(self.rotated_q(), None, self.k_cache, self.v_cache, self.table, self.rows,
+                                self.seq_lens, self.scale, splits=splits)
 
     def expected_caches(self, before: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The caches `before` with the rotated new keys and the new values in their slots."""
@@ -47,10 +55,13 @@ class DecodeCase:
         k_cache[self.new.slots], v_cache[self.new.slots] = rotary_ref(self.new.k, c, s), self.new.v
         return k_cache, v_cache
 
+    def rotated_q(self) -> torch.Tensor:
+        c, s = self.new.cos[self.new.positions][:, None], self.new.sin[self.new.positions][:, None]
+        return rotary_ref(self.q, c, s)
+
     def reference(self, caches: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """SDPA in float32 over the sequences' slots of `caches`, with the rotated queries."""
-        c, s = self.new.cos[self.new.positions][:, None], self.new.sin[self.new.positions][:, None]
-        q = rotary_ref(self.q, c, s).float()
+        q = self.rotated_q().float()
         out = []
         for b in range(q.shape[0]):
             slots = self.table[self.rows[b], : self.seq_lens[b]]

@@ -1,22 +1,25 @@
 """Paged decode attention alone (Llama-3.1-8B geometry: 32 query heads, 8 KV heads, head_dim 128,
-bf16; the new token's rotation and store included): time per call (replayed from a CUDA graph,
-as the engine runs it) and the bandwidth it reaches over the K/V bytes it must read, for each
-batch size and context length, with the automatic split count and with a single split.
+bf16): time per layer (replayed from a CUDA graph, as the engine runs it) for each batch size
+and context length, with the new tokens brought in two ways — by the attention kernel itself
+("fused") and by the separate rotate-and-store kernel before it ("separate") — and, for the
+latter, with a single split; GB/s is over the K/V bytes read.
 
-  python -m meshserve.bench.decode_attention --batch-size 1 16 64 256 --context-len 512 3000
+  python -m meshserve.bench.decode_attention --batch-size 1 4 16 32 64 256 --context-len 512 3000
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import triton.testing
 
 from meshserve.layers.attention.triton_decode import NewTokens, decode_attention, num_splits
+from meshserve.layers.kernels.rotary import rotate_and_store_
 
 
-def _graph_time_ms(call, repeat: int = 20) -> float:
+def _graph_time_ms(call: Callable[[], object], repeat: int = 20) -> float:
     """Median time of one call, replayed from a CUDA graph of `repeat` calls: kernel time, as in
     the engine's decode graphs, without the host's launch time."""
     call()  # compile outside the capture
@@ -27,38 +30,48 @@ def _graph_time_ms(call, repeat: int = 20) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median") / repeat
 
 
+def _time_case(bs: int, ctx: int, ns: argparse.Namespace) -> tuple[float, float, float]:
+    """(fused, separate, separate with one split) milliseconds for one batch size and context."""
+    device = torch.device("cuda")
+    slots = bs * ctx + 1
+    k = torch.randn(slots, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    # Each sequence's slots are a random permutation: pages are scattered, as in a busy pool.
+    table = (torch.randperm(slots - 1, device=device) + 1)[: bs * ctx].view(bs, ctx)
+    rows = torch.arange(bs, device=device)
+    lens = torch.full((bs,), ctx, device=device)
+    q = torch.randn(bs, ns.heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+    # Rotary tables as the model holds them (float32 [positions, head_dim]); values do not matter.
+    cos = torch.rand(ctx, ns.head_dim, device=device)
+    sin = torch.rand_like(cos)
+    new = NewTokens(k=torch.randn_like(k[:bs]), v=torch.randn_like(v[:bs]), positions=lens - 1,
+                    slots=table[:, -1].contiguous(), cos=cos, sin=sin)
+
+    def separate(splits: int | None = None) -> None:
+        rotate_and_store_(q, new.k, new.v, cos, sin, new.positions, k, v, new.slots)
+        decode_attention(q, None, k, v, table, rows, lens, 0.088, splits=splits)
+
+    return (_graph_time_ms(lambda: decode_attention(q, new, k, v, table, rows, lens, 0.088)),
+            _graph_time_ms(separate), _graph_time_ms(lambda: separate(1)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16, 32, 64, 256])
     parser.add_argument("--context-len", type=int, nargs="+", default=[512, 3000])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     ns = parser.parse_args(argv)
-    device = torch.device("cuda")
-    # Rotary tables as the model holds them (float32, [positions, head_dim]); their values do not
-    # change the time.
-    cos = torch.rand(max(ns.context_len), ns.head_dim, device=device)
-    sin = torch.rand_like(cos)
-    print(f"{'batch':>6} {'context':>8} {'splits':>7} {'us':>9} {'GB/s':>8} {'1 split us':>11} {'GB/s':>8}")
+    print(f"{'batch':>6} {'context':>8} {'splits':>7} {'fused us':>9} {'separate us':>12} {'GB/s':>7} "
+          f"{'1 split us':>11} {'GB/s':>7}")
     for ctx in ns.context_len:
         for bs in ns.batch_size:
-            slots = bs * ctx + 1
-            k = torch.randn(slots, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            # Each sequence's slots are a random permutation: pages are scattered, as in a busy pool.
-            table = (torch.randperm(slots - 1, device=device) + 1)[: bs * ctx].view(bs, ctx)
-            rows = torch.arange(bs, device=device)
-            lens = torch.full((bs,), ctx, device=device)
-            q = torch.randn(bs, ns.heads, ns.head_dim, device=device, dtype=torch.bfloat16)
-            new = NewTokens(k=torch.randn_like(k[:bs]), v=torch.randn_like(v[:bs]), positions=lens - 1,
-                            slots=table[:, -1].contiguous(), cos=cos, sin=sin)
+            fused, separate, one_split = _time_case(bs, ctx, ns)
             kv_bytes = 2 * bs * ctx * ns.kv_heads * ns.head_dim * 2
-            auto = num_splits(bs, ns.kv_heads, device)
-            t_auto = _graph_time_ms(lambda: decode_attention(q, new, k, v, table, rows, lens, 0.088))
-            t_one = _graph_time_ms(lambda: decode_attention(q, new, k, v, table, rows, lens, 0.088, splits=1))
-            print(f"{bs:>6} {ctx:>8} {auto:>7} {t_auto * 1e3:>9.1f} {kv_bytes / t_auto / 1e6:>8.0f} "
-                  f"{t_one * 1e3:>11.1f} {kv_bytes / t_one / 1e6:>8.0f}")
+            splits = num_splits(bs, ns.kv_heads, torch.device("cuda"))
+            print(f"{bs:>6} {ctx:>8} {splits:>7} {fused * 1e3:>9.1f} {separate * 1e3:>12.1f} "
+                  f"{kv_bytes / separate / 1e6:>7.0f} {one_split * 1e3:>11.1f} {kv_bytes / one_split / 1e6:>7.0f}")
 
 
 if __name__ == "__main__":

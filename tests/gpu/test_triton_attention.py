@@ -1,5 +1,5 @@
-"""The Triton paged decode kernel equals PyTorch SDPA over the same pages, and stores the rotated
-new keys and the new values exactly where the reference would (CUDA only)."""
+"""The Triton paged decode kernel equals PyTorch SDPA over the same pages, and (fused) stores the
+rotated new keys and the new values exactly where the reference would (CUDA only)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64), (4, 4, 64)])
-def test_decode_kernel_matches_sdpa(dtype, heads, kv_heads, head_dim):
+def test_decode_kernel_matches_sdpa(fused, dtype, heads, kv_heads, head_dim):
     from tests.decode_cases import make_decode_case
 
     case = make_decode_case(heads, kv_heads, head_dim, [1, 64, 65, 1999], dtype, "cuda")
     before = case.k_cache.clone(), case.v_cache.clone()
-    out = case.run()
+    out = case.run(fused=fused)
     expected = case.expected_caches(before)
     # float32 keys may differ in the last bit (the compiler contracts x * cos + y * sin into an
     # FMA); bfloat16 keys are rounded like the reference, bit for bit.

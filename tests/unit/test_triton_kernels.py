@@ -94,16 +94,17 @@ def test_rotate_and_store_matches_reference(heads, kv_heads, head_dim):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
-def test_decode_attention_matches_sdpa(splits, heads, kv_heads, head_dim):
-    """One block, exact blocks, a ragged tail, long: the kernel rotates each new query and key,
-    stores the key and value in their slots (and nowhere else) and attends to them."""
+def test_decode_attention_matches_sdpa(fused, splits, heads, kv_heads, head_dim):
+    """One block, exact blocks, a ragged tail, long. Fused, the kernel rotates each new query and
+    key, stores the key and value in their slots (and nowhere else) and attends to them."""
     from tests.decode_cases import make_decode_case
 
     case = make_decode_case(heads, kv_heads, head_dim, [1, 64, 65, 517], torch.float32, DEVICE, seed=splits + heads)
     before = case.k_cache.clone(), case.v_cache.clone()
-    out = case.run(splits=splits)
+    out = case.run(splits=splits, fused=fused)
     expected = case.expected_caches(before)
     torch.testing.assert_close(case.k_cache, expected[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(case.v_cache, expected[1])
@@ -139,11 +140,16 @@ def test_extend_attention_matches_sdpa(heads, kv_heads, head_dim):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, tests/gpu/test_cuda_matches_hf covers the Triton "
                     "backend against transformers (and the GPU machines lack the default model's tokenizer)")
-def test_engine_with_triton_backend_matches_torch_native(tiny_llama_dir):
+@pytest.mark.parametrize("fused_max_batch", [0, 64])
+def test_engine_with_triton_backend_matches_torch_native(tiny_llama_dir, monkeypatch, fused_max_batch):
     """The whole engine on the Triton backend (in the interpreter on CPU machines): batched
     prompts, chunked prefill (extend over a cached prefix) and decode give the same greedy
-    tokens as the torch_native reference backend."""
+    tokens as the torch_native reference backend — with decode steps bringing the new tokens in
+    through the separate kernel (0) or inside decode attention (64)."""
+    from meshserve.layers.attention import triton_decode
     from meshserve.layers.attention.triton import TritonBackend
+
+    monkeypatch.setattr(triton_decode, "FUSED_NEW_TOKEN_MAX_BATCH", fused_max_batch)
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
     requests = {f"r{i}": (list(range(3 + 7 * i, 8 + 18 * i)), greedy(12)) for i in range(4)}

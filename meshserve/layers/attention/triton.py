@@ -1,7 +1,7 @@
 """GPU attention backend: Triton kernels reading the paged KV pool through the request-to-token
-table — decode (split over the sequence, CUDA-graph safe, rotating and storing the new token
-itself) and extend (cached prefix + new
-tokens, every sequence of the batch in one launch)."""
+table — decode (split over the sequence, CUDA-graph safe; at small batches it rotates and
+stores the new token itself) and extend (cached prefix + new tokens, every sequence of the
+batch in one launch)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ class TritonBackend(AttentionBackend):
 
     def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        from meshserve.layers.attention.triton_decode import NewTokens, decode_attention
+        from meshserve.layers.attention.triton_decode import NewTokens, decode_attention, fuses_new_token
 
-        new = NewTokens(k, v, positions, batch.out_cache_loc, layer.rotary.cos, layer.rotary.sin)
+        if fuses_new_token(batch.batch_size):
+            new = NewTokens(k, v, positions, batch.out_cache_loc, layer.rotary.cos, layer.rotary.sin)
+        else:
+            q, _ = layer.store_new_tokens(positions, q, k, v, batch)
+            new = None
         return decode_attention(q, new, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
                                 batch.req_to_token.table, batch.req_rows, batch.seq_lens, layer.scaling)

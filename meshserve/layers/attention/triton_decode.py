@@ -1,8 +1,8 @@
 """Paged decode attention in Triton: one new query token per sequence against the sequence's
-K/V, read through the request-to-token table, split over the sequence (flash-decoding). The
-kernel also brings the new token in: it rotates the query and key (rotary embedding) and stores
-the key and value in the pool, which saves a kernel per layer on the step where launches, not
-bytes, bound the time (batch 1).
+K/V, read through the request-to-token table, split over the sequence (flash-decoding). At small
+batches the kernel also brings the new token in: it rotates the query and key (rotary
+embedding) and stores the key and value in the pool, which saves a kernel per layer where
+launches, not bytes, bound the step (see fuses_new_token).
 
 Stage 1: one program per (sequence, KV head, split) computes every query head of that KV head's
 group (each K/V block is loaded once for the whole GQA group) over its split of the sequence,
@@ -30,6 +30,7 @@ from meshserve.layers.kernels.rotary import load_rotated
 
 MAX_SPLITS = 16
 BLOCK_N = 64
+FUSED_NEW_TOKEN_MAX_BATCH = 2  # see fuses_new_token
 
 
 @triton.jit
@@ -39,19 +40,17 @@ def _decode_stage1(
     stride_ob, stride_oh, stride_table, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     row = tl.load(Rows + b)
-    pos = tl.load(Positions + b)
     # Splits are whole blocks long; trailing splits of a short sequence are empty.
     split_len = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
     begin = split * split_len
     end = tl.minimum(begin + split_len, seq_len)
-    new_index = seq_len - 1
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -59,37 +58,45 @@ def _decode_stage1(
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
     dtype = K.dtype.element_ty
-    # Every program rotates the query heads it needs and the new key of its KV head (a few
-    # hundred values). The new key and value come from registers, never from their slot: the
-    # loop stops before the new token, which the split holding it folds in last.
-    q = load_rotated(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], offs_d[None, :],
-                     mask_g[:, None] & mask_d[None, :], Cos, Sin, pos, stride_cos, HALF=HEAD_DIM // 2).to(dtype)
-    new_k = load_rotated(NewK + b * stride_nkb + kv_head * stride_nkh + offs_d, offs_d, mask_d, Cos, Sin, pos,
-                         stride_cos, HALF=HEAD_DIM // 2).to(dtype)
-    new_v = tl.load(NewV + b * stride_nvb + kv_head * stride_nvh + offs_d, mask=mask_d, other=0.0)
-
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    cached_end = tl.minimum(end, new_index)
-    for start in range(begin, cached_end, BLOCK_N):
-        m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
-                                     stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
-                                     BLOCK_N=BLOCK_N, PRECISION=PRECISION)
-
-    # The new token: folded into the state of the split that holds it, then stored in its slot
-    # for later steps (no program reads that slot in this step).
-    holds_new = (begin <= new_index) & (new_index < end)
-    s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale  # [BLOCK_G]
-    m_new = tl.maximum(m_i, s_new)
-    p_new = tl.exp(s_new - m_new)
-    alpha = tl.exp(m_i - m_new)
-    m_i = tl.where(holds_new, m_new, m_i)
-    l_i = tl.where(holds_new, l_i * alpha + p_new, l_i)
-    acc = tl.where(holds_new, acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :], acc)
-    slot = tl.load(Slots + b)
-    tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, new_k, mask=mask_d & holds_new)
-    tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, new_v, mask=mask_d & holds_new)
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q_mask = mask_g[:, None] & mask_d[None, :]
+    if NEW_IN_POOL:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        for start in range(begin, end, BLOCK_N):
+            m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
+                                         BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    else:
+        # Every program rotates the query heads it needs and the new key of its KV head (a few
+        # hundred values). The new key and value come from registers, never from their slot:
+        # the loop stops before the new token, which the split holding it folds in last.
+        pos = tl.load(Positions + b)
+        q = load_rotated(q_ptrs, offs_d[None, :], q_mask, Cos, Sin, pos, stride_cos, HALF=HEAD_DIM // 2).to(dtype)
+        new_k = load_rotated(NewK + b * stride_nkb + kv_head * stride_nkh + offs_d, offs_d, mask_d, Cos, Sin, pos,
+                             stride_cos, HALF=HEAD_DIM // 2).to(dtype)
+        new_v = tl.load(NewV + b * stride_nvb + kv_head * stride_nvh + offs_d, mask=mask_d, other=0.0)
+        new_index = seq_len - 1
+        cached_end = tl.minimum(end, new_index)
+        for start in range(begin, cached_end, BLOCK_N):
+            m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
+                                         BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+        # The new token: folded into the state of the split that holds it, then stored in its
+        # slot for later steps (no program reads that slot in this step).
+        holds_new = (begin <= new_index) & (new_index < end)
+        s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], axis=1) * scale  # [BLOCK_G]
+        m_new = tl.maximum(m_i, s_new)
+        p_new = tl.exp(s_new - m_new)
+        alpha = tl.exp(m_i - m_new)
+        m_i = tl.where(holds_new, m_new, m_i)
+        l_i = tl.where(holds_new, l_i * alpha + p_new, l_i)
+        acc = tl.where(holds_new, acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :], acc)
+        slot = tl.load(Slots + b)
+        tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, new_k, mask=mask_d & holds_new)
+        tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, new_v, mask=mask_d & holds_new)
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SPLITS == 1:
@@ -153,18 +160,31 @@ class NewTokens:
     sin: torch.Tensor
 
 
-def decode_attention(q: torch.Tensor, new: NewTokens, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def fuses_new_token(batch: int) -> bool:
+    """Whether decode attention should bring the new tokens in itself (NewTokens) rather than
+    find them rotated and stored by the separate kernel. Fusing saves that kernel's launch, which
+    is what bounds the smallest batches; but the fused kernel reads K/V more slowly, so from a few
+    sequences on the launch it saves is worth less than the time it adds (H200, 8B geometry,
+    `python -m meshserve.bench.decode_attention`: per layer, fused vs separate, 7.4 vs 8.2 µs at
+    batch 1 and 8.4 vs 9.5 at batch 2 over 300 tokens; 26.1 vs 22.1 at batch 4 over 3,000;
+    111 vs 94 at batch 256 over 300)."""
+    return batch <= FUSED_NEW_TOKEN_MAX_BATCH
+
+
+def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      splits: int | None = None) -> torch.Tensor:
-    """q: [B, Hq, D], not yet rotated; k_cache/v_cache: [slots, Hkv, D]; table: [rows,
-    max_context] slot ids; rows, seq_lens: [B] (seq_lens >= 1, including the new token). Stores
-    the new tokens (see NewTokens) and returns [B, Hq, D]. `splits` overrides the automatic
-    choice (a power of two)."""
+    """q: [B, Hq, D]; k_cache/v_cache: [slots, Hkv, D]; table: [rows, max_context] slot ids;
+    rows, seq_lens: [B] (seq_lens >= 1, including the new token). With `new`, q is not yet
+    rotated and the new tokens are not yet in the pool (see NewTokens); without it, both are
+    done. Returns [B, Hq, D]. `splits` overrides the automatic choice (a power of two)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    assert q.stride(-1) == 1 and new.k.stride(-1) == 1 and new.v.stride(-1) == 1 and new.cos.stride(-1) == 1
-    assert new.sin.stride() == new.cos.stride() and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert q.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    if new is not None:
+        assert new.k.stride(-1) == 1 and new.v.stride(-1) == 1 and new.cos.stride(-1) == 1
+        assert new.sin.stride() == new.cos.stride()
     splits = splits or num_splits(batch, num_kv_heads, q.device)
     out = torch.empty_like(q)
     if batch == 0:
@@ -175,17 +195,18 @@ def decode_attention(q: torch.Tensor, new: NewTokens, k_cache: torch.Tensor, v_c
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:  # stage 1 writes `out` directly; the partial buffers are not touched
         partial, lse = out.view(batch, num_heads, 1, head_dim), out.view(batch, num_heads, head_dim)
+    # Without new tokens the kernel never touches the NewTokens arguments: q stands in for them.
+    nk, nv, cos, sin, positions, slots = (q, q, q, q, seq_lens, seq_lens) if new is None else (
+        new.k, new.v, new.cos, new.sin, new.positions, new.slots)
     _decode_stage1[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, new.k, new.v, new.cos, new.sin, new.positions, new.slots, out, partial, lse, table,
-        rows, seq_lens,
-        q.stride(0), q.stride(1), new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1),
-        new.cos.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, nk, nv, cos, sin, positions, slots, out, partial, lse, table, rows, seq_lens,
+        q.stride(0), q.stride(1), nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         scale,
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N, SPLITS=splits,
-        PRECISION=dot_precision(q.dtype),
+        BLOCK_N=BLOCK_N, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](
