@@ -36,6 +36,21 @@ def _hf_greedy(model_dir, dtype, prompts):
                          ids=["triton+graphs", "triton-eager", "torch_native"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_greedy_matches_transformers(tmp_path, dtype, engine_args):
+    _check_greedy_matches_transformers(tmp_path, dtype, engine_args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_fused_decode_matches_transformers(tmp_path, monkeypatch, dtype):
+    """The four prompts decode as one batch of 4, past the batch size up to which decode
+    attention rotates and stores the new tokens itself; raise that limit so this path, which
+    batch-1 serving takes, is checked against transformers too."""
+    from meshserve.layers.attention import triton_decode
+
+    monkeypatch.setattr(triton_decode, "FUSED_NEW_TOKEN_MAX_BATCH", 8)
+    _check_greedy_matches_transformers(tmp_path, dtype, ())
+
+
+def _check_greedy_matches_transformers(tmp_path, dtype: str, engine_args: tuple[str, ...]) -> None:
     from meshserve.bench.random_model import SHAPES, write_random_model
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
