@@ -129,11 +129,6 @@ class ModelRunner:
             req_rows=req_rows, seq_lens=seq_lens, extend_lens=extend_lens,
             host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
 
-    def newest_tokens(self, among: torch.Tensor | None = None) -> torch.Tensor:
-        """The newest recorded token of each sequence of the last forward step (or of its
-        among[i]-th), on the device: before record_tokens, the previous step's."""
-        return self.last_tokens.index_select(0, self._step_rows_among(among))
-
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]
         belongs to the i-th sequence of the last forward step, or to its among[i]-th."""

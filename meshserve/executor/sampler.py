@@ -2,7 +2,8 @@
 
 Pipeline, per row (all rows at once, as [B, V] tensor ops):
 
-    raw logits ──► repetition / frequency / presence penalties (over OUTPUT tokens only)
+    raw logits ──► repetition / frequency / presence penalties (over OUTPUT tokens only, counted
+                   on the device by the scheduler's PenaltyCounts)
                ──► min_new_tokens ban (EOS and stop_token_ids set to -inf)
                ──► greedy rows: argmax, done
                ──► / temperature ──► top-k ──► top-p ──► min-p ──► draw (exponential race)
@@ -48,7 +49,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from meshserve.sampling_params import SamplingParams
@@ -87,12 +87,9 @@ def _row_seed(seed: int, step: int) -> int:
     return _splitmix64((_splitmix64(seed & _U64) + step) & _U64)
 
 
-def _to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device_async(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values -> device tensor without a host sync (pinned staging buffer + async copy on CUDA)."""
-    if isinstance(values, np.ndarray):
-        host = torch.from_numpy(values).to(dtype)
-    else:
-        host = torch.tensor(values, dtype=dtype)
+    host = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -121,7 +118,7 @@ class SamplingBatch:
 
     Invariants:
     * Per-row tensors are [B] on `device`; penalty tensors cover only the P rows that have a
-      penalty AND at least one output token (`penalty_rows` lists them, ascending).
+      penalty (`penalty_rows` lists them, ascending).
     * The `need_*` / `all_greedy` flags are host bools consistent with the tensors; they let
       `sample` skip whole stages without looking at device data.
     * For greedy rows `temperatures` holds 1.0 (never divided by zero); `top_ks` holds
@@ -152,9 +149,9 @@ class SamplingBatch:
     top_ps: torch.Tensor | None  # float32 in (0, 1]
     min_ps: torch.Tensor | None  # float32 in [0, 1]
 
-    # Penalties: None when no row needs them. [P] rows, [P, L] output ids padded with vocab_size.
+    # Penalties: None when no row needs them. [P] rows, [P, vocab_size] output-token counts.
     penalty_rows: torch.Tensor | None = None
-    penalty_token_ids: torch.Tensor | None = None
+    penalty_counts: torch.Tensor | None = None
     repetition_penalties: torch.Tensor | None = None
     frequency_penalties: torch.Tensor | None = None
     presence_penalties: torch.Tensor | None = None
@@ -177,31 +174,26 @@ class SamplingBatch:
     def build(
         cls,
         params: Sequence[SamplingParams],
-        output_ids: Sequence[Sequence[int]],
+        generated: Sequence[int],
         eos_token_ids: Sequence[int],
         vocab_size: int,
         device: torch.device,
         top_logprobs_nums: Sequence[int],
         return_logprob: Sequence[bool],
-        pending: Sequence[int] | None = None,
-        newest_tokens: torch.Tensor | None = None,
+        penalty_counts: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Collect the per-row values on the host and ship them to `device` in a few async copies.
 
-        `output_ids[i]` are the tokens row i has generated so far (not its prompt); `pending[i]`
-        (0 by default, at most 1) says whether it has generated one more that the host has not
-        read yet (a step in flight). That token counts everywhere: in the min_new_tokens ban
-        and the seed (by number), and in penalties by value, read from `newest_tokens` ([B] on
-        `device`, row i's newest sampled token), which penalised pending rows require.
+        `generated[i]`: how many tokens row i has generated so far, counting one still in flight
+        (sampled, not yet read by the host): it decides the min_new_tokens ban and the seed.
+        `penalty_counts`: [P, vocab_size] counts of the output tokens (in flight included) of
+        the P rows with a penalty, in row order (PenaltyCounts keeps them); required when P > 0.
         `vocab_size` is the real vocabulary: logits columns beyond it (lm_head padding) are
         ignored by the sampler. `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
         """
         batch = len(params)
-        pending = pending if pending is not None else [0] * batch
-        if not (len(output_ids) == len(top_logprobs_nums) == len(return_logprob) == len(pending) == batch):
-            raise ValueError("params, output_ids, top_logprobs_nums, return_logprob, pending: lengths differ")
-        if any(n not in (0, 1) for n in pending):
-            raise ValueError("pending must be 0 or 1 per row (one step in flight at most)")
+        if not (len(generated) == len(top_logprobs_nums) == len(return_logprob) == batch):
+            raise ValueError("params, generated, top_logprobs_nums, return_logprob: lengths differ")
         device = torch.device(device)
 
         greedy: list[bool] = []
@@ -214,16 +206,13 @@ class SamplingBatch:
         seeded_rows: list[int] = []
         seeded_keys: list[int] = []
         pen_rows: list[int] = []
-        pen_ids: list[Sequence[int]] = []
-        pen_unread: list[bool] = []
         reps: list[float] = []
         freqs: list[float] = []
         pres: list[float] = []
         ban_rows: list[int] = []
         ban_ids: list[int] = []
 
-        for i, (p, out, unread) in enumerate(zip(params, output_ids, pending)):
-            generated = len(out) + unread
+        for i, (p, n_generated) in enumerate(zip(params, generated)):
             is_greedy = p.is_greedy or p.temperature < _GREEDY_TEMPERATURE_EPS
             greedy.append(is_greedy)
             top_k = p.top_k if 0 < p.top_k < vocab_size else vocab_size
@@ -241,17 +230,15 @@ class SamplingBatch:
                     any_untruncated = True
                 if p.seed is not None:
                     seeded_rows.append(i)
-                    seeded_keys.append(_row_seed(p.seed, generated))
+                    seeded_keys.append(_row_seed(p.seed, n_generated))
 
-            if p.has_penalty and generated > 0:  # no output yet => counts are all zero => no-op
+            if p.has_penalty:
                 pen_rows.append(i)
-                pen_ids.append(out)
-                pen_unread.append(bool(unread))
                 reps.append(p.repetition_penalty)
                 freqs.append(p.frequency_penalty)
                 pres.append(p.presence_penalty)
 
-            if generated < p.min_new_tokens:
+            if n_generated < p.min_new_tokens:
                 banned = {t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab_size}
                 ban_rows.extend([i] * len(banned))
                 ban_ids.extend(sorted(banned))
@@ -262,7 +249,7 @@ class SamplingBatch:
         fast_greedy = all(greedy) and not pen_rows and not ban_rows and not any(return_logprob)
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor | None:
-            return None if fast_greedy else _to_device(values, dtype, device)
+            return None if fast_greedy else to_device_async(values, dtype, device)
 
         out = cls(
             batch_size=batch,
@@ -285,29 +272,16 @@ class SamplingBatch:
             seeded_keys=tuple(seeded_keys),
         )
         if pen_rows:
-            # Pad with `vocab_size`: those hits land in a spare count column that is dropped.
-            # NOTE: this walks every penalised row's whole output each step (O(total output));
-            # a persistent per-request count tensor updated incrementally is the later fix.
-            # Row-wise numpy assignment: ~10x faster than torch.tensor() on nested lists.
-            # An unread token gets one more column, filled on the device.
-            width = max(len(ids) for ids in pen_ids) + any(pen_unread)
-            padded = np.full((len(pen_ids), width), vocab_size, dtype=np.int64)
-            for r, ids in enumerate(pen_ids):
-                padded[r, : len(ids)] = ids
-            out.penalty_rows = _to_device(pen_rows, torch.int64, device)
-            out.penalty_token_ids = _to_device(padded, torch.int64, device)
-            if any(pen_unread):
-                if newest_tokens is None:
-                    raise ValueError("penalised rows with an unread token need newest_tokens")
-                unread_ids = newest_tokens.index_select(0, out.penalty_rows)
-                out.penalty_token_ids[:, -1] = torch.where(_to_device(pen_unread, torch.bool, device), unread_ids,
-                                                           vocab_size)
-            out.repetition_penalties = _to_device(reps, torch.float32, device)
-            out.frequency_penalties = _to_device(freqs, torch.float32, device)
-            out.presence_penalties = _to_device(pres, torch.float32, device)
+            if penalty_counts is None or penalty_counts.shape != (len(pen_rows), vocab_size):
+                raise ValueError(f"{len(pen_rows)} penalised rows need [{len(pen_rows)}, {vocab_size}] penalty_counts")
+            out.penalty_rows = to_device_async(pen_rows, torch.int64, device)
+            out.penalty_counts = penalty_counts
+            out.repetition_penalties = to_device_async(reps, torch.float32, device)
+            out.frequency_penalties = to_device_async(freqs, torch.float32, device)
+            out.presence_penalties = to_device_async(pres, torch.float32, device)
         if ban_rows:
-            out.ban_rows = _to_device(ban_rows, torch.int64, device)
-            out.ban_token_ids = _to_device(ban_ids, torch.int64, device)
+            out.ban_rows = to_device_async(ban_rows, torch.int64, device)
+            out.ban_token_ids = to_device_async(ban_ids, torch.int64, device)
         return out
 
 
@@ -380,15 +354,12 @@ class Sampler:
         """
         if batch.penalty_rows is None:
             return logits
-        assert batch.penalty_token_ids is not None
+        assert batch.penalty_counts is not None
         assert batch.repetition_penalties is not None
         assert batch.frequency_penalties is not None and batch.presence_penalties is not None
         rows = batch.penalty_rows
         sub = logits.index_select(0, rows)  # [P, V], a copy
-        ids = batch.penalty_token_ids
-        counts = torch.zeros(sub.shape[0], sub.shape[1] + 1, dtype=sub.dtype, device=sub.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=sub.dtype))
-        counts = counts[:, :-1]  # drop the padding column
+        counts = batch.penalty_counts
         seen = counts > 0
 
         rep = batch.repetition_penalties.unsqueeze(1)

@@ -21,6 +21,7 @@ from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.forward_batch import ForwardMode
 from meshserve.executor.model_runner import ModelRunner, StepInput
+from meshserve.executor.penalty_counts import PenaltyCounts
 from meshserve.executor.sampler import SampleOutput, Sampler, SamplingBatch
 from meshserve.messages import FinishReason, GenerateReq, ReqOutput, SchedulerStats, TopLogprob
 from meshserve.scheduler.finish import FinishChecker
@@ -96,6 +97,7 @@ class Scheduler:
         self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids,
                                             context_length=model_config.context_length, tokenizer=tokenizer)
         self.sampler = Sampler()
+        self.penalty_counts = PenaltyCounts(model_config.vocab_size, runner.device)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
@@ -380,18 +382,20 @@ class Scheduler:
         `among` as in ModelRunner.record_tokens. A step still in flight has one unread token of
         each of its sequences."""
         in_flight = self._in_flight_reqs
-        pending = [int(r in in_flight) for r in reqs]
-        # Penalties count the unread token by value: read it where the decode inputs come from.
-        penalised = any(n and r.sampling.has_penalty for n, r in zip(pending, reqs))
+        penalised = [r for r in reqs if r.sampling.has_penalty]
+        count_rows = self.penalty_counts.rows(penalised) if penalised else None
         batch = SamplingBatch.build(
-            [r.sampling for r in reqs], [r.output_ids for r in reqs], self.model_config.eos_token_ids,
-            self.model_config.vocab_size, logits.device,
+            [r.sampling for r in reqs], [len(r.output_ids) + (r in in_flight) for r in reqs],
+            self.model_config.eos_token_ids, self.model_config.vocab_size, logits.device,
             top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs],
-            pending=pending, newest_tokens=self.runner.newest_tokens(among) if penalised else None)
+            penalty_counts=self.penalty_counts.counts(count_rows) if count_rows is not None else None)
         out = self.sampler.sample(logits, batch)
         # Rank 0's choice is everyone's: unseeded noise differs between ranks.
         out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)
         self.runner.record_tokens(out.token_ids, among)
+        if count_rows is not None:  # counted now, on the device: the next step sees it even in flight
+            assert batch.penalty_rows is not None
+            self.penalty_counts.add(count_rows, out.token_ids.index_select(0, batch.penalty_rows))
         return _Sampled.start_copy(reqs, out)
 
     def _advance(self, step: _Sampled) -> None:
@@ -432,6 +436,7 @@ class Scheduler:
             self.chunked = None
         if req.row is not None:
             self._release(req, finished=True)
+        self.penalty_counts.release(req)
         self._emit(req)
 
     def _release(self, req: Req, *, finished: bool) -> None:

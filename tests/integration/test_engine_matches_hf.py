@@ -138,7 +138,7 @@ def test_overlap_schedule_matches_lockstep_with_mixed_sampling(tiny_qwen3_dir, t
     stop_at = run_to_completion(build_scheduler(tiny_qwen3_dir), {"x": (tiny_prompts[4], greedy(8))})
     stop_token = output_ids(stop_at["x"])[5]
     # Every row overlaps: the seeded, penalised and min_new_tokens rows count their in-flight
-    # token (penalties by its value, read on the device).
+    # token (penalties by its value, counted on the device when it was sampled).
     # Unpenalised, prompt 1's greedy output repeats its newest token: the penalty must see the
     # in-flight token to prevent that.
     params = [greedy(20), SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.3,
@@ -152,6 +152,37 @@ def test_overlap_schedule_matches_lockstep_with_mixed_sampling(tiny_qwen3_dir, t
     assert {r: output_ids(o) for r, o in overlapped.items()} == {r: output_ids(o) for r, o in lockstep.items()}
     assert {r: o[-1].finish for r, o in overlapped.items()} == {r: o[-1].finish for r, o in lockstep.items()}
     assert len(output_ids(overlapped["4"])) == 6  # stopped at the stop token, not one step later
+
+
+@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",)], ids=["lockstep", "overlap"])
+def test_penalised_greedy_matches_a_reference_loop(tiny_qwen3_dir, tiny_prompts, extra):
+    """Repetition, frequency and presence penalties over the output so far, against a plain loop
+    over transformers' logits. Prompt 1's unpenalised greedy output repeats its newest token, so
+    a count that misses any token (the one in flight, under overlap) changes the output."""
+    import torch
+
+    from meshserve.sampling_params import SamplingParams
+    from tests.hf_reference import load_hf_model
+
+    rep, freq, pres, new_tokens = 1.3, 0.7, 0.2, 16
+    prompt = tiny_prompts[1]
+    model = load_hf_model(tiny_qwen3_dir)
+    expected: list[int] = []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([prompt + expected])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=logits.shape[0]).float()
+            seen = counts > 0
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+            expected.append(int((logits - freq * counts - pres * seen.float()).argmax()))
+    assert expected != hf_greedy(tiny_qwen3_dir, [prompt], new_tokens)[0]  # the penalties matter here
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, repetition_penalty=rep,
+                            frequency_penalty=freq, presence_penalty=pres)
+    scheduler = build_scheduler(tiny_qwen3_dir, *extra)
+    outs = run_to_completion(scheduler, {"p": (prompt, params), "g": (prompt, greedy(8))})
+    assert output_ids(outs["p"]) == expected
+    assert scheduler.penalty_counts.num_rows_held == 0  # released when the request finished
 
 
 def test_abort_while_a_step_is_in_flight(tiny_qwen3_dir, tiny_prompts):

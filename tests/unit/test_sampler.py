@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from meshserve.executor.penalty_counts import PenaltyCounts
 from meshserve.executor.sampler import Sampler, SampleOutput, SamplingBatch, first_argmax
 from meshserve.sampling_params import SamplingParams
 
@@ -28,15 +29,28 @@ def build(
     top_logprobs: Sequence[int] | None = None,
     logprob: Sequence[bool] | None = None,
 ) -> SamplingBatch:
+    """A batch whose rows have generated `outputs` (empty by default); the penalised rows' counts
+    come from a PenaltyCounts fed with those outputs, as the scheduler's is."""
     n = len(params)
+    outputs = outputs if outputs is not None else [[] for _ in range(n)]
+    penalised = [i for i, p in enumerate(params) if p.has_penalty]
+    counts = None
+    if penalised:
+        table = PenaltyCounts(vocab, device)
+        rows = table.rows(penalised)
+        for r, i in enumerate(penalised):
+            tokens = torch.tensor(outputs[i], dtype=torch.int64, device=device)
+            table.add(rows[r].expand(len(tokens)), tokens)
+        counts = table.counts(rows)
     return SamplingBatch.build(
         params,
-        outputs if outputs is not None else [[] for _ in range(n)],
+        [len(out) for out in outputs],
         eos,
         vocab,
         device,
         top_logprobs if top_logprobs is not None else [0] * n,
         logprob if logprob is not None else [False] * n,
+        penalty_counts=counts,
     )
 
 
@@ -287,13 +301,37 @@ def test_penalties_combine_in_order() -> None:
     assert got == pytest.approx([1.0 - 0.5 - 0.25, -2.0 - 1.0 - 0.25, 0.5, 1.5 - 1.5 - 0.25, -2.0, 0.0])
 
 
-def test_penalties_apply_to_greedy_rows_and_skip_empty_outputs() -> None:
+def test_penalties_apply_to_greedy_rows_and_not_to_empty_outputs() -> None:
     logits = torch.tensor([PEN_LOGITS] * 2)
     params = [SamplingParams(temperature=0.0, repetition_penalty=4.0)] * 2
     out = sample(logits, params, outputs=[[3], []])
     # Row 0: token 3 (3.0) is penalised to 0.75 < 2.0 so token 0 wins; row 1 has no output yet.
     assert out.token_ids.tolist() == [0, 3]
-    assert build(params, [[], []], vocab=6).penalty_rows is None
+    assert torch.equal(Sampler._apply_penalties(logits, build(params, [[], []], vocab=6)), logits)
+
+
+def test_penalised_rows_need_their_counts() -> None:
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams()]
+    with pytest.raises(ValueError, match=r"\[1, 6\] penalty_counts"):
+        SamplingBatch.build(params, [2, 0], [], 6, CPU, [0, 0], [False, False])
+    with pytest.raises(ValueError, match="penalty_counts"):
+        SamplingBatch.build(params, [2, 0], [], 6, CPU, [0, 0], [False, False], penalty_counts=torch.zeros(2, 6))
+
+
+def test_penalty_counts_rows_per_key_zeroed_on_reuse_kept_on_growth() -> None:
+    table = PenaltyCounts(5, CPU)
+    a, b = table.rows(["a", "b"]).tolist()
+    assert a != b and table.rows(["b", "a"]).tolist() == [b, a]  # a key keeps its row
+    table.add(torch.tensor([a, a, b]), torch.tensor([4, 4, 0]))  # a row may repeat
+    assert table.counts(torch.tensor([a, b])).tolist() == [[0, 0, 0, 0, 2], [1, 0, 0, 0, 0]]
+    table.release("a")
+    table.release("never seen")
+    assert table.num_rows_held == 1
+    (c,) = table.rows(["c"]).tolist()
+    assert c == a and table.counts(torch.tensor([c])).tolist() == [[0] * 5]  # recycled, zeroed
+    many = table.rows([f"k{i}" for i in range(40)])  # grows past its first capacity
+    assert len(set(many.tolist()) | {b, c}) == 42
+    assert table.counts(torch.tensor([b])).tolist() == [[1, 0, 0, 0, 0]]  # survived the growth
 
 
 def test_min_new_tokens_blocks_eos_and_stop_tokens() -> None:
@@ -320,28 +358,17 @@ def test_min_new_tokens_blocks_eos_and_stop_tokens() -> None:
     assert torch.isfinite(out.logprobs).all()
 
 
-def test_pending_tokens_count_for_the_ban_seeds_and_penalties() -> None:
-    """A row with a token still in flight (pending=1) is banned, seeded and penalised as if that
-    token were in its output already; penalties read its value from `newest_tokens`."""
+def test_generated_counts_decide_the_ban_and_the_seed() -> None:
+    """`generated` includes a token still in flight: the ban and the seed depend on the count
+    alone, not on which tokens the host has read."""
     params = [SamplingParams(temperature=0.0, min_new_tokens=3), SamplingParams(temperature=0.7, seed=9)]
 
-    def built(outputs: list[list[int]], pending: list[int]) -> SamplingBatch:
-        return SamplingBatch.build(params, outputs, [5], 8, CPU, [0, 0], [False, False], pending=pending)
+    def built(generated: list[int]) -> SamplingBatch:
+        return SamplingBatch.build(params, generated, [5], 8, CPU, [0, 0], [False, False])
 
-    read_all, one_pending = built([[1, 1, 1], [1, 1, 1]], [0, 0]), built([[1, 1], [1, 1]], [1, 1])
-    assert read_all.ban_rows is None and one_pending.ban_rows is None  # 3 tokens: free
-    assert one_pending.seeded_keys == read_all.seeded_keys
-    assert built([[1], [1]], [1, 1]).ban_rows is not None  # 2 tokens: EOS still banned
-
-    penalised = [SamplingParams(temperature=0.0, frequency_penalty=2.0), SamplingParams(temperature=0.0)]
-    logits = torch.tensor([[0.0, 1.0, 0.0, 3.0, 2.5, 0.0, 0.0, 0.0]] * 2)
-    on_host = SamplingBatch.build(penalised, [[1, 3], [3]], [5], 8, CPU, [0, 0], [False, False])
-    unread = SamplingBatch.build(penalised, [[1], []], [5], 8, CPU, [0, 0], [False, False], pending=[1, 1],
-                                 newest_tokens=torch.tensor([3, 3]))
-    assert Sampler().sample(logits, on_host).token_ids.tolist() == [4, 3]  # 3.0 - 2.0 * 1 < 2.5
-    assert Sampler().sample(logits, unread).token_ids.tolist() == [4, 3]
-    with pytest.raises(ValueError, match="newest_tokens"):
-        SamplingBatch.build(penalised, [[1], []], [5], 8, CPU, [0, 0], [False, False], pending=[1, 0])
+    assert built([3, 3]).ban_rows is None  # 3 tokens: free
+    assert built([2, 2]).ban_rows is not None  # 2 tokens: EOS still banned
+    assert built([3, 3]).seeded_keys != built([2, 2]).seeded_keys
 
 
 # ---------------------------------------------------------------------------------------------
