@@ -14,11 +14,14 @@ token until `release` (finished or aborted; a retracted request keeps its output
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 
 import torch
 
 from meshserve.executor.sampler import to_device_async
+
+logger = logging.getLogger(__name__)
 
 MIN_CAPACITY = 8
 
@@ -69,5 +72,8 @@ class PenaltyCounts:
                             device=self.device)
         table[:old] = self._table
         self._table = table
+        # Outside the KV budget (--mem-fraction-static), so say when it grows.
+        logger.info("penalty counts: room for %d penalised requests (%.0f MiB on %s)", table.shape[0],
+                    table.numel() * table.element_size() / 2**20, self.device)
         # Lowest rows first out (pop takes from the end).
         self._free.extend(range(table.shape[0] - 1, old - 1, -1))
