@@ -51,13 +51,16 @@ class DecodeCase:
     def expected_caches(self, before: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The caches `before` with the rotated new keys and the new values in their slots."""
         k_cache, v_cache = before[0].clone(), before[1].clone()
-        c, s = self.new.cos[self.new.positions][:, None], self.new.sin[self.new.positions][:, None]
-        k_cache[self.new.slots], v_cache[self.new.slots] = rotary_ref(self.new.k, c, s), self.new.v
+        k_cache[self.new.slots], v_cache[self.new.slots] = self._rotated(self.new.k), self.new.v
         return k_cache, v_cache
 
     def rotated_q(self) -> torch.Tensor:
-        c, s = self.new.cos[self.new.positions][:, None], self.new.sin[self.new.positions][:, None]
-        return rotary_ref(self.q, c, s)
+        return self._rotated(self.q)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, heads, D] rotated to each sequence's new-token position, by the reference."""
+        positions = self.new.positions
+        return rotary_ref(x, self.new.cos[positions][:, None], self.new.sin[positions][:, None])
 
     def reference(self, caches: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """SDPA in float32 over the sequences' slots of `caches`, with the rotated queries."""

@@ -13,6 +13,7 @@ from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.cuda_graph import DECODE_INPUT_ROWS, CudaGraphRunner
 from meshserve.executor.forward_batch import ForwardBatch, ForwardMode, HostLens
+from meshserve.executor.host_copy import to_device_async
 from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
 
@@ -103,12 +104,7 @@ class ModelRunner:
                 torch.tensor(step.req_rows + step.seq_lens, dtype=torch.int64)]
         if not decode:
             host.append(torch.tensor(step.extend_lens + step.input_ids, dtype=torch.int64))
-        staged = torch.cat(host)
-        if self.device.type == "cuda":
-            # From pinned memory the copy is truly asynchronous: with a decode step in flight
-            # (--enable-overlap-schedule) a pageable copy may wait for that step to finish.
-            staged = staged.pin_memory()
-        on_device = staged.to(self.device, non_blocking=True)
+        on_device = to_device_async(torch.cat(host), torch.int64, self.device)
         positions, out_cache_loc, req_rows, seq_lens, *extend = on_device.split(
             [tokens, tokens, seqs, seqs] + ([] if decode else [seqs, tokens]))
         self._step_rows = req_rows
@@ -132,11 +128,9 @@ class ModelRunner:
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]
         belongs to the i-th sequence of the last forward step, or to its among[i]-th."""
-        self.last_tokens.index_copy_(0, self._step_rows_among(among), token_ids)
-
-    def _step_rows_among(self, among: torch.Tensor | None) -> torch.Tensor:
         assert self._step_rows is not None
-        return self._step_rows if among is None else self._step_rows.index_select(0, among)
+        rows = self._step_rows if among is None else self._step_rows.index_select(0, among)
+        self.last_tokens.index_copy_(0, rows, token_ids)
 
     @torch.inference_mode()
     def _forward_inference(self, batch: ForwardBatch) -> torch.Tensor:

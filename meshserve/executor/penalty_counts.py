@@ -19,7 +19,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from meshserve.executor.sampler import to_device_async
+from meshserve.executor.host_copy import to_device_async
 
 logger = logging.getLogger(__name__)
 

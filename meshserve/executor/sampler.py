@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meshserve.executor.host_copy import to_device_async
 from meshserve.sampling_params import SamplingParams
 
 __all__ = ["SampleOutput", "Sampler", "SamplingBatch"]
@@ -85,14 +86,6 @@ def _row_seed(seed: int, step: int) -> int:
     low 32 bits of the seed.
     """
     return _splitmix64((_splitmix64(seed & _U64) + step) & _U64)
-
-
-def to_device_async(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values -> device tensor without a host sync (pinned staging buffer + async copy on CUDA)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
