@@ -99,3 +99,24 @@ def start_server(tmp_path: Path, default_model_dir: Path):
     yield factory
     for server in started:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# KV accounting after every engine test (issue 18)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def kv_accounting():
+    """After each test, every Scheduler it built through tests/scheduler_driver.py must account
+    for each KV slot exactly once (free, cached or owned by one request) and, once idle, be
+    flushed back to an entirely free pool: catches leaks no output comparison would see."""
+    yield
+    driver = sys.modules.get("tests.scheduler_driver")  # not imported: no scheduler was built
+    if driver is None:
+        return
+    schedulers, _ = list(driver.BUILT), driver.BUILT.clear()
+    for scheduler in schedulers:
+        driver.check_kv_accounting(scheduler)
+        if not scheduler.has_work:
+            driver.check_flush_frees_everything(scheduler)

@@ -1,7 +1,13 @@
-"""Drive a real Scheduler in-process (no HTTP, no subprocess) for fast engine-level tests."""
+"""Drive a real Scheduler in-process (no HTTP, no subprocess) for fast engine-level tests.
+
+Every scheduler built here is remembered for the running test; tests/conftest.py's
+`kv_accounting` fixture runs `check_kv_accounting` on each after the test (and flushes it), so no
+engine test can leak or double-own a KV slot unnoticed.
+"""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -19,7 +25,40 @@ def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu"
     args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", device, *extra_args]).validate()
     model_config = ModelConfig.from_server_args(args)
     runner = ModelRunner(args, model_config, device=torch.device(device), tp=SINGLE)
-    return Scheduler(args, model_config, runner)
+    return track(Scheduler(args, model_config, runner))
+
+
+# Schedulers of the running test (the kv_accounting fixture checks and then forgets them).
+BUILT: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+def track(scheduler: Scheduler) -> Scheduler:
+    BUILT.add(scheduler)
+    return scheduler
+
+
+def check_kv_accounting(scheduler: Scheduler) -> None:
+    """The ownership invariant (docs/architecture.md): every KV slot 1..size is owned by exactly
+    one of the pool's free list, the prefix cache, or one request ([prefix_len, kv_len) of its
+    row). A leaked slot (owned by nobody) or a double-owned one fails here."""
+    pool, cache = scheduler.pool, scheduler.cache
+    reqs = {id(r): r for r in [*scheduler.waiting, *scheduler.running,
+                                *([scheduler.chunked] if scheduler.chunked else [])]}.values()
+    owned = [scheduler.rows.slots(r.row, r.kv_len, start=r.prefix_len) for r in reqs if r.row is not None]
+    free, cached = pool.free_slots(), cache.held_slots()
+    assert cached.numel() == cache.total_size, "the cache's size counters disagree with its tree"
+    counts = (free.numel(), cached.numel(), sum(o.numel() for o in owned))
+    assert sum(counts) == pool.size, f"free + cached + owned = {counts} != capacity {pool.size}"
+    everything = torch.cat([free, cached, *owned]).sort().values
+    assert torch.equal(everything, torch.arange(1, pool.size + 1)), "a KV slot is owned twice (and another by nobody)"
+
+
+def check_flush_frees_everything(scheduler: Scheduler) -> None:
+    """An idle scheduler's flush succeeds and leaves the whole pool free and the cache empty."""
+    ok, message = scheduler.flush_cache()
+    assert ok, message
+    assert scheduler.pool.num_free == scheduler.pool.size, "KV slots survive a flush"
+    assert scheduler.cache.total_size == 0 and scheduler.cache.match_prefix([1, 2, 3]).length == 0
 
 
 def run_to_completion(scheduler: Scheduler, requests: dict[str, tuple[list[int], SamplingParams]]

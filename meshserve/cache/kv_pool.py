@@ -32,6 +32,10 @@ class KVPool:
     def num_free(self) -> int:
         return self._num_free
 
+    def free_slots(self) -> torch.Tensor:
+        """A copy of the free list (read-only accounting, for tests and debugging)."""
+        return self._free[: self._num_free].clone()
+
     def alloc(self, n: int) -> torch.Tensor | None:
         """n free slots (int64, CPU), or None when fewer than n are free (the caller evicts or retracts)."""
         if n > self._num_free:

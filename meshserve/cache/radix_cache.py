@@ -151,7 +151,21 @@ class RadixCache:
         self.root = RadixNode()
         self.root.lock_ref = 1
 
+    def held_slots(self) -> torch.Tensor:
+        """Every slot the tree owns (read-only accounting, for tests and debugging); its length
+        equals total_size while the bookkeeping is right."""
+        parts = [node.slots for node in self._nodes() if node is not self.root]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _nodes(self) -> list[RadixNode]:
+        nodes, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        return nodes
 
     def _split(self, child: RadixNode, n: int) -> RadixNode:
         """Cut `child`'s edge after n tokens; returns the new upper node (which keeps child's locks)."""
@@ -202,6 +216,9 @@ class NoPrefixCache:
 
     def evict(self, num_tokens: int) -> int:
         return 0
+
+    def held_slots(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64)
 
     def reset(self) -> None:
         pass
