@@ -1,6 +1,7 @@
 """`python -m meshserve.launch_server ARGS`: serve one model over HTTP (SGLang's command line).
 
-Start-up order on every node: parse and validate the arguments, resolve the model, bind the
+Start-up order on every node: parse and validate the arguments, check the model directory
+against them (config.json as plain JSON, before torch is imported), resolve the model, bind the
 HTTP port (a busy port fails at once, not after the model loaded), load the tokenizer (node 0),
 join the cluster (port plan, interface, rendezvous store, coordinator handshake — a mismatched
 or missing node is named here, before any rank can hang in a collective), start this node's
@@ -24,10 +25,32 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def model_dir(args: ServerArgs) -> str:
+    """``--model-path``, or the default model's directory (converted from its GGUF on first use)."""
+    if args.model.model_path is not None:
+        return args.model.model_path
+    from meshserve.config.default_model import default_model_path
+
+    return str(default_model_path())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)  # exits 2 with "error: ..." lines on bad arguments
     configure_logging(args.http.log_level)
 
+    # Before torch, transformers or any rank: a wrong --model-path or --tp is told in a second.
+    from meshserve.config.default_model import DefaultModelUnavailable
+    from meshserve.config.preflight import ModelDirError, check_model_dir
+
+    try:
+        check_model_dir(model_dir(args), args.parallel.tp_size)
+    except (ModelDirError, DefaultModelUnavailable) as err:
+        log.error("cannot start: %s", err)
+        return 1
+
+    log.info("loading torch and transformers")
+    for note in args.without_effect():
+        log.warning("%s", note)
     from meshserve.cluster.coordinator import ClusterError
     from meshserve.cluster.launcher import launch_schedulers
     from meshserve.cluster.net import NetError

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, PretrainedConfig
 
+from meshserve.config.preflight import SUPPORTED_ARCHITECTURES
+
 if TYPE_CHECKING:
     from meshserve.config.server_args import ServerArgs
-
-# Architectures the executor can run; the model registry maps each to its implementation.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

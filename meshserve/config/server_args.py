@@ -713,13 +713,9 @@ class ServerArgs:
                    "or leave --device out")
 
         # cache
-        if c.mem_fraction_static is not None:
-            if not 0.0 < c.mem_fraction_static < 1.0:
-                yield (f"{self.flag_spelling('mem_fraction_static')} must be in (0, 1), "
-                       f"got {c.mem_fraction_static}")
-            elif self.resolved_device() == "cpu":
-                yield (f"{self.flag_spelling('mem_fraction_static')} sizes GPU memory and "
-                       f"has no meaning on cpu; size the KV cache with --max-total-tokens")
+        if c.mem_fraction_static is not None and not 0.0 < c.mem_fraction_static < 1.0:
+            yield (f"{self.flag_spelling('mem_fraction_static')} must be in (0, 1), "
+                   f"got {c.mem_fraction_static}")
         yield from at_least("max_total_tokens", 1, optional=True)
         yield from at_least("page_size", 1)
 
@@ -741,6 +737,19 @@ class ServerArgs:
         yield from port("disaggregation_bootstrap_port")
         if not self.http.host:
             yield "--host must not be empty"
+
+    def without_effect(self) -> list[str]:
+        """Flags accepted but without effect here: one warning line each, for the start-up log.
+
+        Deployment recipes (the seeds) pass GPU-only flags everywhere, so a CPU run accepts them
+        rather than refusing a command line that is right for the GPU machines. Resolving the
+        device may import torch: call this once the model checks have passed.
+        """
+        notes = []
+        if self.cache.mem_fraction_static is not None and self.resolved_device() == "cpu":
+            notes.append(f"{self.flag_spelling('mem_fraction_static')} sizes GPU memory and has no effect on cpu; "
+                         "the KV cache is sized by --max-total-tokens there")
+        return notes
 
     def _refusals(self) -> Iterator[str]:
         for row in REFUSALS:

@@ -246,16 +246,19 @@ def test_valid_on_cpu(on_cpu: None, argv: list[str]) -> None:
     assert problems_of(argv) == ()
 
 
-def test_mem_fraction_static_refused_on_cpu(on_cpu: None) -> None:
-    (problem,) = problems_of(["--device", "cpu", "--mem-fraction-static", "0.8"])
-    assert "--mem-fraction-static" in problem and "--max-total-tokens" in problem
-    # Auto-resolved device counts too.
-    assert problems_of(["--mem-fraction-static", "0.8"])
+def test_mem_fraction_static_accepted_on_cpu_with_a_warning(on_cpu: None) -> None:
+    # The seeds pass it on every command line; on cpu it is accepted and said to have no effect.
+    for argv in (["--device", "cpu", "--mem-fraction-static", "0.8"], ["--mem-fraction-static", "0.8"]):
+        assert problems_of(argv) == ()
+        (note,) = ServerArgs.parse_args(argv).without_effect()
+        assert "--mem-fraction-static" in note and "no effect on cpu" in note
+    assert ServerArgs.parse_args(["--device", "cpu"]).without_effect() == []
 
 
 def test_mem_fraction_static_fine_on_gpu(on_gpu: None) -> None:
     assert problems_of(["--mem-fraction-static", "0.8"]) == ()
     assert problems_of(["--device", "cuda", "--mem-fraction-static", "0.8"]) == ()
+    assert ServerArgs.parse_args(["--mem-fraction-static", "0.8"]).without_effect() == []
 
 
 def test_device_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

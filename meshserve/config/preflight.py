@@ -1,0 +1,98 @@
+"""Checks of a model directory against the command line that need neither torch nor transformers.
+
+``launch_server`` runs :func:`check_model_dir` right after parsing the arguments, so a typo in
+``--model-path``, an architecture meshserve cannot run, or a ``--tp`` the model's heads cannot be
+split over is reported within a second or two -- not after importing torch (seconds), loading
+transformers (seconds) or spawning ``--tp`` ranks that would then fail one by one (minutes).
+config.json is read as plain JSON for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Architectures the executor can run. meshserve.models.registry maps each to its implementation;
+# the list lives here, torch-free, so the check above needs no torch (a unit test keeps the two equal).
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+)
+
+
+class ModelDirError(ValueError):
+    """The model directory cannot be served with these arguments; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of config.json that decide whether and how the model shards over ``--tp``."""
+
+    architecture: str
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+    def tp_problems(self, tp: int) -> list[str]:
+        """Why the model cannot be split over ``tp`` ranks (empty when it can).
+
+        Query heads and the MLP's intermediate size are split evenly. KV heads are split when
+        there are at least ``tp`` of them, and replicated otherwise (DESIGN §4) -- which needs
+        every KV head to get the same number of ranks. The vocabulary never blocks: the
+        embedding and LM head pad it to a multiple of ``tp``.
+        """
+        problems = []
+        if self.num_heads % tp:
+            problems.append(f"{self.num_heads} attention heads do not divide over --tp {tp}")
+        if self.num_kv_heads >= tp and self.num_kv_heads % tp:
+            problems.append(f"{self.num_kv_heads} KV heads do not divide over --tp {tp}")
+        if self.num_kv_heads < tp and tp % self.num_kv_heads:
+            problems.append(f"--tp {tp} is not a multiple of the {self.num_kv_heads} KV heads "
+                            "(needed to replicate them evenly)")
+        if self.intermediate_size % tp:
+            problems.append(f"MLP intermediate size {self.intermediate_size} does not divide over --tp {tp}")
+        return problems
+
+
+def read_model_shape(model_path: str) -> ModelShape:
+    """Read config.json of a local model directory; refuse what meshserve cannot load."""
+    path = Path(model_path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelDirError(
+            f"--model-path {model_path!r} {what}; it must be a local Hugging Face model directory "
+            "(meshserve never downloads from a model hub)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError(f"cannot read {config_file}: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{config_file} is not a JSON object")
+    architectures = config.get("architectures") or []
+    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelDirError(
+            f"architecture {architectures} in {config_file} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        num_heads = int(config["num_attention_heads"])
+        return ModelShape(
+            architecture=arch,
+            num_heads=num_heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+            intermediate_size=int(config["intermediate_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelDirError(f"{config_file} lacks a valid {err} for a {arch}") from None
+
+
+def check_model_dir(model_path: str, tp: int) -> ModelShape:
+    """:func:`read_model_shape`, then refuse a ``tp`` the model cannot be split over."""
+    shape = read_model_shape(model_path)
+    problems = shape.tp_problems(tp)
+    if problems:
+        raise ModelDirError(f"{model_path} cannot run with --tp {tp}: " + "; ".join(problems))
+    return shape
