@@ -57,6 +57,71 @@ def test_chat_streamed_text_equals_non_streamed(default_server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def check_stream_sequence(events: list[dict], *, chat: bool, include_usage: bool, full: dict) -> None:
+    """The whole SSE sequence of one n=1 OpenAI stream (sse_events already checked `[DONE]` is
+    last): [role chunk (chat)], content deltas, exactly one finish chunk, and, only when
+    stream_options.include_usage, a final usage chunk with no choices equal to the non-streamed
+    usage (every other chunk then carries "usage": null). `full` is the same request unstreamed."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    assert {e["object"] for e in events} == {obj} and len({e["id"] for e in events}) == 1
+    if include_usage:
+        *events, last = events
+        assert last["choices"] == [], last
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens: the repeat hits the cache
+        assert {k: last["usage"][k] for k in counts} == {k: full["usage"][k] for k in counts}
+        assert last["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert all("usage" in e and e["usage"] is None for e in events)
+    else:
+        assert all("usage" not in e for e in events)
+    choices = [e["choices"] for e in events]
+    assert all(len(c) == 1 and c[0]["index"] == 0 for c in choices)
+    choices = [c[0] for c in choices]
+    if chat:
+        role, *choices = choices
+        assert role["delta"] == {"role": "assistant", "content": ""} and role["finish_reason"] is None
+        assert all("role" not in c["delta"] for c in choices)
+    *deltas, finish = choices
+    assert deltas and all(c["finish_reason"] is None for c in deltas)
+    assert finish["finish_reason"] == full["choices"][0]["finish_reason"] and finish["finish_reason"]
+    text = "".join((c["delta"].get("content", "") if chat else c["text"]) for c in choices)
+    expected = full["choices"][0]["message"]["content"] if chat else full["choices"][0]["text"]
+    assert text == expected
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_stream_event_sequence(default_server, chat, include_usage):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": MODEL, "max_tokens": 12, "temperature": 0,
+            **({"messages": MESSAGES} if chat else {"prompt": "Once upon a time"})}
+    with default_server.client() as http:
+        full = http.post(path, json=body).json()
+        stream_body = {**body, "stream": True, **({"stream_options": {"include_usage": True}} if include_usage else {})}
+        with http.stream("POST", path, json=stream_body) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response)
+    check_stream_sequence(events, chat=chat, include_usage=include_usage, full=full)
+
+
+def _cached_tokens(http: httpx.Client, prompt: str) -> int:
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_flush_cache_empties_the_prefix_cache(default_server):
+    """/flush_cache by its effect: a repeated prompt is a cache hit before the flush, not after."""
+    prompt = "A prompt of its own for the flush test: " + " ".join(str(i) for i in range(40))
+    with default_server.client() as http:
+        _cached_tokens(http, prompt)
+        assert _cached_tokens(http, prompt) > 20
+        deadline = time.monotonic() + 30  # a flush is refused while an earlier test's request runs
+        while (flushed := http.post("/flush_cache")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert flushed.status_code == 200, flushed.text
+        assert _cached_tokens(http, prompt) == 0
+
+
 def test_stop_string_is_trimmed_streaming_and_not(default_server):
     client = default_server.openai()
     prompt = "The first ten letters of the alphabet are"
@@ -228,16 +293,21 @@ def test_client_disconnect_aborts_the_request(default_server, stream):
 
 
 def test_api_key_guards_every_route_but_probes(start_server):
+    """Every route of the app (enumerated from it, so a new one is covered at once) answers 401
+    without the key on the real server, with real request bodies; only the probes are open."""
+    from tests.app_routes import EXPECTED_OPEN_PATHS, guarded_routes
+
     server = start_server(api_key="s3cret")
     anonymous = httpx.Client(base_url=server.base_url, timeout=30)
-    for path in ("/v1/models", "/get_server_info", "/get_model_info", "/flush_cache", "/anything"):
-        response = anonymous.get(path)
-        assert response.status_code == 401, path
-        assert response.json()["error"]["code"] == "invalid_api_key"
-    assert anonymous.post("/generate", json={"text": "x"}).status_code == 401
-    wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401
-    for path in ("/health", "/health_generate", "/metrics"):
+    bodies = {"/v1/completions": {"model": MODEL, "prompt": "x", "max_tokens": 1},
+              "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 1},
+              "/generate": {"text": "x", "sampling_params": {"max_new_tokens": 1}}}
+    for method, path in [*guarded_routes(), ("GET", "/anything")]:
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            response = anonymous.request(method, path, json=bodies.get(path, {}), headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    for path in sorted(EXPECTED_OPEN_PATHS):
         assert anonymous.get(path).status_code == 200, path
     with server.client() as http:
         info = http.get("/get_server_info")
