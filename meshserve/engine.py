@@ -21,7 +21,7 @@ from meshserve.cluster.node import ClusterNode
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.server.generation import GenerateRequest, SequenceResult
-from meshserve.server.native_api import GenerateReqInput, native_response
+from meshserve.server.native_api import engine_requests, native_response
 from meshserve.server.tokenizer_manager import TokenizerManager, load_tokenizer
 
 T = TypeVar("T")
@@ -68,17 +68,8 @@ class Engine:
         with one dict per prompt and sample). `sampling_params` may be one dict for all prompts
         or one per prompt; SGLang's names (max_new_tokens, temperature, stop, ...).
         Raises InvalidRequest (a ValueError) for a bad request."""
-        batch = isinstance(prompt, list) or bool(input_ids and isinstance(input_ids[0], list))
-        prompts: list[dict[str, Any]]
-        if prompt is not None:
-            prompts = [{"text": p} for p in (prompt if isinstance(prompt, list) else [prompt])]
-        else:
-            prompts = [{"input_ids": ids} for ids in (input_ids if batch else [input_ids])]  # type: ignore[list-item]
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        inputs = [GenerateReqInput(sampling_params=p, **source) for source, p in zip(prompts, params)]
-        results = self._run(self._collect([r for i in inputs for r in i.to_generate_requests()]))
+        requests, batch = engine_requests(prompt, sampling_params, input_ids)
+        results = self._run(self._collect(requests))
         bodies = [[native_response(r) for r in per_prompt] for per_prompt in results]
         if batch:
             return [body for per_prompt in bodies for body in per_prompt]
@@ -99,8 +90,9 @@ class Engine:
         self.shutdown()
 
     async def _collect(self, requests: list[GenerateRequest]) -> list[list[SequenceResult]]:
-        # Tokenize on the loop thread too: a tokenizer must not be used by two threads at once.
-        return await self._tm.collect_many([self._tm.prepare(r) for r in requests])
+        # Tokenize through the TokenizerManager (its loop, its tokenize thread), never on the
+        # caller's thread: it decides which one thread may run a large encode.
+        return await self._tm.collect_many([await self._tm.prepare(r) for r in requests])
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

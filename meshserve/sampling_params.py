@@ -10,6 +10,15 @@ import msgspec
 # context length says. It keeps absurd values out of the scheduler's arithmetic.
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # sequences per request (OpenAI's limit on choices)
+# Every integer that reaches the scheduler must fit its int64 msgpack fields and int32 device
+# tensors; these bounds are why no value can overflow past the edge (issue 10, item 4).
+MAX_TOP_K = (1 << 31) - 1
+MAX_TOKEN_ID = (1 << 31) - 1
+# Stop strings are matched against the text every step; a few long ones are plenty.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -71,11 +80,30 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             raise bad("top_p", "must be > 0")
         if self.repetition_penalty == 0.0:
             raise bad("repetition_penalty", "must be > 0")
-        if self.top_k < -1:
-            raise bad("top_k", f"must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be -1 or 0 (disabled) or in [1, {MAX_TOP_K}], got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "must be in [0, 2**63)")
-        if any(not s for s in self.stop):
-            raise bad("stop", "stop strings must not be empty")
-        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            raise bad("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for stop in self.stop:
+            if not 0 < len(stop) <= MAX_STOP_STRING_CHARS:
+                raise bad("stop", f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
+            if (problem := text_problem(stop)) is not None:
+                raise bad("stop", problem)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        high = MAX_TOKEN_ID + 1 if vocab_size is None else vocab_size
+        if any(not 0 <= t < high for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"token ids must be in [0, {high})")
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be served, or None: it must be Unicode that UTF-8 can carry. A lone
+    surrogate (possible in a Python str) would otherwise fail later, in the tokenizer or the
+    msgpack encoder, as a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid Unicode text ({err.reason} at position {err.start})"
+    return None

@@ -5,6 +5,7 @@ status codes. Shared by the HTTP routes and the offline Engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,16 @@ class InvalidRequest(GenerateError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+        """pydantic's errors() -> one error naming each bad field (`messages.0.role: ...`)."""
+
+        def where(problem: Mapping[str, Any]) -> str:
+            return ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+
+        message = "; ".join(f"{where(p) or 'body'}: {p.get('msg', 'invalid')}" for p in problems)
+        return cls(message or "invalid request body", param=(where(problems[0]) or None) if problems else None)
 
 
 class ServiceUnavailable(GenerateError):

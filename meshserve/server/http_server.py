@@ -41,7 +41,13 @@ from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.sampling_params import SamplingParams
 from meshserve.server import openai_api as oai
-from meshserve.server.generation import GenerateError, GenerateRequest, SequenceOutput, SequenceResult
+from meshserve.server.generation import (
+    GenerateError,
+    GenerateRequest,
+    InvalidRequest,
+    SequenceOutput,
+    SequenceResult,
+)
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.native_api import GenerateReqInput, native_response
@@ -91,14 +97,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 def validation_error(problems: Sequence[Any]) -> oai.APIError:
-    """pydantic errors -> one 400 naming each bad field (`messages.0.role: ...`)."""
-
-    def where(problem: Any) -> str:
-        loc = [str(part) for part in problem.get("loc", ()) if part != "body"]
-        return ".".join(loc)
-
-    message = "; ".join(f"{where(p) or 'body'}: {p.get('msg', 'invalid')}" for p in problems)
-    return oai.APIError(400, message or "invalid request body", param=(where(problems[0]) or None) if problems else None)
+    """pydantic errors -> one 400 naming each bad field."""
+    return oai.APIError.from_generate_error(InvalidRequest.from_problems(problems))
 
 
 # ---- API key -------------------------------------------------------------------------------
@@ -161,11 +161,15 @@ async def event_stream(
     """SSE events of one request: prologue, one rendered event per output (given the output and
     its sequence's accumulated result; b"" to send nothing), epilogue, [DONE]. An error
     mid-stream becomes an error event. A client disconnect cancels this generator (Starlette),
-    which aborts the request."""
+    which aborts the request.
+
+    Invariant: once the 200 and the first bytes are out, the stream always ends with `[DONE]`,
+    after an error event if anything failed -- whatever the exception (a client must never see
+    a cut connection it cannot tell from a network fault)."""
     results = [SequenceResult(index=i) for i in range(prepared.n)]
-    for event in prologue:
-        yield event
     try:
+        for event in prologue:
+            yield event
         async with contextlib.aclosing(tm.generate(prepared)) as outputs:
             async for out in outputs:
                 result = results[out.index]
@@ -175,6 +179,9 @@ async def event_stream(
                     yield event
     except GenerateError as err:
         yield oai.sse(oai.APIError.from_generate_error(err).body())
+    except Exception as err:  # noqa: BLE001 - see the invariant above
+        log.exception("unexpected error in a response stream")
+        yield oai.sse(oai.APIError(500, f"internal server error: {type(err).__name__}").body())
     else:
         for event in epilogue(results):
             yield event
@@ -233,7 +240,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, oai.ChatCompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        prepared = tm.prepare(body.to_generate_request())
+        prepared = await tm.prepare(body.to_generate_request())
         rctx = response_context("chatcmpl", prepared)
         include_usage = body.include_usage
         if body.stream:
@@ -251,7 +258,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def completions(request: Request) -> Response:
         body = await parse_body(request, oai.CompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        prepared = tm.prepare(body.to_generate_request())
+        prepared = await tm.prepare(body.to_generate_request())
         rctx = response_context("cmpl", prepared)
         include_usage = body.include_usage
         if body.stream:
@@ -285,7 +292,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         body = await parse_body(request, GenerateReqInput)
         if body.stream and body.is_batch:
             raise oai.APIError(400, "streaming a batch of prompts is not supported yet", param="stream")
-        prepared = [tm.prepare(r) for r in body.to_generate_requests()]
+        prepared = [await tm.prepare(r) for r in body.to_generate_requests()]
         token_text = tm.token_text if body.return_text_in_logprobs else None
 
         def render(result: SequenceResult) -> dict[str, Any]:
@@ -322,7 +329,7 @@ def create_app(ctx: AppContext) -> FastAPI:
             return Response(status_code=200)
         probe = GenerateRequest(input_ids=[1], sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
         try:
-            await asyncio.wait_for(tm.collect(tm.prepare(probe)), HEALTH_GENERATE_TIMEOUT_S)
+            await asyncio.wait_for(tm.collect(await tm.prepare(probe)), HEALTH_GENERATE_TIMEOUT_S)
         except (GenerateError, TimeoutError) as err:
             return error_response(oai.APIError(503, f"generation failed: {err or 'timed out'}",
                                                code="service_unavailable"))

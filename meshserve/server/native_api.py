@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from meshserve.messages import FinishReason
-from meshserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from meshserve.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
 from meshserve.server.generation import GenerateRequest, InvalidRequest, SequenceResult
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
@@ -41,7 +41,7 @@ class NativeSamplingParams(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
     sampling_seed: int | None = None  # SGLang's newer name for seed
 
@@ -116,6 +116,31 @@ class GenerateReqInput(BaseModel):
         if len(rids) != count or isinstance(self.rid, list) != self.is_batch:
             raise InvalidRequest("rid must be one id per prompt (a list for a batch)", param="rid")
         return list(rids)
+
+
+def engine_requests(
+    prompt: Any, sampling_params: Any, input_ids: Any
+) -> tuple[list[GenerateRequest], bool]:
+    """meshserve.Engine.generate's arguments as GenerateRequests (one per prompt, in order) and
+    whether they form a batch. They are validated as a /generate body is, so every bad argument
+    -- wrong type, out of range, unknown sampling field -- raises InvalidRequest."""
+    try:
+        whole = GenerateReqInput(text=prompt, input_ids=input_ids)
+        if (whole.text is None) == (whole.input_ids is None):
+            raise InvalidRequest("give exactly one of prompt, input_ids")
+        prompts: list[dict[str, Any]]
+        if whole.text is not None:
+            prompts = [{"text": t} for t in (whole.text if isinstance(whole.text, list) else [whole.text])]
+        else:
+            batch = whole.input_ids if whole.is_batch else [whole.input_ids]
+            prompts = [{"input_ids": ids} for ids in batch]  # type: ignore[union-attr]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequest(f"{len(params)} sampling_params for {len(prompts)} prompts", param="sampling_params")
+        inputs = [GenerateReqInput(sampling_params=p, **source) for source, p in zip(prompts, params)]
+    except ValidationError as err:
+        raise InvalidRequest.from_problems(err.errors()) from None
+    return [r for i in inputs for r in i.to_generate_requests()], whole.is_batch
 
 
 def finish_reason(finish: FinishReason | None, completion_tokens: int) -> dict[str, Any] | None:

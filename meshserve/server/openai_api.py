@@ -18,10 +18,9 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from meshserve.messages import TopLogprob
-from meshserve.sampling_params import MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
+from meshserve.sampling_params import MAX_N, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
 from meshserve.server.generation import GenerateError, GenerateRequest, SequenceOutput, SequenceResult
 
-MAX_N = 128  # OpenAI's limit on choices per request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # JSON has no -inf; a token the model rules out completely gets this logprob (vLLM does the same).
 MIN_LOGPROB = -9999.0

@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ from meshserve.messages import (
     from_scheduler_codec,
     to_scheduler_codec,
 )
-from meshserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
+from meshserve.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError, text_problem
 from meshserve.server.detokenizer import SequenceDetokenizer
 from meshserve.server.generation import (
     GenerateError,
@@ -73,6 +74,11 @@ READY_TIMEOUT_S = 1800.0
 WATCHDOG_INTERVAL_S = 0.5
 FLUSH_TIMEOUT_S = 30.0
 SEED_MODULUS = 2**63  # SamplingParams.seed range; per-sequence seeds wrap inside it
+MAX_RID_CHARS = 256
+# Prompts up to this many characters (or token ids) are tokenized on the event loop; longer ones
+# in the tokenize thread, so that health probes and other streams never wait behind them. Below
+# it, the thread hop (~0.1 ms) costs more than the work it moves.
+INLINE_PROMPT_SIZE = 8192
 
 SKIP_TOKENIZER_MESSAGE = (
     "the server was started with --skip-tokenizer-init, so it has no tokenizer: send token ids "
@@ -152,6 +158,11 @@ class TokenizerManager:
         self._flush_lock = asyncio.Lock()
         self._flush_reply: asyncio.Future[FlushCacheOut] | None = None
         self._ctx: zmq.asyncio.Context | None = None
+        # One thread: large prompts are tokenized one after the other, never two at once on the
+        # same tokenizer. The loop thread meanwhile only decodes and encodes small prompts,
+        # which read the Rust tokenizer without changing its state (no truncation/padding is
+        # ever set), so sharing it is safe.
+        self._tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-tokenize")
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -187,7 +198,7 @@ class TokenizerManager:
             else [1, 2, 3, 4]
         )
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
-        await self.collect(self.prepare(GenerateRequest(input_ids=prompt, sampling=sampling)))
+        await self.collect(await self.prepare(GenerateRequest(input_ids=prompt, sampling=sampling)))
         self._warmed_up = True
 
     @property
@@ -229,19 +240,22 @@ class TokenizerManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
+        self._tokenize_thread.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests ------------------------------------------------------------------------
 
-    def prepare(self, req: GenerateRequest) -> PreparedRequest:
-        """Tokenize and validate; raise InvalidRequest (400) or ServiceUnavailable (503)."""
+    async def prepare(self, req: GenerateRequest) -> PreparedRequest:
+        """Tokenize and validate; raise InvalidRequest (400) or ServiceUnavailable (503).
+        This is the one place every request (HTTP or Engine) is checked before anything is
+        sent: what passes encodes into the scheduler's messages and fits its arithmetic."""
         info = self._serving_info()
-        input_ids = self._prompt_ids(req, info.vocab_size)
+        _check_request_fields(req)
+        if _prompt_size(req) <= INLINE_PROMPT_SIZE:
+            input_ids = self._prompt_ids(req, info.vocab_size)
+        else:
+            loop = asyncio.get_running_loop()
+            input_ids = await loop.run_in_executor(self._tokenize_thread, self._prompt_ids, req, info.vocab_size)
         sampling = self._resolve_sampling(req, len(input_ids), info)
-        if req.n < 1:
-            raise InvalidRequest(f"n must be >= 1, got {req.n}", param="n")
-        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
-            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}",
-                                 param="top_logprobs")
         return PreparedRequest(
             rid=req.rid if req.rid is not None else uuid.uuid4().hex,
             input_ids=input_ids,
@@ -353,6 +367,7 @@ class TokenizerManager:
         elif req.messages is not None:
             ids = self._chat_prompt_ids(req.messages)
         else:
+            _check_text(req.text, "text")
             # An empty text would still tokenize to [BOS] with some tokenizers.
             ids = self.tokenizer.encode(req.text) if req.text else []
         if not ids:
@@ -370,6 +385,7 @@ class TokenizerManager:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except (ValueError, TypeError, jinja2.TemplateError) as err:
             raise InvalidRequest(f"cannot apply the model's chat template: {err}", param="messages") from None
+        _check_text(text, "messages")
         # The template already wrote BOS and the other special tokens it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -533,6 +549,33 @@ class TokenizerManager:
         requests = {id(request): request for request, _ in self._sequences.values()}
         for request in requests.values():
             request.queue.put_nowait(error(message))
+
+
+def _check_request_fields(req: GenerateRequest) -> None:
+    """The request's own fields (the sampling ones are SamplingParams.validate's)."""
+    if not 1 <= req.n <= MAX_N:
+        raise InvalidRequest(f"n must be in [1, {MAX_N}], got {req.n}", param="n")
+    if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}",
+                             param="top_logprobs")
+    if req.rid is not None:
+        if not 0 < len(req.rid) <= MAX_RID_CHARS:
+            raise InvalidRequest(f"rid must have 1 to {MAX_RID_CHARS} characters", param="rid")
+        _check_text(req.rid, "rid")
+
+
+def _check_text(text: str, param: str) -> None:
+    if (problem := text_problem(text)) is not None:
+        raise InvalidRequest(f"{param}: {problem}", param=param)
+
+
+def _prompt_size(req: GenerateRequest) -> int:
+    """Characters of text (or token ids) in the prompt: what tokenizing it costs, roughly."""
+    if req.text is not None:
+        return len(req.text)
+    if req.input_ids is not None:
+        return len(req.input_ids)
+    return sum(len(str(value)) for message in req.messages or () for value in message.values())
 
 
 def _sequence_sampling(sampling: SamplingParams, index: int) -> SamplingParams:

@@ -143,7 +143,7 @@ def greedy(max_new_tokens: int = 16, **kw) -> SamplingParams:
 
 
 async def collect(tm: TokenizerManager, req: GenerateRequest):
-    return await tm.collect(tm.prepare(req))
+    return await tm.collect(await tm.prepare(req))
 
 
 def test_generate_text_and_counts(tokenizer):
@@ -198,7 +198,7 @@ def test_n_fans_out_with_distinct_rids_and_offset_seeds(tokenizer):
 
 def test_closing_the_stream_early_aborts_in_the_scheduler(tokenizer):
     async def body(tm, fake):
-        async with contextlib.aclosing(tm.generate(tm.prepare(GenerateRequest(text="x", sampling=greedy(60))))) as out:
+        async with contextlib.aclosing(tm.generate(await tm.prepare(GenerateRequest(text="x", sampling=greedy(60))))) as out:
             first = await anext(out)
         await asyncio.sleep(0.1)
         return first.rid
@@ -236,7 +236,7 @@ def test_scheduler_death_fails_in_flight_requests_and_readiness(tokenizer):
             await task
         assert not tm.ready
         with pytest.raises(ServiceUnavailable):
-            tm.prepare(GenerateRequest(text="x"))
+            await tm.prepare(GenerateRequest(text="x"))
 
     run(tokenizer, text_script(tokenizer, " a b c d e"), body)
     assert failures == ["fake scheduler (pid 0) exited with code 1"]
@@ -304,23 +304,33 @@ def test_flush_cache(tokenizer):
          f"maximum context length is {CONTEXT} tokens, but the request asks for 65"),
         (GenerateRequest(text="a", sampling=greedy(8, temperature=-1)), "temperature"),
         (GenerateRequest(text="a", sampling=greedy(8, stop_token_ids=[VOCAB])), "stop_token_ids"),
-        (GenerateRequest(text="a", sampling=greedy(8), n=0), "n must be >= 1"),
+        (GenerateRequest(text="a", sampling=greedy(8), n=0), r"n must be in \[1, 128\]"),
+        (GenerateRequest(text="a", sampling=greedy(8), n=10**30), r"n must be in \[1, 128\]"),
         (GenerateRequest(text="a", sampling=greedy(8), top_logprobs_num=21), "top_logprobs"),
+        # Values that used to pass and then overflow the msgpack encoder (issue 10, item 4).
+        (GenerateRequest(text="a", sampling=greedy(8, top_k=10**30)), "top_k"),
+        (GenerateRequest(text="a", sampling=greedy(8, seed=-1)), "seed"),
+        (GenerateRequest(text="a", sampling=greedy(8, stop=["x"] * 65)), "stop"),
+        (GenerateRequest(text="a", sampling=greedy(8, stop=["\ud800"])), "stop: not valid Unicode"),
+        (GenerateRequest(text="a\udfff"), "text: not valid Unicode"),
+        (GenerateRequest(messages=[{"role": "user", "content": "\ud800"}]), "messages: not valid Unicode"),
+        (GenerateRequest(text="a", rid="\ud800"), "rid: not valid Unicode"),
+        (GenerateRequest(text="a", rid="r" * 257), "rid must have"),
     ],
 )
 def test_invalid_requests(tokenizer, req, message):
     async def body(tm, fake):
         with pytest.raises(InvalidRequest, match=message.replace("(", r"\(")):
-            tm.prepare(req)
+            await tm.prepare(req)
 
     run(tokenizer, text_script(tokenizer, " a"), body)
 
 
 def test_default_max_new_tokens_shrinks_to_fit_and_chat_template_is_applied(tokenizer):
     async def body(tm, fake):
-        fitted = tm.prepare(GenerateRequest(input_ids=[1] * 10, fit_max_new_tokens=True,
+        fitted = await tm.prepare(GenerateRequest(input_ids=[1] * 10, fit_max_new_tokens=True,
                                             sampling=SamplingParams(max_new_tokens=1000)))
-        chat = tm.prepare(GenerateRequest(messages=[{"role": "user", "content": "hi"}], sampling=greedy(8)))
+        chat = await tm.prepare(GenerateRequest(messages=[{"role": "user", "content": "hi"}], sampling=greedy(8)))
         return fitted, chat
 
     (fitted, chat), _ = run(tokenizer, text_script(tokenizer, " a"), body)
@@ -331,7 +341,7 @@ def test_default_max_new_tokens_shrinks_to_fit_and_chat_template_is_applied(toke
 def test_without_tokenizer_ids_in_ids_out(tokenizer):
     async def body(tm, fake):
         with pytest.raises(InvalidRequest, match="skip-tokenizer-init"):
-            tm.prepare(GenerateRequest(text="hello"))
+            await tm.prepare(GenerateRequest(text="hello"))
         return await collect(tm, GenerateRequest(input_ids=[5, 6, 7], sampling=greedy(3)))
 
     endpoints = SchedulerEndpoints.new_ipc()
