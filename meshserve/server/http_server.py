@@ -48,6 +48,7 @@ from meshserve.server.generation import (
     SequenceOutput,
     SequenceResult,
 )
+from meshserve.server.http_probes import H2ProbeTolerantProtocol
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.native_api import GenerateReqInput, native_response
@@ -94,6 +95,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as `model`, whatever the Content-Type says (SGLang's examples post JSON
     with curl -d, i.e. as form data). Errors raise ValidationError, answered with a 400."""
     return model.model_validate_json(await request.body())
+
+
+async def http_error(_: Request, err: Exception) -> Response:
+    """Routing errors (unknown path, wrong method) in the OpenAI error shape; every node's app uses it."""
+    assert isinstance(err, StarletteHTTPException)
+    return error_response(oai.APIError(err.status_code, str(err.detail)))
 
 
 def validation_error(problems: Sequence[Any]) -> oai.APIError:
@@ -218,9 +225,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def _request_validation_error(_: Request, err: RequestValidationError) -> Response:
         return error_response(validation_error(err.errors()))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException) -> Response:
-        return error_response(oai.APIError(err.status_code, str(err.detail)))
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> Response:
@@ -240,7 +245,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, oai.ChatCompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        prepared = await tm.prepare(body.to_generate_request())
+        prepared = await tm.prepare(body.to_generate_request(model_config.sampling_defaults))
         rctx = response_context("chatcmpl", prepared)
         include_usage = body.include_usage
         if body.stream:
@@ -258,7 +263,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def completions(request: Request) -> Response:
         body = await parse_body(request, oai.CompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        prepared = await tm.prepare(body.to_generate_request())
+        prepared = await tm.prepare(body.to_generate_request(model_config.sampling_defaults))
         rctx = response_context("cmpl", prepared)
         include_usage = body.include_usage
         if body.stream:
@@ -273,17 +278,23 @@ def create_app(ctx: AppContext) -> FastAPI:
         results = await until_disconnect(request, tm.collect(prepared))
         return json_response(oai.completion_response(rctx, results) if results else None)
 
+    card = {
+        "id": served_name,
+        "object": "model",
+        "created": int(time.time()),  # the server's start, as vLLM and SGLang report it
+        "owned_by": "meshserve",
+        "root": model_config.model_path,
+        "max_model_len": model_config.context_length,
+    }
+
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {
-            "id": served_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "meshserve",
-            "root": model_config.model_path,
-            "max_model_len": model_config.context_length,
-        }
         return json_response({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str) -> Response:
+        oai.check_model(model, served_name, model_config.model_path)
+        return json_response(card)
 
     # -- SGLang native --
 
@@ -343,6 +354,9 @@ def create_app(ctx: AppContext) -> FastAPI:
             "served_model_name": served_name,
             "is_generation": True,
             "architecture": model_config.architecture,
+            # SGLang's field names (the router and tools read them); the config's full list.
+            "architectures": list(model_config.hf_config.architectures or [model_config.architecture]),
+            "model_type": model_config.hf_config.model_type,
             "dtype": model_config.dtype,
             "context_length": model_config.context_length,
             "vocab_size": model_config.vocab_size,
@@ -415,6 +429,7 @@ class ServerRunner:
             app,
             log_level=args.http.log_level,
             log_config=None,  # the root logger set up by launch_server
+            http=H2ProbeTolerantProtocol,  # sglang-router's gRPC probe is not a warning
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             lifespan="off",
         )

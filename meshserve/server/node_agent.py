@@ -17,11 +17,13 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshserve.cluster.launcher import SchedulerProcesses
 from meshserve.cluster.node import ClusterNode
 from meshserve.config.server_args import ServerArgs
-from meshserve.server.http_server import UvicornServer
+from meshserve.server.http_probes import H2ProbeTolerantProtocol
+from meshserve.server.http_server import UvicornServer, http_error
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("meshserve")
@@ -44,8 +46,9 @@ class NodeAgent:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         app.get("/health")(self._health)
         app.get("/metrics")(self._metrics)
+        app.add_exception_handler(StarletteHTTPException, http_error)  # node 0's error shape
         self.server = UvicornServer(uvicorn.Config(app, log_level=args.http.log_level, log_config=None,
-                                                   lifespan="off"))
+                                                   lifespan="off", http=H2ProbeTolerantProtocol))
 
     def problem(self) -> str | None:
         return self.processes.dead() or self.cluster.problem()

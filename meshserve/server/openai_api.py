@@ -9,8 +9,9 @@ meshserve does not implement is refused with a 400 naming it, never silently ign
 from __future__ import annotations
 
 import time
+import types
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +70,9 @@ def check_model(requested: str | None, served_model_name: str, model_path: str) 
 # ---- request schemas -----------------------------------------------------------------------
 
 
+NO_SAMPLING_DEFAULTS: Mapping[str, float] = types.MappingProxyType({})
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -104,9 +108,11 @@ class _RequestBase(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _generate_request(self, max_tokens: int | None, fit: bool, **fields: Any) -> GenerateRequest:
+    def _generate_request(self, max_tokens: int | None, fit: bool, sampling_defaults: Mapping[str, float],
+                          **fields: Any) -> GenerateRequest:
         """`max_tokens` None means "as many as fit"; `fit` lets a default shrink to fit;
-        `fields`: the prompt and the logprob fields of GenerateRequest."""
+        `sampling_defaults`: the model's sampling (ModelConfig.sampling_defaults) for the fields
+        the request leaves out; `fields`: the prompt and the logprob fields of GenerateRequest."""
         if self.logit_bias:
             raise APIError.not_supported("logit_bias")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,7 +133,7 @@ class _RequestBase(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
-            **{name: value for name, value in optional.items() if value is not None},
+            **{**sampling_defaults, **{name: value for name, value in optional.items() if value is not None}},
         )
         return GenerateRequest(sampling=sampling, fit_max_new_tokens=fit or max_tokens is None, n=self.n, **fields)
 
@@ -177,7 +183,7 @@ class ChatCompletionRequest(_RequestBase):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    def to_generate_request(self) -> GenerateRequest:
+    def to_generate_request(self, sampling_defaults: Mapping[str, float] = NO_SAMPLING_DEFAULTS) -> GenerateRequest:
         if self.response_format is not None and self.response_format.type != "text":
             raise APIError.not_supported("response_format", f" of type {self.response_format.type!r}")
         if self.tools:
@@ -190,6 +196,7 @@ class ChatCompletionRequest(_RequestBase):
         return self._generate_request(
             max_tokens,
             fit=False,
+            sampling_defaults=sampling_defaults,
             messages=[m.to_template() for m in self.messages],
             return_logprob=self.logprobs,
             top_logprobs_num=self.top_logprobs or 0,
@@ -204,7 +211,7 @@ class CompletionRequest(_RequestBase):
     suffix: str | None = None
     best_of: int | None = None
 
-    def to_generate_request(self) -> GenerateRequest:
+    def to_generate_request(self, sampling_defaults: Mapping[str, float] = NO_SAMPLING_DEFAULTS) -> GenerateRequest:
         if self.echo:
             raise APIError.not_supported("echo")
         if self.suffix is not None:
@@ -222,6 +229,7 @@ class CompletionRequest(_RequestBase):
         return self._generate_request(
             self.max_tokens,
             fit=fit,
+            sampling_defaults=sampling_defaults,
             return_logprob=self.logprobs is not None,
             top_logprobs_num=self.logprobs or 0,
             **source,
