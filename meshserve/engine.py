@@ -38,7 +38,7 @@ class Engine:
         self.model_config = ModelConfig.from_server_args(self.args)
         if self.args.parallel.nnodes > 1:
             raise ValueError("meshserve.Engine runs on one node; serve several nodes with launch_server")
-        tokenizer = load_tokenizer(self.model_config.tokenizer_path, trust_remote_code=self.args.model.trust_remote_code)
+        tokenizer = load_tokenizer(self.model_config.tokenizer_path)
         self._cluster = ClusterNode(self.args, self.model_config)  # tp > 1: the local rendezvous store
         self._cluster.start()
         self._processes = launch_schedulers(self.args, self._cluster.rendezvous)

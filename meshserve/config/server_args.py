@@ -282,8 +282,9 @@ class ModelArgs(_ConcernMixin):
     context_length: int | None = _arg(
         None, "Maximum context length; defaults to the model config's.")
     trust_remote_code: bool = _arg(
-        False, "Allow model/tokenizer code shipped with the checkpoint (accepted for "
-        "compatibility; meshserve only runs its own model implementations).")
+        False, "Accept a config.json that declares custom code (auto_map) and read it as the "
+        "plain config of its model_type. meshserve never runs code from the model directory "
+        "(it runs only its own model implementations), with or without this flag.")
     skip_tokenizer_init: bool = _arg(
         False, "Do not load a tokenizer: requests carry token ids and responses return ids.")
 
@@ -411,6 +412,16 @@ class HttpArgs(_ConcernMixin):
     api_key: str | None = _arg(
         None, "Require 'Authorization: Bearer <key>' on API requests. Never printed.")
     log_level: str = _arg("info", "Logging level.", choices=LOG_LEVELS, convert=_lower)
+    # Slow or hostile clients (issue 10, item 5): every connection gets an answer or is closed
+    # within these bounds.
+    http_header_timeout: float = _arg(
+        10.0, "Seconds a client may take to send a request's headers; then the connection is closed.")
+    http_body_timeout: float = _arg(
+        30.0, "Seconds a client may take to send a request's whole body; then it gets a 408.")
+    http_max_body_size: int = _arg(
+        64 << 20, "Largest request body in bytes; a larger one gets a 413.")
+    http_keep_alive_timeout: float = _arg(
+        5.0, "Seconds an idle keep-alive connection stays open.")
     enable_metrics: bool = _arg(
         False, "Accepted for SGLang compatibility: meshserve always serves Prometheus "
         "metrics on /metrics.")
@@ -734,6 +745,10 @@ class ServerArgs:
 
         # http / disagg
         yield from port("port")
+        for name in ("http_header_timeout", "http_body_timeout", "http_keep_alive_timeout"):
+            if not self.get(name) > 0:
+                yield f"{self.flag_spelling(name)} must be > 0 seconds, got {self.get(name)}"
+        yield from at_least("http_max_body_size", 1)
         yield from port("disaggregation_bootstrap_port")
         if not self.http.host:
             yield "--host must not be empty"

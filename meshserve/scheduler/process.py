@@ -30,6 +30,7 @@ from meshserve.messages import (AbortReq, BatchOut, FlushCacheOut, FlushCacheReq
                                 SchedulerFailed, SchedulerReady, StepMessages, ToScheduler, from_scheduler_codec,
                                 step_messages_codec, to_scheduler_codec)
 from meshserve.scheduler.scheduler import Scheduler
+from meshserve.server.tokenizer_manager import load_tokenizer
 
 logger = logging.getLogger("meshserve")
 
@@ -84,6 +85,7 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
         if device.type == "cuda":
             device = torch.device("cuda", topology.gpu_id(local_rank))
             torch.cuda.set_device(device)
+        logger.info("joining the process group of %d ranks", topology.world_size)
         tp = init_tp_group(world_size=topology.world_size, rank=rank, rendezvous=rendezvous, device=device,
                            timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
         scheduler = _build_scheduler(args, device, tp)
@@ -115,12 +117,7 @@ def _die_with_parent() -> None:
 def _build_scheduler(args: ServerArgs, device: torch.device, tp: TensorParallelGroup) -> Scheduler:
     model_config = ModelConfig.from_server_args(args)
     runner = ModelRunner(args, model_config, device=device, tp=tp)
-    tokenizer = None
-    if model_config.tokenizer_path is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path, local_files_only=True,
-                                                  trust_remote_code=args.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_config.tokenizer_path)  # never runs model-directory code
     return Scheduler(args, model_config, runner, tokenizer)
 
 

@@ -48,7 +48,7 @@ from meshserve.server.generation import (
     SequenceOutput,
     SequenceResult,
 )
-from meshserve.server.http_probes import H2ProbeTolerantProtocol
+from meshserve.server.http_limits import MAX_HEADER_BYTES, BodyLimitMiddleware, HttpLimits, bounded_protocol
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.native_api import GenerateReqInput, native_response
@@ -202,7 +202,8 @@ def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
 # ---- the app -------------------------------------------------------------------------------
 
 
-def create_app(ctx: AppContext) -> FastAPI:
+def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
+    """The app; `limits` bound each request's body (the server always passes them)."""
     app = FastAPI(title="meshserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     tm, model_config = ctx.tm, ctx.model_config
     served_name = model_config.served_model_name
@@ -383,6 +384,9 @@ def create_app(ctx: AppContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    # The last added runs first: the key is checked before a body is read.
+    if limits is not None:
+        app.add_middleware(BodyLimitMiddleware, limits=limits)
     if ctx.args.http.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=ctx.args.http.api_key)
     return app
@@ -424,12 +428,19 @@ class ServerRunner:
         )
         self.cluster = cluster
         self.tm.on_failure(self._on_scheduler_failure)
-        app = create_app(AppContext(self.tm, args, model_config, self.metrics, cluster_problem=cluster.problem))
+        http = args.http
+        limits = HttpLimits(header_timeout=http.http_header_timeout, body_timeout=http.http_body_timeout,
+                            max_body_size=http.http_max_body_size)
+        app = create_app(AppContext(self.tm, args, model_config, self.metrics, cluster_problem=cluster.problem),
+                         limits)
         config = uvicorn.Config(
             app,
+            # Header deadline, JSON 400s; answers sglang-router's gRPC probe without a warning.
+            http=bounded_protocol(limits.header_timeout),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            timeout_keep_alive=http.http_keep_alive_timeout,
             log_level=args.http.log_level,
             log_config=None,  # the root logger set up by launch_server
-            http=H2ProbeTolerantProtocol,  # sglang-router's gRPC probe is not a warning
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             lifespan="off",
         )

@@ -86,14 +86,16 @@ SKIP_TOKENIZER_MESSAGE = (
 )
 
 
-def load_tokenizer(path: str | None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(path: str | None) -> PreTrainedTokenizerBase | None:
     """The model's Hugging Face tokenizer, from local files only (no hub access, ever); None
-    when there is no tokenizer path (--skip-tokenizer-init)."""
+    when there is no tokenizer path (--skip-tokenizer-init). Tokenizer code shipped in the
+    model directory is never run, --trust-remote-code or not (see model_config._load_hf_config);
+    a tokenizer that exists only as such code raises ValueError."""
     if path is None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 @dataclass(frozen=True)
