@@ -6,30 +6,19 @@ with a decode step in flight (--enable-overlap-schedule), with decodes inside pr
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
-
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import DEFAULT_MODEL_NEW_TOKENS as NEW_TOKENS
+from tests.hf_reference import default_model_reference, hf_greedy
 from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-    "Explain what a neural network is in one sentence.",
-]
-NEW_TOKENS = 32
+@pytest.fixture(scope="module")
+def chat_prompt_ids() -> list[list[int]]:
+    return default_model_reference().chat_prompt_ids
 
 
 @pytest.fixture(scope="module")
-def chat_prompt_ids(default_model_dir) -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                    return_dict=False) for p in CHAT_PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def default_reference(default_model_dir, chat_prompt_ids) -> list[list[int]]:
-    return hf_greedy(default_model_dir, chat_prompt_ids, NEW_TOKENS)
+def default_reference() -> list[list[int]]:
+    """transformers on the GGUF file itself (not on meshserve's converted directory)."""
+    return default_model_reference().chat_outputs
 
 
 def _generate(model_dir, prompts, new_tokens, *extra, rounds=1) -> list[list[list[int]]]:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from meshserve.config import default_model as dm
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import DEFAULT_MODEL_CHAT_PROMPTS, default_model_reference, hf_greedy, tensor_sha256
 from tests.models import make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3
 
 CAPITAL_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -76,14 +76,34 @@ def test_chat_template_and_special_tokens(default_model_dir: Path) -> None:
     assert tok("Hello")["input_ids"][0] != 1
 
 
-def test_greedy_answers_paris(default_model_dir: Path) -> None:
-    """The proof that q/k were un-permuted correctly: with llama.cpp's row order left in place
-    the model answers nothing sensible (it emits <|im_end|> at once)."""
+# The conversion against transformers' own GGUF loader (tests/hf_reference.py), not against a
+# transformers that loads the converted directory: that would share every conversion bug.
+# Config fields that change the model's arithmetic.
+ARITHMETIC_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act",
+                          "rope_parameters", "rope_theta", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def test_converted_weights_are_the_gguf_weights(default_model_dir: Path) -> None:
+    """Every tensor bit for bit as transformers dequantizes the GGUF, q/k rows included (with
+    llama.cpp's interleaved row order left in place the model emits <|im_end|> at once)."""
+    reference = default_model_reference()
+    with safe_open(str(default_model_dir / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(reference.tensor_sha256) - {"lm_head.weight"}
+        for name in f.keys():
+            assert tensor_sha256(f.get_tensor(name)) == reference.tensor_sha256[name], name
+    converted = AutoConfig.from_pretrained(default_model_dir).to_dict()
+    for key in ARITHMETIC_CONFIG_KEYS:
+        assert converted.get(key) == reference.config.get(key), key
+
+
+def test_gguf_reference_answers_paris(default_model_dir: Path) -> None:
+    """The reference itself is sane (transformers' GGUF loader un-permutes q/k): it answers."""
     tok = AutoTokenizer.from_pretrained(default_model_dir)
-    prompt = tok.apply_chat_template(CAPITAL_QUESTION, tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    [out] = hf_greedy(default_model_dir, [ids], max_new_tokens=20)
-    assert len(out) == 20  # the reference does not stop at EOS
+    reference = default_model_reference()
+    assert DEFAULT_MODEL_CHAT_PROMPTS[0] == CAPITAL_QUESTION[0]["content"]
+    assert reference.chat_prompt_ids[0] == tok(EXPECTED_PROMPT, add_special_tokens=False)["input_ids"]
+    out = reference.chat_outputs[0]
     answer = tok.decode(out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out)
     assert "Paris" in answer, answer
 
