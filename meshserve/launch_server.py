@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot join the cluster: %s", err)
             cluster.shutdown(clean=False, reason=str(err))
             return 1
+        log.info("starting %d scheduler rank(s) on this node: each imports torch, loads its weights, sizes its "
+                 "KV cache", args.parallel.tp_size // args.parallel.nnodes)
         try:
             processes = launch_schedulers(args, cluster.rendezvous)
         except Exception as err:  # noqa: BLE001 - one line for the user, the traceback at debug level

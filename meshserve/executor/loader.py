@@ -34,7 +34,9 @@ def checkpoint_files(model_path: str) -> list[Path]:
 
 
 def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in checkpoint_files(model_path):
+    files = checkpoint_files(model_path)
+    for number, file in enumerate(files, 1):
+        logger.info("loading weights (%d/%d): %s", number, len(files), file.name)
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

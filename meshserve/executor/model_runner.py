@@ -71,6 +71,7 @@ class ModelRunner:
             max_bs = min(args.scheduler.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, self.max_running_requests)
             self.graphs = CudaGraphRunner(forward=self._forward_inference, make_batch=self._make_batch,
                                           max_bs=max_bs, device=device)
+            logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
             self.graphs.capture()
 
     @property
