@@ -1,0 +1,127 @@
+"""The real Scheduler over a model-free runner (tests/fake_runner.py): chunked prefill, radix
+reuse, retraction, abort, overlap and mixed chunks give exactly the fake model's output, and the
+KV accounting fixture (tests/conftest.py) checks every slot after each test. Milliseconds each,
+so scheduler bugs fail here before any model loads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshserve.messages import GenerateReq
+from tests.fake_runner import expected_output, fake_scheduler
+from tests.scheduler_driver import check_kv_accounting, greedy, output_ids, run_to_completion
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, 97) for _ in range(n)] for n in (3, 9, 17, 30, 41)]
+    prompts.append(prompts[4][:25] + [7, 8, 9])  # shares a 25-token prefix with prompt 4
+    return prompts
+
+
+CONFIGS = {
+    "default": ((), {}),
+    "chunked-4": (("--chunked-prefill-size", "4"), {}),
+    "chunked-no-radix": (("--chunked-prefill-size", "6", "--disable-radix-cache", "--schedule-policy", "fcfs"), {}),
+    "chunked-overlap": (("--chunked-prefill-size", "5", "--enable-overlap-schedule"), {}),
+    "chunked-mixed": (("--chunked-prefill-size", "4", "--enable-mixed-chunk"), {}),
+    # 90 slots for 6 sequences of up to 41 + 20 tokens: evicts and retracts.
+    "kv-pressure": ((), {"max_total_tokens": 90}),
+    "kv-pressure-chunked-overlap": (("--chunked-prefill-size", "7", "--enable-overlap-schedule"),
+                                    {"max_total_tokens": 90}),
+    "kv-pressure-no-radix": (("--disable-radix-cache",), {"max_total_tokens": 90}),
+    "backlog": (("--enable-overlap-schedule",), {"max_running_requests": 2}),
+    # Admission reserving nothing for future tokens (forced below): decode must retract.
+    "retract": ((), {"max_total_tokens": 90}),
+    "retract-overlap": (("--enable-overlap-schedule",), {"max_total_tokens": 90}),
+    "retract-no-radix": (("--disable-radix-cache",), {"max_total_tokens": 64}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_outputs_are_the_fake_models_in_every_mode(name, prompts):
+    extra, sizes = CONFIGS[name]
+    scheduler = fake_scheduler(*extra, **sizes)
+    if name.startswith("retract"):
+        scheduler.new_token_ratio = 0.0
+    new_tokens = [20, 5, 12, 20, 8, 15]
+    for round_ in range(2):  # the second round is served from the radix cache (when on)
+        outs = run_to_completion(scheduler, {f"{round_}-{i}": (p, greedy(n)) for i, (p, n) in
+                                             enumerate(zip(prompts, new_tokens))})
+        for i, (p, n) in enumerate(zip(prompts, new_tokens)):
+            assert output_ids(outs[f"{round_}-{i}"]) == expected_output(p, n), (round_, i)
+        check_kv_accounting(scheduler)
+    if name.startswith("retract"):
+        assert scheduler.stats["num_retracted"] > 0
+
+
+def test_a_repeated_prompt_is_a_cache_hit_until_the_flush(prompts):
+    """Catches a prefix match off by one (the last prompt token must be recomputed to get its
+    logits) and a /flush_cache that does nothing."""
+    scheduler = fake_scheduler()
+    prompt = prompts[3]
+    run_to_completion(scheduler, {"a": (prompt, greedy(3))})
+    hit = run_to_completion(scheduler, {"b": (prompt, greedy(3))})["b"]
+    assert hit[-1].cached_tokens == len(prompt) - 1
+    assert output_ids(hit) == expected_output(prompt, 3)
+    assert scheduler.cache.total_size > 0
+    assert scheduler.flush_cache() == (True, "")
+    assert scheduler.pool.num_free == scheduler.pool.size and scheduler.cache.total_size == 0
+    miss = run_to_completion(scheduler, {"c": (prompt, greedy(3))})["c"]
+    assert miss[-1].cached_tokens == 0 and output_ids(miss) == expected_output(prompt, 3)
+
+
+def test_flush_is_refused_while_requests_run(prompts):
+    scheduler = fake_scheduler()
+    scheduler.add_request(GenerateReq(rid="a", input_ids=prompts[2], sampling=greedy(10)))
+    scheduler.step()
+    ok, message = scheduler.flush_cache()
+    assert not ok and "in flight" in message
+    check_kv_accounting(scheduler)
+    while scheduler.has_work:
+        scheduler.step()
+
+
+@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",), ("--chunked-prefill-size", "4")],
+                         ids=["lockstep", "overlap", "chunked"])
+def test_abort_at_every_step_returns_every_slot(prompts, extra):
+    """Abort one request after each possible number of steps (mid-chunk, mid-decode, with a step
+    in flight): the others still get the fake model's output and no slot is lost."""
+    for abort_after in range(0, 14, 2):
+        scheduler = fake_scheduler(*extra)
+        for i, p in enumerate(prompts[:3]):
+            scheduler.add_request(GenerateReq(rid=str(i), input_ids=p, sampling=greedy(8)))
+        outs: dict[str, list] = {"0": [], "1": [], "2": []}
+        for step in range(10_000):
+            if step == abort_after:
+                scheduler.abort("1", "client went away")
+            if not scheduler.has_work:
+                break
+            scheduler.step()
+            for out in scheduler.take_outputs():
+                outs[out.rid].append(out)
+            check_kv_accounting(scheduler)
+        for out in scheduler.take_outputs():
+            outs[out.rid].append(out)
+        assert outs["1"][-1].finish.kind == "abort" or output_ids(outs["1"]) == expected_output(prompts[1], 8)
+        assert [output_ids(outs["0"]), output_ids(outs["2"])] == [expected_output(prompts[0], 8),
+                                                                   expected_output(prompts[2], 8)]
+
+
+def test_chunked_prefill_holds_no_slot_beyond_its_tokens(prompts):
+    """Between chunks, the KV in use is exactly the tokens computed so far."""
+    scheduler = fake_scheduler("--chunked-prefill-size", "4")
+    prompt = prompts[4]
+    scheduler.add_request(GenerateReq(rid="a", input_ids=prompt, sampling=greedy(2)))
+    computed = 0
+    while scheduler.chunked is not None or computed == 0:
+        scheduler.step()
+        computed = min(computed + 4, len(prompt))
+        check_kv_accounting(scheduler)
+        assert scheduler.pool.size - scheduler.pool.num_free == computed
+    while scheduler.has_work:
+        scheduler.step()
+    assert output_ids(scheduler.take_outputs()) == expected_output(prompt, 2)
