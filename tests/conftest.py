@@ -120,3 +120,40 @@ def kv_accounting():
         driver.check_kv_accounting(scheduler)
         if not scheduler.has_work:
             driver.check_flush_frees_everything(scheduler)
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory of the run, opt-in: MESHSERVE_TEST_MEMORY=1 (tests/memory_watch.py)
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from tests.memory_watch import WATCH
+
+    if WATCH is not None:
+        WATCH.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    from tests.memory_watch import WATCH
+
+    if WATCH is None:
+        return (yield)
+    WATCH.current_test = item.nodeid
+    before = WATCH.sample()
+    try:
+        return (yield)
+    finally:
+        WATCH.per_test_growth[item.nodeid] = WATCH.sample() - before
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tests.memory_watch import WATCH
+
+    if WATCH is not None:
+        WATCH.stop()
+        WATCH.sample()
+        terminalreporter.section("memory")
+        for line in WATCH.summary():
+            terminalreporter.write_line(line)

@@ -279,23 +279,26 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
         results = await until_disconnect(request, tm.collect(prepared))
         return json_response(oai.completion_response(rctx, results) if results else None)
 
-    card = {
-        "id": served_name,
-        "object": "model",
-        "created": int(time.time()),  # the server's start, as vLLM and SGLang report it
-        "owned_by": "meshserve",
-        "root": model_config.model_path,
-        "max_model_len": model_config.context_length,
-    }
+    created = int(time.time())  # the server's start, as vLLM and SGLang report it
+
+    def card() -> dict[str, Any]:
+        return {
+            "id": served_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "meshserve",
+            "root": model_config.model_path,
+            "max_model_len": model_config.context_length,
+        }
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return json_response({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [card()]})
 
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str) -> Response:
         oai.check_model(model, served_name, model_config.model_path)
-        return json_response(card)
+        return json_response(card())
 
     # -- SGLang native --
 

@@ -58,13 +58,13 @@ class Node:
         self.thread.start()
         return self
 
-    def join(self, timeout: float = 10.0) -> Node:
+    def join(self, timeout: float = 60.0) -> Node:  # bounds of waits on conditions: generous for loaded CI
         assert self.thread is not None
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "start() did not return"
         return self
 
-    def wait_failure(self, timeout: float = 10.0) -> tuple[str, bool, float]:
+    def wait_failure(self, timeout: float = 60.0) -> tuple[str, bool, float]:
         deadline = time.monotonic() + timeout
         while not self.failures and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -72,7 +72,7 @@ class Node:
         return self.failures[0]
 
 
-def node(rank: int, nnodes: int, port: int, *, timeout: float = 5.0,
+def node(rank: int, nnodes: int, port: int, *, timeout: float = 30.0,
          fingerprint: Fingerprint | None = None) -> Node:
     failures: list[tuple[str, bool, float]] = []
     coordinator = ClusterCoordinator(
@@ -115,7 +115,7 @@ class NodeProcess:
         for line in self.proc.stdout:
             self.events.put(json.loads(line))
 
-    def expect(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+    def expect(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         got = self.events.get(timeout=timeout)
         assert got["event"] == event, got
         return got
@@ -292,7 +292,7 @@ def test_node_that_never_joins_is_named_at_the_timeout(port: int) -> None:
     follower = node(1, 3, port, timeout=10.0).start()
     leader.join(), follower.join()
     took = time.monotonic() - started
-    assert 1.9 < took < 4.0
+    assert 1.9 < took < 20.0  # named at the 2 s timeout, not hung (slack for a loaded machine)
     assert leader.error is not None
     message = str(leader.error)
     assert "start-up timeout: after 2 s, node 2 has not joined" in message
@@ -348,7 +348,7 @@ def test_report_failure_reaches_every_node(port: int) -> None:
     nodes = cluster(3, port)
     nodes[2].coordinator.report_failure("scheduler rank 5 exited with code -9")
     for n in nodes:
-        reason, clean, _ = n.wait_failure(5.0)
+        reason, clean, _ = n.wait_failure()
         assert reason == "node 2 (127.0.0.1): scheduler rank 5 exited with code -9"
         assert clean is False
         assert not n.coordinator.is_whole
@@ -358,7 +358,7 @@ def test_report_failure_reaches_every_node(port: int) -> None:
 def test_node_leaving_fails_the_cluster(port: int) -> None:
     nodes = cluster(2, port)
     nodes[1].coordinator.shutdown(clean=True, reason="SIGTERM")
-    reason, clean, _ = nodes[0].wait_failure(5.0)
+    reason, clean, _ = nodes[0].wait_failure()
     assert (reason, clean) == ("node 1 (127.0.0.1) is shutting down: SIGTERM", False)
 
 
@@ -369,12 +369,12 @@ def test_sigkill_of_a_node_reaches_every_other_node(port: int, processes: Any) -
     assert leader.error is None
     survivor.expect("whole"), victim.expect("whole")
     killed_at = victim.kill(signal.SIGKILL)
-    reason, clean, seen_at = leader.wait_failure(5.0)
+    reason, clean, seen_at = leader.wait_failure()
     assert reason.startswith("node 2 (127.0.0.1") and "closed its connection" in reason
     assert not clean and seen_at - killed_at < 2.0
-    event = survivor.expect("failure", timeout=5.0)
+    event = survivor.expect("failure")
     assert event["reason"] == reason and event["clean"] is False
-    assert survivor.proc.wait(5) == 3  # the launcher's way: exit non-zero
+    assert survivor.proc.wait(60) == 3  # the launcher's way: exit non-zero
     assert time.monotonic() - killed_at < 5.0
 
 
@@ -384,7 +384,7 @@ def test_sigkill_of_node_0_reaches_the_others(port: int, processes: Any) -> None
     assert follower.error is None
     leader.expect("whole")
     killed_at = leader.kill(signal.SIGKILL)
-    reason, clean, seen_at = follower.wait_failure(5.0)
+    reason, clean, seen_at = follower.wait_failure()
     assert reason.startswith(f"lost node 0 (127.0.0.1:{port})") and not clean
     assert seen_at - killed_at < 2.0
 
@@ -407,10 +407,10 @@ def test_report_failure_from_a_process(port: int, processes: Any) -> None:
     failing = processes(1, 2, port, action="report_failure")
     leader.join()
     failing.expect("whole")
-    reason, _, _ = leader.wait_failure(5.0)
+    reason, _, _ = leader.wait_failure()
     assert reason == "node 1 (127.0.0.1): scheduler rank 5 exited with code -9"
     assert failing.expect("failure")["reason"] == reason
-    assert failing.proc.wait(5) == 3
+    assert failing.proc.wait(60) == 3
 
 
 # ---- doctor -------------------------------------------------------------------------------------
