@@ -300,3 +300,13 @@ def _save_tokenizer(tokenizer: object, out_dir: Path, *, model_max_length: int) 
     for key in ("is_local", "local_files_only"):
         cfg.pop(key, None)
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    """``python -m meshserve.config.default_model``: convert (once) and print the directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(default_model_path())
+
+
+if __name__ == "__main__":
+    main()
