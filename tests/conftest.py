@@ -157,3 +157,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("memory")
         for line in WATCH.summary():
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Model-free unit tests first (directory order alone would put tests/unit last), so a broken
+    scheduler, cache or API fails in seconds; the sort is stable, so modules stay contiguous."""
+    unit = Path(__file__).resolve().parent / "unit"
+    items.sort(key=lambda item: unit not in Path(str(item.path)).parents)
