@@ -21,8 +21,15 @@ from meshserve.sampling_params import SamplingParams
 from meshserve.scheduler.scheduler import Scheduler
 
 
+# The KV pool of schedulers built by tests unless a test sizes it itself (a later flag wins). Without
+# it each would get the CPU default of 1 GiB (zero-filled, so resident): in the pytest process that
+# was +0.5-1.5 GB per scheduler, and 1 GiB per rank of the TP tests. 4096 tokens hold any test's batch.
+TEST_KV_ARGS = ("--max-total-tokens", "4096")
+
+
 def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu") -> Scheduler:
-    args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", device, *extra_args]).validate()
+    args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", device, *TEST_KV_ARGS,
+                                  *extra_args]).validate()
     model_config = ModelConfig.from_server_args(args)
     runner = ModelRunner(args, model_config, device=torch.device(device), tp=SINGLE)
     return track(Scheduler(args, model_config, runner))

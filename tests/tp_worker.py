@@ -24,13 +24,14 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     from meshserve.config.server_args import ServerArgs
     from meshserve.executor.model_runner import ModelRunner
     from meshserve.scheduler.scheduler import Scheduler
-    from tests.scheduler_driver import greedy, output_ids, run_to_completion
+    from tests.scheduler_driver import TEST_KV_ARGS, greedy, output_ids, run_to_completion
 
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    args = ServerArgs.parse_args(["--model-path", model_dir, "--device", device_type, "--tp", str(world), *extra])
+    args = ServerArgs.parse_args(["--model-path", model_dir, "--device", device_type, "--tp", str(world),
+                                  *TEST_KV_ARGS, *extra])
     tp = init_tp_group(world_size=world, rank=rank, rendezvous=f"127.0.0.1:{port}", device=device, timeout_s=120)
     model_config = ModelConfig.from_server_args(args)
     scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=tp))
