@@ -91,6 +91,23 @@ MUTANTS = [
         '        return True, ""\n',
         (FAKE,),
     ),
+    # The same two bugs against the tests that missed them before: the engine tests (now under the
+    # KV accounting fixture) and /flush_cache over HTTP.
+    Mutant(
+        "chunked-prefill-leak-via-engine-tests",
+        "meshserve/scheduler/scheduler.py",
+        "        slots = self.pool.alloc(take)\n        assert slots is not None  # _ensure_free guaranteed it\n",
+        "        slots = self.pool.alloc(take + 1 if take < remaining else take)\n"
+        "        assert slots is not None\n        slots = slots[:take]\n",
+        (ENGINE, "-k", "tiny_models_match_transformers and chunked-5 and qwen3"),
+    ),
+    Mutant(
+        "flush-does-nothing-via-http",
+        "meshserve/scheduler/scheduler.py",
+        '        self.cache.reset()\n        return True, ""\n',
+        '        return True, ""\n',
+        (f"{HTTP}::test_flush_cache_empties_the_prefix_cache",),
+    ),
     # --- further realistic bugs ---
     Mutant(
         "radix-match-one-too-far",
@@ -216,7 +233,7 @@ def main() -> int:
         parser.error(f"unknown mutants: {sorted(unknown)}")
     selected = [m for m in MUTANTS if not args.names or m.name in args.names]
 
-    print(f"| mutant | file | tests | result | time |\n|---|---|---|---|---|", flush=True)
+    print("| mutant | file | tests | result | time |\n|---|---|---|---|---|", flush=True)
     bad = 0
     for mutant in selected:
         with tempfile.TemporaryDirectory(prefix="meshserve-mutant-") as tmp:
