@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 
 
 def _serve(argv: Sequence[str]) -> int:
-    from meshserve.launch_server import main
+    from meshserve.launch_server import run
 
-    return main(argv)
+    run(argv)
 
 
 def _bench(argv: Sequence[str]) -> int:

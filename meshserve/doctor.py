@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from meshserve.cluster.auth import ClusterSecret, SecretError
 from meshserve.cluster.coordinator import ClusterCoordinator, ClusterError
 from meshserve.cluster.fingerprint import Fingerprint, ModelFiles
 from meshserve.cluster.net import (
@@ -51,6 +52,7 @@ from meshserve.cluster.net import (
     choose_cluster_interface,
     export_for_torch,
 )
+from meshserve.cluster.rendezvous import Rendezvous
 
 if TYPE_CHECKING:
     import torch.distributed
@@ -88,9 +90,11 @@ class _Doctor:
     model_path: str | None
     device: str
     timeout: float
+    secret: ClusterSecret
     deadline: float = 0.0
     step: str = "start"
     net: ClusterNet | None = None
+    rendezvous: Rendezvous | None = None
     devices: str = ""
     model: ModelFiles | None = None
     allreduce_ms: float = 0.0
@@ -155,7 +159,7 @@ class _Doctor:
         address = (self.net.address if self.node_rank == 0 else self.net.dist_init_ip, port)
         coordinator = ClusterCoordinator(
             node_rank=self.node_rank, nnodes=self.nnodes, address=address,
-            fingerprint=fingerprint, startup_timeout=self.remaining(),
+            fingerprint=fingerprint, secret=self.secret, startup_timeout=self.remaining(),
             on_failure=self._on_cluster_event)
         started = time.monotonic()
         try:
@@ -192,13 +196,15 @@ class _Doctor:
         port = self.dist_init.port
         started = time.monotonic()
         try:
+            # The server's own path: node 0's store on loopback behind the authenticating
+            # gate on P, reached from the other nodes through a loopback relay.
+            # Kept on self: the store (node 0) and the relay must outlive this step.
             if self.node_rank == 0:
-                listener = _listen(self.net.address, port)
-                store = dist.TCPStore(self.net.address, port, self.nnodes, True, timeout=timeout,
-                                      wait_for_workers=False, master_listen_fd=listener.fileno())
+                self.rendezvous = Rendezvous.serve(self.net.address, port, self.secret)
             else:
-                store = dist.TCPStore(self.net.dist_init_ip, port, self.nnodes, False,
-                                      timeout=timeout)
+                self.rendezvous = Rendezvous.relay(self.net.dist_init_ip, port, self.secret)
+            host, _, local_port = self.rendezvous.address.rpartition(":")
+            store = dist.TCPStore(host, int(local_port), self.nnodes, False, timeout=timeout)
             backend = "nccl" if self.device == "cuda" else "gloo"
             device_id = None
             if self.device == "cuda":
@@ -272,21 +278,6 @@ class _Doctor:
                 f"({self.net.address}), all-reduce {self.allreduce_ms:.2f} ms, {model}")
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(sockaddr)
-    except OSError as err:
-        sock.close()
-        raise OSError(f"cannot listen on {_hostport(host, port)}: {err} (is a meshserve "
-                      f"server running with this base port?)") from err
-    sock.listen(128)
-    return sock
-
-
 def _error_text(err: BaseException) -> str:
     """One line for a failure: a step's own message, or a library error's type, first line
     and the line NCCL puts after "Last error:" (the actual cause)."""
@@ -335,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="device type (default: cuda if torch sees a GPU, else cpu)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds the whole check may take (default: 60)")
+    parser.add_argument("--cluster-secret", help="the server's cluster secret (default: "
+                        "$MESHSERVE_CLUSTER_SECRET; node 0 generates one when none is given)")
+    parser.add_argument("--cluster-secret-file", metavar="PATH", help="file holding the secret")
     parser.add_argument("--verbose", action="store_true", help="log the coordinator's progress")
     return parser
 
@@ -358,8 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshserve.config.server_args import cuda_is_available
 
         device = "cuda" if cuda_is_available() else "cpu"
+    try:
+        secret = ClusterSecret.resolve(flag=ns.cluster_secret, file=ns.cluster_secret_file,
+                                       node_rank=ns.node_rank)
+    except SecretError as err:
+        parser.error(str(err))
+    if secret.generated and ns.nnodes > 1:
+        print(f"doctor: no cluster secret given; run the other nodes with {secret.start_line()}",
+              flush=True)
     doctor = _Doctor(dist_init=dist_init, nnodes=ns.nnodes, node_rank=ns.node_rank,
-                     model_path=ns.model_path, device=device, timeout=ns.timeout)
+                     model_path=ns.model_path, device=device, timeout=ns.timeout, secret=secret)
     doctor.deadline = time.monotonic() + ns.timeout
     watchdog = _watchdog(doctor)
     watchdog.start()

@@ -1,12 +1,25 @@
 """The cluster coordinator: join handshake, start-up timeout, heartbeats, fail-fast.
 
 Before torch.distributed forms, every node r > 0 joins node 0's coordinator (port P+1 of the
-port plan) with a :class:`~meshserve.cluster.fingerprint.Fingerprint`. Node 0 refuses a
+port plan): it first proves that it holds the cluster secret (meshserve.cluster.auth; a peer
+that cannot is dropped with one log line and learns nothing, not even why), then sends a
+:class:`~meshserve.cluster.fingerprint.Fingerprint`. Node 0 refuses a
 mismatch with a per-field diff, a duplicate ``--node-rank``, and names every node that has not
 joined when the start-up timeout expires. Once all nodes have joined ("whole"), node 0 and
-every node r > 0 exchange heartbeats; a node that closes its connection or is silent for
-longer than the silence timeout is dead, and every remaining node learns it within seconds
-(LESSONS.md: one node dies, the others hang and /health stays 200).
+every node r > 0 exchange heartbeats. Two kinds of loss, told apart (LESSONS.md: one node
+dies, the others hang and /health stays 200; and a busy machine must not stop a healthy one):
+
+* closed: the connection ended (process exit or kill: the kernel closes its sockets) — acted
+  on at once, in milliseconds;
+* silent: nothing arrived for ``silence_timeout`` (default 15 s, ``--cluster-silence-timeout``)
+  — a stalled machine (swap, GC, SIGSTOP) survives shorter pauses; a vanished one (power,
+  network cut) is declared dead after that window.
+
+Naming what died: a failure report is *decisive* (a process killed by a signal, a node whose
+connection closed or went silent) or not (a rank that exited or raised an error, which may be
+a consequence: a rank whose collective peer died fails with "connection closed" too). Node 0
+acts on a decisive report at once; a non-decisive one waits ``CONSEQUENCE_GRACE_S`` for a
+decisive report that names the cause, and every node exits with the one reason node 0 chose.
 
 Topology: a star. Node 0 holds one TCP connection per node r > 0; nodes r > 0 only talk to
 node 0, which relays failures (``Failure`` in, ``Shutdown`` out). Every frame is a 4-byte
@@ -36,14 +49,15 @@ import enum
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 
 import msgspec
 
+from meshserve.cluster.auth import HANDSHAKE_ERRORS, AuthError, ClusterSecret
 from meshserve.cluster.fingerprint import Fingerprint
+from meshserve.cluster.frames import PeerClosed, ProtocolError, pack_frame, recv_frame
 
 __all__ = [
     "Accepted",
@@ -63,11 +77,15 @@ logger = logging.getLogger("meshserve")
 
 #: A node sends a heartbeat this often (both directions).
 HEARTBEAT_INTERVAL_S = 0.5
-#: A peer from which nothing arrived for this long is dead. Six heartbeats: tolerates a
-#: stalled process (GC pause, swapping) of a few seconds, and still fails well within 10 s.
-SILENCE_TIMEOUT_S = 3.0
-#: A new connection must send its Join within this long (port scanners, probes).
+#: A peer from which nothing arrived for this long is dead (default of
+#: --cluster-silence-timeout). Long enough for a machine stalled by swapping or a long GC
+#: pause; deaths that close connections are detected at once, whatever this value.
+SILENCE_TIMEOUT_S = 15.0
+#: A new connection must complete the handshake and send its Join within this long.
 HANDSHAKE_TIMEOUT_S = 5.0
+#: How long node 0 holds a non-decisive failure report, waiting for a decisive one that names
+#: the cause (a rank death reported by another node arrives within milliseconds).
+CONSEQUENCE_GRACE_S = 1.0
 #: Pause between two attempts of a node r > 0 to connect to node 0.
 CONNECT_RETRY_S = 0.5
 #: How long a stopping node waits for its final message to be read before closing.
@@ -128,9 +146,11 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
 
 
 class Failure(msgspec.Struct, tag=True, frozen=True):
-    """node r > 0 -> node 0: this node failed or is leaving; node 0 stops the cluster."""
+    """node r > 0 -> node 0: this node failed or is leaving; node 0 stops the cluster.
+    ``decisive``: a cause (a process killed), not possibly a consequence (module doc)."""
 
     reason: str
+    decisive: bool = True
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
@@ -145,18 +165,7 @@ Message = Join | Accepted | Refused | Ready | Heartbeat | Failure | Shutdown
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)
-_LENGTH = struct.Struct("!I")
-
-
-class _PeerClosed(Exception):
-    """The peer closed (or reset) the connection."""
-
-    def __str__(self) -> str:
-        return "connection closed"
-
-
-class _ProtocolError(Exception):
-    """The peer sent something that is not a valid frame."""
+_PURPOSE = b"coordinator"
 
 
 class _Link:
@@ -177,7 +186,7 @@ class _Link:
             if not self._can_send:
                 return False
             try:
-                self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
+                self.sock.sendall(pack_frame(payload))
                 if last:
                     self.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -194,27 +203,13 @@ class _Link:
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
 
-    def recv(self) -> Message:
-        """Raises _PeerClosed, _ProtocolError, or TimeoutError after the socket's timeout."""
-        (length,) = _LENGTH.unpack(self._recv_exact(_LENGTH.size))
-        if length > MAX_FRAME_BYTES:
-            raise _ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    def recv(self, deadline: float | None = None) -> Message:
+        """Raises PeerClosed, ProtocolError, or TimeoutError after the socket's timeout (the
+        silence window) or at ``deadline``."""
         try:
-            return _DECODER.decode(self._recv_exact(length))
+            return _DECODER.decode(recv_frame(self.sock, MAX_FRAME_BYTES, deadline))
         except msgspec.DecodeError as err:
-            raise _ProtocolError(str(err)) from err
-
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = self.sock.recv(n - len(buf))
-            except (ConnectionResetError, BrokenPipeError) as err:
-                raise _PeerClosed() from err
-            if not chunk:
-                raise _PeerClosed()
-            buf += chunk
-        return bytes(buf)
+            raise ProtocolError(str(err)) from err
 
     def drain_and_close(self, timeout: float) -> None:
         """After a final message: wait (bounded) for the peer to close, then close."""
@@ -251,8 +246,9 @@ class ClusterCoordinator:
 
     ``address``: for node 0, where to listen (the chosen cluster address and port P+1, never
     all interfaces); for node r > 0, node 0's address to connect to (the resolved
-    --dist-init-addr host and P+1). ``startup_timeout`` bounds :meth:`start`.
-    ``heartbeat_interval`` and ``silence_timeout`` are tunable for tests only.
+    --dist-init-addr host and P+1). ``startup_timeout`` bounds :meth:`start`. ``secret``
+    authenticates every connection; ``silence_timeout`` is --cluster-silence-timeout;
+    ``heartbeat_interval`` is tunable for tests only.
     """
 
     def __init__(
@@ -262,6 +258,7 @@ class ClusterCoordinator:
         nnodes: int,
         address: tuple[str, int],
         fingerprint: Fingerprint,
+        secret: ClusterSecret,
         startup_timeout: float,
         on_failure: Callable[[str, bool], None],
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
@@ -275,6 +272,7 @@ class ClusterCoordinator:
         self.nnodes = nnodes
         self.address = address
         self.fingerprint = fingerprint
+        self._secret = secret
         self.startup_timeout = startup_timeout
         self._on_failure = on_failure
         self._heartbeat_interval = heartbeat_interval
@@ -290,6 +288,7 @@ class ClusterCoordinator:
         self._local_address = address[0] if node_rank == 0 else "?"  # node r: set on connect
         self._stop = threading.Event()  # set when the cluster stops: ends heartbeats/accepts
         self._threads: list[threading.Thread] = []
+        self._held: str | None = None  # node 0: a non-decisive failure waiting for its grace
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -325,10 +324,19 @@ class ClusterCoordinator:
         self._spawn("heartbeat", self._heartbeat_loop)
         self._wait_whole(deadline)
 
-    def report_failure(self, reason: str) -> None:
-        """A local failure (e.g. a scheduler rank died): stop the whole cluster. Returns after
-        the other nodes were told; ``on_failure`` is then called on every node, this one too."""
-        self._fail(f"{self._me()}: {reason}", clean=False, notify=True, callback=True)
+    def report_failure(self, reason: str, *, decisive: bool = True) -> None:
+        """A local failure (e.g. a scheduler rank died): stop the whole cluster. Node 0
+        decides which report names the failure (module doc) and tells every node;
+        ``on_failure`` is then called on every node, this one too, with that reason."""
+        reason = f"{self._me()}: {reason}"
+        if self.node_rank == 0:
+            self._consider(reason, decisive)
+            return
+        with self._cond:
+            link = self._links.get(0) if self._state is _State.WHOLE else None
+        if link is None or not link.send(Failure(reason=reason, decisive=decisive)):
+            self._fail(reason, clean=False, notify=True, callback=True)
+        # else node 0 answers with Shutdown (or its loss is detected): both end this node.
 
     def shutdown(self, clean: bool, reason: str) -> None:
         """This node stops on purpose (e.g. SIGTERM). On node 0 every node is told to stop
@@ -339,6 +347,9 @@ class ClusterCoordinator:
         # A node r > 0 leaving during start-up just drops its connection: node 0 forgets it
         # and it may join again (e.g. restarted with a corrected flag).
         notify = self.node_rank == 0 or self.is_whole
+        with self._cond:  # a held failure report is about to name the failure: let it
+            if not clean and self._held is not None:
+                self._cond.wait_for(lambda: self._state is not _State.WHOLE, 2 * CONSEQUENCE_GRACE_S)
         if self.node_rank != 0:
             reason = f"{self._me()} is shutting down: {reason}"
         self._fail(reason, clean=clean, notify=notify, callback=False)
@@ -402,6 +413,15 @@ class ClusterCoordinator:
                     logger.info("cluster: waiting for node 0 at %s (%s)", where, err)
                     last_log = now
                 time.sleep(min(CONNECT_RETRY_S, deadline - now))
+        try:
+            self._secret.connect(sock, _PURPOSE)
+        except HANDSHAKE_ERRORS as err:
+            sock.close()
+            with self._cond:
+                self._state = _State.FAILED
+            why = str(err) if isinstance(err, AuthError) else (
+                f"the handshake failed ({str(err) or type(err).__name__})")
+            raise ClusterError(f"node {self.node_rank} could not join node 0 at {where}: {why}") from err
         sock.settimeout(self._silence_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = _Link(sock, remote=host)
@@ -474,11 +494,15 @@ class ClusterCoordinator:
         self._listener.close()
 
     def _leader_reader(self, link: _Link) -> None:
+        # A stranger is dropped here, before it can send a Join: nothing it sends reaches the
+        # cluster's state, and it learns nothing (a Denied at most).
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         try:
-            first = link.recv()
-        except (_PeerClosed, _ProtocolError, OSError) as err:  # OSError includes timeouts
-            logger.warning("cluster: dropped a connection from %s that sent no Join (%s)",
-                           link.remote, str(err) or type(err).__name__)
+            self._secret.accept(link.sock, _PURPOSE)
+            first = link.recv(deadline)
+        except HANDSHAKE_ERRORS as err:  # OSError includes timeouts
+            logger.warning("cluster: dropped a connection from %s: %s", link.remote,
+                           str(err) or type(err).__name__)
             link.close()
             return
         if not isinstance(first, Join):
@@ -496,17 +520,17 @@ class ClusterCoordinator:
             try:
                 msg = link.recv()
             except TimeoutError:
-                lost = (f"{label} stopped responding (no heartbeat for "
-                        f"{_seconds(self._silence_timeout)})")
+                lost = (f"{label} stopped responding (silent for "
+                        f"{_seconds(self._silence_timeout)}, --cluster-silence-timeout)")
                 break
-            except (_PeerClosed, OSError):
+            except (PeerClosed, OSError):
                 lost = f"{label} closed its connection (its process exited or was killed)"
                 break
-            except _ProtocolError as err:
+            except ProtocolError as err:
                 lost = f"{label} sent an invalid message ({err})"
                 break
             if isinstance(msg, Failure):
-                self._fail(msg.reason, clean=False, notify=True, callback=True)
+                self._consider(msg.reason, msg.decisive)
             elif not isinstance(msg, Heartbeat):
                 logger.warning("cluster: ignoring unexpected %s from %s", type(msg).__name__, label)
         link.close()
@@ -587,13 +611,13 @@ class ClusterCoordinator:
             try:
                 msg = link.recv()
             except TimeoutError:
-                lost = (f"lost node 0 ({where}): it stopped responding (no heartbeat for "
-                        f"{_seconds(self._silence_timeout)})")
+                lost = (f"lost node 0 ({where}): it stopped responding (silent for "
+                        f"{_seconds(self._silence_timeout)}, --cluster-silence-timeout)")
                 break
-            except (_PeerClosed, OSError):
+            except (PeerClosed, OSError):
                 lost = f"lost node 0 ({where}): connection closed (node 0 exited or was killed)"
                 break
-            except _ProtocolError as err:
+            except ProtocolError as err:
                 lost = f"lost node 0 ({where}): invalid message ({err})"
                 break
             if isinstance(msg, Heartbeat):
@@ -623,6 +647,21 @@ class ClusterCoordinator:
                 logger.warning("cluster: ignoring unexpected %s from node 0", type(msg).__name__)
         link.close()
         self._fail(lost, clean=False, notify=False, callback=True)
+
+    def _consider(self, reason: str, decisive: bool) -> None:
+        """Node 0: a failure report. Decisive: stop the cluster now. Otherwise hold it for
+        CONSEQUENCE_GRACE_S; a decisive report meanwhile wins, else this first one does."""
+        if decisive:
+            self._fail(reason, clean=False, notify=True, callback=True)
+            return
+        with self._cond:
+            if self._held is not None or self._state is not _State.WHOLE:
+                return
+            self._held = reason
+        timer = threading.Timer(CONSEQUENCE_GRACE_S, self._fail, args=(reason,),
+                                kwargs={"clean": False, "notify": True, "callback": True})
+        timer.daemon = True
+        timer.start()
 
     # ---- shared ------------------------------------------------------------------------------
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.cluster.endpoints import SchedulerEndpoints
@@ -13,22 +17,62 @@ from meshserve.config.server_args import ServerArgs
 logger = logging.getLogger("meshserve")
 
 
+@dataclass(frozen=True)
+class RankExit:
+    """A scheduler process that ended on its own (not stopped by this launcher)."""
+
+    node_rank: int
+    rank: int
+    pid: int | None
+    exitcode: int | None  # negative: killed by that signal (multiprocessing's convention)
+
+    @property
+    def decisive(self) -> bool:
+        """Killed by a signal: a cause. An exit with a code may be the consequence of another
+        rank's death (its collective failed), see meshserve.cluster.coordinator."""
+        return self.exitcode is not None and self.exitcode < 0
+
+    def describe(self) -> str:
+        if self.decisive:
+            assert self.exitcode is not None
+            how = f"was killed by {signal.Signals(-self.exitcode).name}"
+        else:
+            how = f"exited with code {self.exitcode}"
+        return f"scheduler rank {self.rank} on node {self.node_rank} (pid {self.pid}) {how}"
+
+
 @dataclass
 class SchedulerProcesses:
     endpoints: SchedulerEndpoints | None  # None on nodes other than 0: no TokenizerManager there
     topology: Topology
     processes: list[mp.process.BaseProcess] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def exits(self) -> list[RankExit]:
+        """Every scheduler process that has ended, in local-rank order."""
+        return [RankExit(self.topology.node_rank, self.topology.global_rank(local_rank), proc.pid,
+                         proc.exitcode)
+                for local_rank, proc in enumerate(self.processes) if not proc.is_alive()]
 
     def dead(self) -> str | None:
         """A description of the first scheduler process that has exited, or None if all live."""
-        for local_rank, proc in enumerate(self.processes):
-            if not proc.is_alive():
-                rank = self.topology.global_rank(local_rank)
-                return f"scheduler rank {rank} on node {self.topology.node_rank} (pid {proc.pid}) " \
-                       f"exited with code {proc.exitcode}"
-        return None
+        exits = self.exits()
+        return exits[0].describe() if exits else None
+
+    def watch(self, on_exit: Callable[[RankExit], None]) -> None:
+        """Call ``on_exit`` (from a daemon thread) for the first rank that ends before
+        :meth:`shutdown`, the moment it ends (process sentinels, no polling)."""
+
+        def run() -> None:
+            mp.connection.wait([proc.sentinel for proc in self.processes])
+            exits = self.exits()
+            if exits and not self._stopping.is_set():
+                on_exit(min(exits, key=lambda e: not e.decisive))  # a killed rank names it best
+
+        threading.Thread(target=run, daemon=True, name="meshserve-rank-watch").start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
         for proc in self.processes:
             if proc.is_alive():
                 proc.terminate()

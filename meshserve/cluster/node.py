@@ -1,10 +1,16 @@
 """ClusterNode: this node's membership in the cluster, set up before any rank starts.
 
 Order on every node: print the port plan; choose and print the cluster interface (exported for
-gloo/NCCL); on node 0, serve the torch.distributed rendezvous store on the cluster address
-(never all interfaces); join the coordinator (nnodes > 1: fingerprint handshake, start-up
-timeout naming missing nodes, then heartbeats). Only then do the ranks form the process group,
-so a mismatched or missing node is reported before anything can hang in NCCL.
+gloo/NCCL); resolve the cluster secret (nnodes > 1); open this node's way to the rendezvous
+store (node 0: the store on loopback and the authenticating gate on P; node r > 0: a loopback
+relay to that gate; one node: the store on loopback); join the coordinator (nnodes > 1:
+handshake, fingerprint, start-up timeout naming missing nodes, then heartbeats). Only then do
+the ranks form the process group, so a mismatched or missing node is reported before anything
+can hang in NCCL.
+
+Every failure — a local rank's end (:meth:`watch_ranks`), a rank's error reported by the
+server, another node's failure — goes through :meth:`report_failure` to the coordinator, which
+picks the one reason every node exits with; the handler set by :meth:`on_failure` gets it.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from meshserve.cluster.coordinator import ClusterCoordinator
-from meshserve.cluster.distributed import RendezvousStore, serve_rendezvous_store
+from meshserve.cluster.auth import ClusterSecret, SecretError
+from meshserve.cluster.coordinator import ClusterCoordinator, ClusterError
 from meshserve.cluster.fingerprint import Fingerprint
+from meshserve.cluster.launcher import SchedulerProcesses
 from meshserve.cluster.net import ClusterNet, choose_cluster_interface, export_for_torch
 from meshserve.cluster.port_plan import PortPlan
+from meshserve.cluster.rendezvous import Rendezvous
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 
@@ -35,9 +43,10 @@ class ClusterNode:
         self.plan = PortPlan.from_args(args)
         self.net: ClusterNet | None = None
         self.coordinator: ClusterCoordinator | None = None
-        self._store: RendezvousStore | None = None
+        self._rendezvous: Rendezvous | None = None
         self._handler: FailureHandler = _exit_on_failure
         self._handler_lock = threading.Lock()
+        self._failed = threading.Event()  # one node: the handler runs once
 
     @property
     def node_rank(self) -> int:
@@ -46,33 +55,43 @@ class ClusterNode:
     @property
     def rendezvous(self) -> str | None:
         """host:port of the rendezvous store the ranks connect to; None for a single rank."""
-        if self.plan.dist_init is None:
-            return None
-        assert self.net is not None
-        host = self.net.dist_init_ip
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{self.plan.rendezvous_port}"
+        return self._rendezvous.address if self._rendezvous is not None else None
 
     def start(self) -> None:
         """Raises (ClusterError, NetError, PortPlanError, OSError) with a message for the user."""
         logger.info("%s", self.plan.describe())
         if self.plan.dist_init is None:
             return
-        timeout = self.args.parallel.startup_timeout
-        self.net = choose_cluster_interface(self.plan.base, self.args.parallel.nnodes,
-                                            deadline=time.monotonic() + timeout)
+        p = self.args.parallel
+        self.net = choose_cluster_interface(self.plan.base, p.nnodes,
+                                            deadline=time.monotonic() + p.startup_timeout)
         export_for_torch(self.net)
         logger.info("%s", self.net.describe())
+        if p.nnodes == 1:
+            self._rendezvous = Rendezvous.single_node(self.plan.rendezvous_port)
+            return
+        try:
+            secret = ClusterSecret.resolve(flag=p.cluster_secret, file=p.cluster_secret_file,
+                                           node_rank=self.node_rank)
+        except SecretError as err:
+            raise ClusterError(str(err)) from err
+        if secret.generated:
+            logger.warning("cluster secret: none given, node 0 generated one; start every other "
+                           "node with %s", secret.start_line())
+        else:
+            logger.info("cluster secret: from %s", secret.source)
         if self.node_rank == 0:
-            self._store = serve_rendezvous_store(self.net.address, self.plan.rendezvous_port)
-        if self.args.parallel.nnodes > 1:
-            address = (self.net.address if self.node_rank == 0 else self.net.dist_init_ip,
-                       self.plan.coordinator_port)
-            self.coordinator = ClusterCoordinator(
-                node_rank=self.node_rank, nnodes=self.args.parallel.nnodes, address=address,
-                fingerprint=Fingerprint.from_server_args(self.args, self.model_config),
-                startup_timeout=timeout, on_failure=self._on_failure)
-            self.coordinator.start()  # logs the membership once whole
+            self._rendezvous = Rendezvous.serve(self.net.address, self.plan.rendezvous_port, secret)
+            address = (self.net.address, self.plan.coordinator_port)
+        else:
+            self._rendezvous = Rendezvous.relay(self.net.dist_init_ip, self.plan.rendezvous_port, secret)
+            address = (self.net.dist_init_ip, self.plan.coordinator_port)
+        self.coordinator = ClusterCoordinator(
+            node_rank=self.node_rank, nnodes=p.nnodes, address=address,
+            fingerprint=Fingerprint.from_server_args(self.args, self.model_config), secret=secret,
+            startup_timeout=p.startup_timeout, silence_timeout=p.cluster_silence_timeout,
+            on_failure=self._on_failure)
+        self.coordinator.start()  # logs the membership once whole
 
     def on_failure(self, handler: FailureHandler) -> None:
         """Who handles a cluster failure from now on (the default logs and exits non-zero)."""
@@ -84,19 +103,31 @@ class ClusterNode:
             handler = self._handler
         handler(reason, clean)
 
+    def watch_ranks(self, processes: SchedulerProcesses) -> None:
+        """Report this node's first rank to end (before shutdown), the moment it ends."""
+        processes.watch(lambda end: self.report_failure(end.describe(), decisive=end.decisive))
+
     def problem(self) -> str | None:
         """Why this node cannot serve right now (for /health), or None."""
         if self.coordinator is not None and not self.coordinator.is_whole:
             return self.coordinator.failure_reason or "the cluster is not whole"
         return None
 
-    def report_failure(self, reason: str) -> None:
+    def report_failure(self, reason: str, *, decisive: bool = False) -> None:
+        """A local failure. ``decisive``: a cause (a rank killed), not possibly a consequence
+        of another failure (a rank's collective error). The failure handler runs with the
+        reason the cluster settles on (at once on a single node)."""
         if self.coordinator is not None:
-            self.coordinator.report_failure(reason)
+            self.coordinator.report_failure(reason, decisive=decisive)
+        elif not self._failed.is_set():
+            self._failed.set()
+            self._on_failure(reason, False)
 
     def shutdown(self, *, clean: bool, reason: str) -> None:
         if self.coordinator is not None:
             self.coordinator.shutdown(clean=clean, reason=reason)
+        if self._rendezvous is not None:
+            self._rendezvous.close()
 
 
 def _exit_on_failure(reason: str, clean: bool) -> None:

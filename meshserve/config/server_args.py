@@ -319,6 +319,15 @@ class ParallelArgs(_ConcernMixin):
     startup_timeout: float = _arg(
         60.0, "Seconds node 0 waits for every node to join (it then names the missing ones); "
         "nodes r > 0 retry reaching node 0 (and resolving its name) for as long.")
+    cluster_secret: str | None = _arg(
+        None, "Shared secret every node proves it holds (HMAC challenge-response) before node 0 "
+        "accepts its connections. Default: $MESHSERVE_CLUSTER_SECRET; node 0 generates one and "
+        "prints it when none is given. Prefer the file or the variable: flags show in ps.")
+    cluster_secret_file: str | None = _arg(
+        None, "File holding the cluster secret (e.g. on shared storage; mode 600).", metavar="PATH")
+    cluster_silence_timeout: float = _arg(
+        15.0, "Seconds without any message from a node before it is declared dead (a stalled "
+        "machine survives shorter pauses; closed connections are detected at once).")
     enable_dp_attention: bool = _arg(
         False, "Data-parallel attention with tensor/expert-parallel MoE layers.")
     enable_dp_lm_head: bool = _arg(
@@ -465,7 +474,7 @@ for _attr, _cls in _CONCERNS:
         _CONCERN_OF[_f.name] = _attr
 
 # Secrets masked by ServerArgs.to_dict().
-_SECRET_FIELDS = frozenset({"api_key"})
+_SECRET_FIELDS = frozenset({"api_key", "cluster_secret"})
 _MASK = "***"
 
 
@@ -707,6 +716,11 @@ class ServerArgs:
         yield from at_least("dist_timeout", 1, optional=True)
         if not p.startup_timeout >= 1:
             yield f"{self.flag_spelling('startup_timeout')} must be >= 1 second, got {p.startup_timeout}"
+        if not p.cluster_silence_timeout >= 2:
+            yield (f"{self.flag_spelling('cluster_silence_timeout')} must be >= 2 seconds (four "
+                   f"heartbeats), got {p.cluster_silence_timeout}")
+        if p.cluster_secret is not None and p.cluster_secret_file is not None:
+            yield "--cluster-secret and --cluster-secret-file contradict each other; give one"
         if p.nnodes >= 1 and not 0 <= p.node_rank < p.nnodes:
             yield (f"{self.flag_spelling('node_rank')} must be in 0..{p.nnodes - 1} "
                    f"(--nnodes {p.nnodes}), got {p.node_rank}")

@@ -65,6 +65,8 @@ M = TypeVar("M", bound=BaseModel)
 # Routes that answer without the API key: probes and scraping must work without the secret.
 OPEN_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
 GRACEFUL_SHUTDOWN_S = 10
+# On SIGTERM, requests in flight get this long to finish before they are aborted (503).
+DRAIN_S = 5.0
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 RECENT_PROGRESS_S = 5.0
 
@@ -455,8 +457,9 @@ class ServerRunner:
         self._starting: asyncio.Task[Any] | None = None
 
     def _on_scheduler_failure(self, reason: str) -> None:
-        self.cluster.report_failure(reason)  # the other nodes stop too, naming this failure
-        self.stop(f"scheduler failure: {reason}", exit_code=1)
+        # The cluster settles on one reason for every node (this rank's error may be the
+        # consequence of another node's dead rank) and stops us via _on_cluster_failure.
+        self.cluster.report_failure(reason)
 
     def _on_cluster_failure(self, reason: str, clean: bool) -> None:
         """From a coordinator thread: another node failed or node 0 asked everyone to stop."""
@@ -494,13 +497,19 @@ class ServerRunner:
         self.stop(f"received {sig.name}")
 
     def stop(self, reason: str, exit_code: int = 0) -> None:
-        """Shut down (once): abort in-flight requests (they get 503s), stop accepting, exit."""
+        """Shut down (once): stop accepting, abort in-flight requests (they get 503s) — at
+        once after a failure, after DRAIN_S for a requested stop (they may finish) — exit."""
         if self._stopping:
             return
         self._stopping = True
         self.exit_code = exit_code
         (log.error if exit_code else log.info)("shutting down: %s", reason)
-        self.tm.abort_all(f"the server is shutting down ({reason})")
+        why = f"the server is shutting down ({reason})"
+        if exit_code == 0 and self.tm.num_in_flight:
+            log.info("draining %d request(s) for up to %.0f s", self.tm.num_in_flight, DRAIN_S)
+            self._loop.call_later(DRAIN_S, self.tm.abort_all, why)
+        else:
+            self.tm.abort_all(why)
         self.server.should_exit = True
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()

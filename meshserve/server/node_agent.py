@@ -1,9 +1,10 @@
 """The HTTP side of a node other than 0: no API (only node 0 serves it), but a truthful
 /health and /metrics, and the watch over this node's ranks.
 
-/health is 200 only while every local rank is alive and the cluster is whole. A local rank
-death is reported to the coordinator (every node then stops); a cluster failure makes this
-node exit non-zero, a clean stop from node 0 makes it exit 0.
+/health is 200 only while every local rank is alive and the cluster is whole. A local rank's
+end is reported by the launcher's watch (ClusterNode.watch_ranks) the moment it happens; the
+cluster then stops every node with one reason (this node exits non-zero), and a clean stop
+from node 0 makes it exit 0.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from meshserve.server.http_server import UvicornServer, http_error
 from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("meshserve")
-
-WATCH_INTERVAL_S = 0.5
 
 
 class NodeAgent:
@@ -72,28 +71,20 @@ class NodeAgent:
         self.exit_code = exit_code
         self.server.should_exit = True
 
-    async def _watch(self) -> None:
-        while not self.server.should_exit:
-            dead = self.processes.dead()
-            if dead is not None:
-                self.cluster.report_failure(dead)
-                self.stop(dead, 1)
-            await asyncio.sleep(WATCH_INTERVAL_S)
-
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.cluster.on_failure(lambda reason, clean: loop.call_soon_threadsafe(
             self.stop, f"cluster {'stop' if clean else 'failure'}: {reason}", 0 if clean else 1))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        watch = asyncio.create_task(self._watch())
         log.info("node %d: ranks started; /health and /metrics on %s:%d", self.args.parallel.node_rank,
                  self.args.http.host, self.args.http.port)
         await self.server.serve(sockets=[self.sock])
-        watch.cancel()
         return self.exit_code
 
     def _on_signal(self, sig: signal.Signals) -> None:
         # A node leaving makes the cluster unable to serve: the others stop too (non-zero).
-        self.cluster.shutdown(clean=False, reason=f"node {self.args.parallel.node_rank} received {sig.name}")
+        # The coordinator's goodbye waits (bounded) for node 0 to read it: not on the loop.
         self.stop(f"received {sig.name}", 0)
+        asyncio.get_running_loop().run_in_executor(None, lambda: self.cluster.shutdown(
+            clean=False, reason=f"node {self.args.parallel.node_rank} received {sig.name}"))
