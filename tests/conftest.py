@@ -115,7 +115,8 @@ def kv_accounting():
     driver = sys.modules.get("tests.scheduler_driver")  # not imported: no scheduler was built
     if driver is None:
         return
-    schedulers, _ = list(driver.BUILT), driver.BUILT.clear()
+    schedulers = list(driver.BUILT)
+    driver.BUILT.clear()
     for scheduler in schedulers:
         driver.check_kv_accounting(scheduler)
         if not scheduler.has_work:

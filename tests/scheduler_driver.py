@@ -7,7 +7,6 @@ engine test can leak or double-own a KV slot unnoticed.
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import torch
@@ -35,12 +34,13 @@ def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu"
     return track(Scheduler(args, model_config, runner))
 
 
-# Schedulers of the running test (the kv_accounting fixture checks and then forgets them).
-BUILT: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+# Schedulers of the running test, held (strongly: a test's own reference is gone by teardown)
+# until the kv_accounting fixture has checked them and cleared the list.
+BUILT: list[Scheduler] = []
 
 
 def track(scheduler: Scheduler) -> Scheduler:
-    BUILT.add(scheduler)
+    BUILT.append(scheduler)
     return scheduler
 
 
