@@ -533,7 +533,6 @@ class ClusterCoordinator:
                 self._consider(msg.reason, msg.decisive)
             elif not isinstance(msg, Heartbeat):
                 logger.warning("cluster: ignoring unexpected %s from %s", type(msg).__name__, label)
-        link.close()
         self._peer_lost(link, lost)
 
     def _admit(self, link: _Link, join: Join) -> bool:
@@ -593,15 +592,18 @@ class ClusterCoordinator:
 
     def _peer_lost(self, link: _Link, reason: str) -> None:
         with self._cond:
-            assert link.info is not None
-            rank = link.info.node_rank
-            if self._links.get(rank) is link:
-                del self._links[rank]
             state = self._state
+        if state is _State.WHOLE:
+            # The lost link is still listed while every node is told: a silent node may be
+            # only stalled, and then reads why the cluster stopped when it resumes.
+            self._fail(reason, clean=False, notify=True, callback=True)
+        with self._cond:
+            assert link.info is not None
+            if self._links.get(link.info.node_rank) is link:
+                del self._links[link.info.node_rank]
+        link.close()
         if state is _State.STARTING:
             logger.warning("cluster: %s during start-up; waiting for it to join again", reason)
-        elif state is _State.WHOLE:
-            self._fail(reason, clean=False, notify=True, callback=True)
 
     # ---- node r > 0 --------------------------------------------------------------------------
 

@@ -11,49 +11,11 @@ import time
 import httpx
 import pytest
 
+from tests.cluster_nodes import SECRET, base_port, cluster_args, generate, start_nodes
 from tests.hf_reference import hf_greedy
-from tests.server_process import free_port, start_server
+from tests.server_process import start_server
 
 NEW_TOKENS = 12
-
-
-def _base_port() -> int:
-    # P, P+1, P+2 must be free: probe a few candidates.
-    for _ in range(50):
-        p = free_port()
-        if p + 2 < 65536 and all(_free(p + i) for i in (1, 2)):
-            return p
-    raise RuntimeError("no free port triple")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _start_nodes(tmp_path, model_dir, *node1_extra: str, startup_timeout: int = 60, wait: bool = True):
-    base = _base_port()
-    common = ["--model-path", str(model_dir), "--tp", "2", "--nnodes", "2", "--dist-init-addr",
-              f"127.0.0.1:{base}", "--startup-timeout", str(startup_timeout), "--max-total-tokens", "2048"]
-    node0 = start_server(tmp_path, *common, "--node-rank", "0", wait=False)
-    node1 = start_server(tmp_path, *common, "--node-rank", "1", *node1_extra, wait=False)
-    if wait:
-        node0.wait_ready()
-        node1.wait_ready()
-    return node0, node1
-
-
-def _generate(server, ids: list[int], n: int) -> list[int]:
-    r = server.client().post("/generate", json={"input_ids": ids, "sampling_params": {
-        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}})
-    assert r.status_code == 200, r.text
-    return r.json()["output_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +26,10 @@ def prompts() -> list[list[int]]:
 
 def test_two_nodes_match_transformers_and_fail_fast(tmp_path, tiny_qwen3_dir, prompts):
     reference = hf_greedy(tiny_qwen3_dir, prompts, NEW_TOKENS)
-    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir)
+    node0, node1 = start_nodes(tmp_path, tiny_qwen3_dir)
     try:
         assert "port plan" in node0.log() and "cluster network" in node1.log()
-        assert [_generate(node0, p, NEW_TOKENS) for p in prompts] == reference
+        assert [generate(node0, p, NEW_TOKENS) for p in prompts] == reference
         assert httpx.get(f"{node1.base_url}/health").status_code == 200
         assert "meshserve:cluster_whole 1.0" in httpx.get(f"{node1.base_url}/metrics").text
         assert node1.client().post("/generate", json={"text": "hi"}).status_code == 404  # API only on node 0
@@ -104,7 +66,7 @@ def test_two_nodes_match_transformers_and_fail_fast(tmp_path, tiny_qwen3_dir, pr
 
 def test_mismatched_flag_is_refused_by_name(tmp_path, tiny_qwen3_dir):
     base_extra = ("--context-length", "1024")
-    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir, *base_extra, wait=False)
+    node0, node1 = start_nodes(tmp_path, tiny_qwen3_dir, node1_extra=base_extra, wait=False)
     try:
         assert node0.wait_exit(timeout=60) != 0
         assert node1.wait_exit(timeout=60) != 0
@@ -116,10 +78,9 @@ def test_mismatched_flag_is_refused_by_name(tmp_path, tiny_qwen3_dir):
 
 
 def test_missing_node_is_named_after_the_startup_timeout(tmp_path, tiny_qwen3_dir):
-    base = _base_port()
-    node0 = start_server(tmp_path, "--model-path", str(tiny_qwen3_dir), "--tp", "2", "--nnodes", "2",
-                         "--node-rank", "0", "--dist-init-addr", f"127.0.0.1:{base}", "--startup-timeout", "3",
-                         wait=False)
+    base = base_port()
+    node0 = start_server(tmp_path, *cluster_args(tiny_qwen3_dir, base), "--node-rank", "0",
+                         "--startup-timeout", "3", wait=False)
     try:
         assert node0.wait_exit(timeout=60) != 0
         assert "node 1" in node0.log(), node0.log()[-2000:]
@@ -130,9 +91,8 @@ def test_missing_node_is_named_after_the_startup_timeout(tmp_path, tiny_qwen3_di
 def test_duplicate_node_rank_is_refused(tmp_path, tiny_qwen3_dir):
     # Three nodes, so that node 0 is still waiting when the second "node 1" arrives. The refusal
     # happens at the join, before any weights load, so tp 3 over a 4-head model is never built.
-    base = _base_port()
-    common = ["--model-path", str(tiny_qwen3_dir), "--tp", "3", "--nnodes", "3", "--dist-init-addr",
-              f"127.0.0.1:{base}", "--startup-timeout", "30"]
+    base = base_port()
+    common = [*cluster_args(tiny_qwen3_dir, base, nnodes=3, tp=3), "--startup-timeout", "30"]
     node0 = start_server(tmp_path, *common, "--node-rank", "0", wait=False)
     a = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
     b = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
@@ -158,7 +118,8 @@ def test_two_nodes_in_network_namespaces_match_transformers(tmp_path, tiny_qwen3
     with netns.two_namespaces() as (ns_a, ns_b):
         addr0 = f"{netns.SUBNET}.1"
         common = ["--model-path", str(tiny_qwen3_dir), "--device", "cpu", "--tp", "2", "--nnodes", "2",
-                  "--dist-init-addr", f"{addr0}:29500", "--max-total-tokens", "2048", "--port", "30000"]
+                  "--dist-init-addr", f"{addr0}:29500", "--max-total-tokens", "2048", "--port", "30000",
+                  "--cluster-secret", SECRET]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         procs, logs = [], []
         for ns, rank, host in ((ns_a, 0, addr0), (ns_b, 1, f"{netns.SUBNET}.2")):
@@ -199,7 +160,7 @@ print(json.dumps(outs))
 
 
 def test_sigterm_on_node_0_stops_every_node_cleanly(tmp_path, tiny_qwen3_dir):
-    node0, node1 = _start_nodes(tmp_path, tiny_qwen3_dir)
+    node0, node1 = start_nodes(tmp_path, tiny_qwen3_dir)
     try:
         node0.process.send_signal(signal.SIGTERM)
         assert node0.wait_exit(timeout=30) == 0
@@ -213,18 +174,17 @@ def test_tp2_in_one_launch_server_matches_transformers(tmp_path, tiny_llama_dir,
     reference = hf_greedy(tiny_llama_dir, prompts, NEW_TOKENS)
     server = start_server(tmp_path, "--model-path", str(tiny_llama_dir), "--tp", "2", "--max-total-tokens", "2048")
     try:
-        assert [_generate(server, p, NEW_TOKENS) for p in prompts] == reference
+        assert [generate(server, p, NEW_TOKENS) for p in prompts] == reference
         assert len(server.scheduler_pids()) == 2
     finally:
         server.stop()
 
 
 def test_different_model_is_refused(tmp_path, tiny_qwen3_dir, tiny_llama_dir):
-    base = _base_port()
+    base = base_port()
 
     def node(rank: int, model_dir) -> object:
-        return start_server(tmp_path, "--model-path", str(model_dir), "--tp", "2", "--nnodes", "2",
-                            "--node-rank", str(rank), "--dist-init-addr", f"127.0.0.1:{base}", wait=False)
+        return start_server(tmp_path, *cluster_args(model_dir, base), "--node-rank", str(rank), wait=False)
 
     node0, node1 = node(0, tiny_qwen3_dir), node(1, tiny_llama_dir)
     try:
