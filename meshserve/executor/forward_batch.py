@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
     from meshserve.layers.attention.base import AttentionBackend
 
+# Largest padded K/V gather, in tokens (sequences × longest length), of one group of one-token
+# sequences: the reference backend copies K and V of that many slots per layer and group
+# (48 MiB for SmolLM2-135M in float32), whatever the batch's mix of lengths.
+PADDED_GATHER_MAX_TOKENS = 1 << 15
+
 
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # new tokens after a (possibly empty) cached prefix: prefill and chunks of it
@@ -40,15 +45,39 @@ class ForwardBatch:
         return self.seq_lens.shape[0]
 
     @functools.cached_property
-    def padded_kv_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's KV slots padded to the longest: ([B, L] slot ids, [B, L] visible).
-        Entries past a sequence's length are stale but valid slot ids, hidden by `visible`.
-        Computed once per step and shared by every layer."""
+    def single_token_groups(self) -> list[PaddedKV]:
+        """The sequences with exactly one new token (all of them in decode; the decodes riding
+        in a mixed extend step), sorted by length and packed into groups whose padded K/V gather
+        (sequences × longest length) stays within PADDED_GATHER_MAX_TOKENS — so one long sequence
+        among many short ones does not pad them all to its length. A sequence longer than the
+        bound forms a group alone. Computed once per step and shared by every layer."""
         assert self.host is not None
-        max_len = max(self.host.seq_lens)
-        slots = self.req_to_token.table[self.req_rows, :max_len]
-        visible = torch.arange(max_len, device=slots.device)[None, :] < self.seq_lens[:, None]
-        return slots, visible
+        host = self.host
+        singles: list[tuple[int, int, int]] = []  # (length, token index, request row)
+        token = 0
+        for row, seq_len, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
+            if new == 1:
+                singles.append((seq_len, token, row))
+            token += new
+        singles.sort()
+        groups: list[PaddedKV] = []
+        begin = 0
+        for end, (seq_len, _, _) in enumerate(singles, start=1):
+            # sorted, so this sequence is the longest of the group it would join
+            if end - begin > 1 and (end - begin) * seq_len > PADDED_GATHER_MAX_TOKENS:
+                groups.append(self._padded(singles[begin : end - 1]))
+                begin = end - 1
+        if singles:
+            groups.append(self._padded(singles[begin:]))
+        return groups
+
+    def _padded(self, seqs: list[tuple[int, int, int]]) -> PaddedKV:
+        lens, tokens, rows = (torch.tensor(column, dtype=torch.int64) for column in zip(*seqs))
+        device = self.seq_lens.device
+        max_len = seqs[-1][0]
+        slots = self.req_to_token.table[rows.to(device), :max_len]
+        visible = torch.arange(max_len, device=device)[None, :] < lens.to(device)[:, None]
+        return PaddedKV(tokens=tokens.to(device), slots=slots, visible=visible)
 
     @functools.cached_property
     def extend_starts(self) -> torch.Tensor:
@@ -63,6 +92,16 @@ class ForwardBatch:
         if self.mode is ForwardMode.DECODE:
             return None
         return self.extend_starts + self.extend_lens - 1
+
+
+@dataclass(frozen=True)
+class PaddedKV:
+    """Sequences with one new token each, attended together over their K/V gathered into one
+    padded batch (the reference backend's way; see ForwardBatch.single_token_groups)."""
+
+    tokens: torch.Tensor  # [B] index of each sequence's new token on the batch's [T] axis
+    slots: torch.Tensor  # [B, L] KV slots; entries past a sequence's length are stale but valid
+    visible: torch.Tensor  # [B, L] True within the sequence
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,15 @@
-"""Reference attention backend: gathers K/V from the pool and runs PyTorch SDPA.
+"""Reference attention backend: PyTorch SDPA over K/V gathered from the pool.
 
-Runs on CPU and CUDA. Extend runs one SDPA call per sequence (causal within the new tokens);
-decode gathers every sequence's K/V into one padded batch and runs one masked SDPA call per
-layer. It is the correctness reference, not the GPU fast path."""
+Runs on CPU and CUDA; the correctness reference, not the GPU fast path. Every SDPA call takes
+4-D [batch, heads, tokens, head_dim] inputs: on the CPU only those reach PyTorch's flash kernel,
+which never materialises the [queries, keys] score matrix (3-D inputs fall back to the math
+path: 9 × 8191² float32 scores per layer for one 8k prompt of SmolLM2, 2.4 GB).
+
+- Sequences with several new tokens (prompts, chunks of them) attend one at a time, their
+  queries in blocks of at most QUERY_BLOCK, so any mask is at most [QUERY_BLOCK, keys].
+- Sequences with one new token (decode, and the decodes riding in a mixed extend step) attend
+  together, in groups whose padded K/V gather is bounded (ForwardBatch.single_token_groups).
+"""
 
 from __future__ import annotations
 
@@ -17,42 +24,67 @@ if TYPE_CHECKING:
     from meshserve.executor.forward_batch import ForwardBatch
     from meshserve.layers.attention.layer import AttentionLayer
 
+QUERY_BLOCK = 1024  # bounds the causal mask of a prompt to [QUERY_BLOCK, keys] booleans
+
 
 class TorchNativeBackend(AttentionBackend):
     def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
         assert batch.host is not None
         out = torch.empty_like(q)
+        self._attend_single_tokens(layer, q, batch, out)
         k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         start = 0
         host = batch.host
         for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            qs = q[start : start + new].transpose(0, 1)  # [Hq, new, D]
-            if new == total:  # no cached prefix: the new keys and values are the whole sequence
-                ks, vs = k[start : start + new].transpose(0, 1), v[start : start + new].transpose(0, 1)
-            else:
-                slots = batch.req_to_token.table[row, :total]
-                ks = k_cache[slots].transpose(0, 1)  # [Hkv, total, D]
-                vs = v_cache[slots].transpose(0, 1)
-            mask = None
-            if 1 < new < total:
-                # Query i sits at position total - new + i and sees keys up to and including itself.
-                query_pos = torch.arange(total - new, total, device=q.device)[:, None]
-                mask = torch.arange(total, device=q.device)[None, :] <= query_pos
-            # No cached prefix: plain causal attention, which lets SDPA pick its flash kernel on
-            # the GPU (an explicit mask would force a slower one).
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=new > 1 and new == total,
-                                               scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
-            out[start : start + new] = o.transpose(0, 1)
+            if new > 1:
+                if new == total:  # no cached prefix: the new keys and values are the whole sequence
+                    ks, vs = k[start : start + new], v[start : start + new]
+                else:
+                    slots = batch.req_to_token.table[row, :total]
+                    ks, vs = k_cache[slots], v_cache[slots]
+                self._attend_new_tokens(layer, q[start : start + new], ks, vs, out[start : start + new])
             start += new
         return out
 
     def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, _ = layer.store_new_tokens(positions, q, k, v, batch)
-        slots, visible = batch.padded_kv_slots  # [B, L] each
-        k = batch.kv_pool.k[layer.layer_id][slots].transpose(1, 2)  # [B, Hkv, L, D]
-        v = batch.kv_pool.v[layer.layer_id][slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],
-                                             scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
-        return out.squeeze(2)  # [B, Hq, D]
+        out = torch.empty_like(q)
+        self._attend_single_tokens(layer, q, batch, out)
+        return out
+
+    @staticmethod
+    def _attend_new_tokens(layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor) -> None:
+        """One sequence: q [new, Hq, D] attends causally to k, v [total, Hkv, D] (its cached
+        prefix, then the new tokens); writes out [new, Hq, D]."""
+        new, prefix = q.shape[0], k.shape[0] - q.shape[0]
+        k4, v4 = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, total, D]
+        for begin in range(0, new, QUERY_BLOCK):
+            end = min(begin + QUERY_BLOCK, new)
+            keys = prefix + end  # the block's last query sees keys [0, keys)
+            mask = None
+            if keys != end - begin:
+                # Query i of the block sits at position prefix + begin + i and sees keys up to itself.
+                query_pos = torch.arange(prefix + begin, prefix + end, device=q.device)[:, None]
+                mask = torch.arange(keys, device=q.device)[None, :] <= query_pos
+            # Without a mask (the block is the whole sequence so far) plain causal attention,
+            # which lets SDPA pick its flash kernel on the GPU too (a mask forces a slower one).
+            o = F.scaled_dot_product_attention(
+                q[begin:end].transpose(0, 1)[None], k4[:, :, :keys], v4[:, :, :keys], attn_mask=mask,
+                is_causal=mask is None, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+            out[begin:end] = o[0].transpose(0, 1)
+
+    @staticmethod
+    def _attend_single_tokens(layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor) -> None:
+        """Every sequence with one new token (already in the pool): its query row of q [T, Hq, D]
+        attends to its whole K/V; the result goes to the same row of out."""
+        k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
+        for group in batch.single_token_groups:
+            k = k_cache[group.slots].transpose(1, 2)  # [B, Hkv, L, D]
+            v = v_cache[group.slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q.index_select(0, group.tokens).unsqueeze(2), k, v, attn_mask=group.visible[:, None, None, :],
+                scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+            out.index_copy_(0, group.tokens, o.squeeze(2))
