@@ -12,8 +12,11 @@ prompt of a call at once, so they batch in the scheduler. Results have the shape
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import threading
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from meshserve.cluster.launcher import launch_schedulers
@@ -29,6 +32,24 @@ T = TypeVar("T")
 SamplingDict = dict[str, Any]
 
 
+@contextlib.contextmanager
+def _spawn_without_main() -> Iterator[None]:
+    """Start `spawn` children without the caller's `__main__`.
+
+    multiprocessing's spawn re-imports the parent's main script (or `-m` module) in each child,
+    so a plain script that builds an Engine at top level, without an `if __name__ ==
+    "__main__":` guard, would build another Engine inside the child and fail. The scheduler's
+    entry point and arguments all live in meshserve, so the child needs nothing from
+    `__main__`: while the children start, `__main__` is a bare module with no file and no spec,
+    which spawn skips. The user's module object itself is never touched."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, **server_args: Any) -> None:
         """`server_args`: ServerArgs fields by name (device="cpu", max_total_tokens=4096,
@@ -41,7 +62,8 @@ class Engine:
         tokenizer = load_tokenizer(self.model_config.tokenizer_path)
         self._cluster = ClusterNode(self.args, self.model_config)  # tp > 1: the local rendezvous store
         self._cluster.start()
-        self._processes = launch_schedulers(self.args, self._cluster.rendezvous)
+        with _spawn_without_main():
+            self._processes = launch_schedulers(self.args, self._cluster.rendezvous)
         assert self._processes.endpoints is not None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="meshserve-engine", daemon=True)

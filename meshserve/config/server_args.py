@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "CPU_CHUNKED_PREFILL_SIZE",
     "DEFAULT_CHUNKED_PREFILL_SIZE",
     "DTYPE_ALIASES",
     "DTYPES",
@@ -87,6 +88,11 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "triton")
 
 #: Chunk size used when ``--chunked-prefill-size`` is not given (SGLang's usual default).
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
+
+#: The same on the CPU, where a token costs ~1000x a GPU's time: one 512-token chunk of
+#: SmolLM2-135M is a few seconds on 2 cores, so steps stay short enough for running streams to
+#: advance between chunks (docs/benchmarks.md, "CPU: long prompts and load").
+CPU_CHUNKED_PREFILL_SIZE = 512
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 
@@ -365,7 +371,7 @@ class SchedulerArgs(_ConcernMixin):
     max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
     chunked_prefill_size: int | None = _arg(
         None, f"Split long prompts into prefill chunks of this many tokens; default "
-        f"{DEFAULT_CHUNKED_PREFILL_SIZE}; -1 disables chunking.")
+        f"{DEFAULT_CHUNKED_PREFILL_SIZE} ({CPU_CHUNKED_PREFILL_SIZE} on cpu); -1 disables chunking.")
     schedule_policy: str = _arg(
         "lpm", "Waiting-queue order: lpm (longest cached prefix first) or fcfs.",
         choices=("lpm", "fcfs"))
@@ -377,7 +383,7 @@ class SchedulerArgs(_ConcernMixin):
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly, without CUDA graphs.")
     enable_mixed_chunk: bool = _arg(
         False, "Decode every running sequence inside each prefill step (one mixed batch), so "
-        "prefills do not pause generation.")
+        "prefills do not pause generation. Always on for cpu, where prefill steps are long.")
     disable_overlap_schedule: bool = _arg(
         False, "Run every step in lockstep. By default on CUDA the next decode step is scheduled "
         "while the device still runs the current one (one step in flight; hides the per-step host "
@@ -401,10 +407,14 @@ class SchedulerArgs(_ConcernMixin):
             return False
         return self.enable_overlap_schedule or device_type == "cuda"
 
-    def resolved_chunked_prefill_size(self) -> int | None:
+    def resolved_mixed_chunk(self, device_type: str) -> bool:
+        """Whether prefill steps carry the running decodes: when asked, and always on the CPU."""
+        return self.enable_mixed_chunk or device_type == "cpu"
+
+    def resolved_chunked_prefill_size(self, device_type: str) -> int | None:
         """Chunk size in tokens, or ``None`` when chunking is disabled (``-1``)."""
         if self.chunked_prefill_size is None:
-            return DEFAULT_CHUNKED_PREFILL_SIZE
+            return CPU_CHUNKED_PREFILL_SIZE if device_type == "cpu" else DEFAULT_CHUNKED_PREFILL_SIZE
         if self.chunked_prefill_size == -1:
             return None
         return self.chunked_prefill_size

@@ -91,7 +91,7 @@ class Scheduler:
         self.policy = PrefillPolicy(
             schedule_policy=args.scheduler.schedule_policy,
             max_prefill_tokens=args.scheduler.max_prefill_tokens,
-            chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(),
+            chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(runner.device.type),
         )
         self.max_running = runner.max_running_requests
         self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids,
@@ -107,7 +107,7 @@ class Scheduler:
         # host has not read. While one is, each of its sequences has kv_len == seq_len (the
         # in-flight token has KV written by the step but is not in output_ids yet).
         self.overlap = args.scheduler.resolved_overlap_schedule(runner.device.type)
-        self.mixed_chunk = args.scheduler.enable_mixed_chunk
+        self.mixed_chunk = args.scheduler.resolved_mixed_chunk(runner.device.type)
         self._in_flight: _Sampled | None = None
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences

@@ -181,9 +181,10 @@ def test_overlap_schedule_resolution() -> None:
 
 
 def test_chunked_prefill_resolution() -> None:
-    assert ServerArgs().scheduler.resolved_chunked_prefill_size() == sa.DEFAULT_CHUNKED_PREFILL_SIZE
-    assert SchedulerArgs(chunked_prefill_size=-1).resolved_chunked_prefill_size() is None
-    assert SchedulerArgs(chunked_prefill_size=512).resolved_chunked_prefill_size() == 512
+    assert ServerArgs().scheduler.resolved_chunked_prefill_size("cuda") == sa.DEFAULT_CHUNKED_PREFILL_SIZE
+    assert ServerArgs().scheduler.resolved_chunked_prefill_size("cpu") == sa.CPU_CHUNKED_PREFILL_SIZE
+    assert SchedulerArgs(chunked_prefill_size=-1).resolved_chunked_prefill_size("cpu") is None
+    assert SchedulerArgs(chunked_prefill_size=512).resolved_chunked_prefill_size("cuda") == 512
 
 
 # ---------------------------------------------------------------------------------------------
