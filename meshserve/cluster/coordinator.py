@@ -55,7 +55,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from meshserve.cluster.auth import HANDSHAKE_ERRORS, AuthError, ClusterSecret
+from meshserve.cluster.auth import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, AuthError, ClusterSecret
 from meshserve.cluster.fingerprint import Fingerprint
 from meshserve.cluster.frames import PeerClosed, ProtocolError, pack_frame, recv_frame
 
@@ -81,8 +81,6 @@ HEARTBEAT_INTERVAL_S = 0.5
 #: --cluster-silence-timeout). Long enough for a machine stalled by swapping or a long GC
 #: pause; deaths that close connections are detected at once, whatever this value.
 SILENCE_TIMEOUT_S = 15.0
-#: A new connection must complete the handshake and send its Join within this long.
-HANDSHAKE_TIMEOUT_S = 5.0
 #: How long node 0 holds a non-decisive failure report, waiting for a decisive one that names
 #: the cause (a rank death reported by another node arrives within milliseconds).
 CONSEQUENCE_GRACE_S = 1.0
@@ -496,7 +494,7 @@ class ClusterCoordinator:
     def _leader_reader(self, link: _Link) -> None:
         # A stranger is dropped here, before it can send a Join: nothing it sends reaches the
         # cluster's state, and it learns nothing (a Denied at most).
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        deadline = time.monotonic() + 2 * HANDSHAKE_TIMEOUT_S  # the handshake, then the Join
         try:
             self._secret.accept(link.sock, _PURPOSE)
             first = link.recv(deadline)

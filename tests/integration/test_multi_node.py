@@ -89,10 +89,10 @@ def test_missing_node_is_named_after_the_startup_timeout(tmp_path, tiny_qwen3_di
 
 
 def test_duplicate_node_rank_is_refused(tmp_path, tiny_qwen3_dir):
-    # Three nodes, so that node 0 is still waiting when the second "node 1" arrives. The refusal
-    # happens at the join, before any weights load, so tp 3 over a 4-head model is never built.
+    # Four nodes (tp 4 fits the 4-head model, checked before the join), so that node 0 is still
+    # waiting when the second "node 1" arrives. The refusal happens at the join.
     base = base_port()
-    common = [*cluster_args(tiny_qwen3_dir, base, nnodes=3, tp=3), "--startup-timeout", "30"]
+    common = [*cluster_args(tiny_qwen3_dir, base, nnodes=4, tp=4), "--startup-timeout", "30"]
     node0 = start_server(tmp_path, *common, "--node-rank", "0", wait=False)
     a = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
     b = start_server(tmp_path, *common, "--node-rank", "1", wait=False)
