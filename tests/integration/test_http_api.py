@@ -381,7 +381,7 @@ def test_sigterm_ends_in_flight_requests_and_exits_zero(start_server):
 def test_startup_failures_exit_nonzero_with_a_reason(start_server, tmp_path):
     missing = start_server("--model-path", str(tmp_path / "nope"), wait=False)
     assert missing.wait_exit(60) == 1
-    assert "not a local Hugging Face model directory" in missing.log()
+    assert "does not exist; it must be a local Hugging Face model directory" in missing.log()
 
     with socket.create_server(("127.0.0.1", 0)) as busy:
         clash = start_server("--port", str(busy.getsockname()[1]), wait=False)
