@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import multiprocessing.connection
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_sentinels
 
 from meshserve.cluster.endpoints import SchedulerEndpoints
 from meshserve.cluster.topology import Topology
@@ -64,7 +64,7 @@ class SchedulerProcesses:
         :meth:`shutdown`, the moment it ends (process sentinels, no polling)."""
 
         def run() -> None:
-            mp.connection.wait([proc.sentinel for proc in self.processes])
+            wait_for_sentinels([proc.sentinel for proc in self.processes])
             exits = self.exits()
             if exits and not self._stopping.is_set():
                 on_exit(min(exits, key=lambda e: not e.decisive))  # a killed rank names it best
