@@ -43,10 +43,15 @@ def _error_bytes(err: oai.APIError) -> bytes:
     return msgspec.json.encode(err.body())
 
 
+def _error_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]
+
+
 async def _send_error(send: Send, err: oai.APIError) -> None:
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": _error_bytes(err)})
+    body = _error_bytes(err)
+    await send({"type": "http.response.start", "status": err.status, "headers": _error_headers(body)})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -152,8 +157,7 @@ class BoundedH11Protocol(H2ProbeTolerantProtocol):
 
     def send_400_response(self, msg: str) -> None:
         body = _error_bytes(oai.APIError(400, f"malformed HTTP request: {msg}"))
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+        for event in (h11.Response(status_code=400, headers=_error_headers(body), reason=b"Bad Request"),
                       h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
