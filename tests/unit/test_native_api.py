@@ -7,7 +7,12 @@ from pydantic import ValidationError
 
 from meshserve.messages import FinishReason, TopLogprob
 from meshserve.server.generation import InvalidRequest, SequenceResult
-from meshserve.server.native_api import SGLANG_DEFAULT_MAX_NEW_TOKENS, GenerateReqInput, native_response
+from meshserve.server.native_api import (
+    SGLANG_DEFAULT_MAX_NEW_TOKENS,
+    GenerateReqInput,
+    engine_requests,
+    native_response,
+)
 
 
 def parse(**body) -> GenerateReqInput:
@@ -71,3 +76,30 @@ def test_response_shape():
         "output_top_logprobs": [[[-0.1, 5, "5"]], [[-0.2, 6, "6"]]]}}
     length = SequenceResult(index=0, finish=FinishReason("length"), completion_tokens=4)
     assert native_response(length)["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+
+
+# ---- Engine.generate's arguments (issue 10, item 4) ------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "where"), [
+    ((123, None, None), "text"),
+    ((None, None, None), "exactly one of prompt, input_ids"),
+    (("a", None, [1]), "exactly one of prompt, input_ids"),
+    ((None, None, 5), "input_ids"),
+    ((None, None, [1.5]), "input_ids"),
+    (("a", "greedy", None), "sampling_params"),
+    (("a", [{}, {}], None), "2 sampling_params for 1 prompts"),
+    (("a", {"top_k": "three"}, None), "top_k"),
+    (("a", {"temperture": 0}, None), "temperture"),
+    (("a", {"n": 10**30}, None), "n"),
+])
+def test_engine_arguments_raise_invalid_request(args, where):
+    with pytest.raises(InvalidRequest, match=where):
+        engine_requests(*args)
+
+
+def test_engine_arguments_batch_and_single():
+    requests, batch = engine_requests(["a", "b"], {"max_new_tokens": 3}, None)
+    assert batch and [r.text for r in requests] == ["a", "b"] and requests[0].sampling.max_new_tokens == 3
+    requests, batch = engine_requests(None, None, [1, 2])
+    assert not batch and requests[0].input_ids == [1, 2]

@@ -209,3 +209,32 @@ def test_stream_chunks():
     event = oai.sse(delta)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event[len(b"data: "):]) == delta
+
+
+# ---- a stream that fails after its first chunk (issue 10, item 4) ----------------------------
+
+
+def test_any_error_mid_stream_ends_with_an_error_event_and_done():
+    """Whatever fails once a stream has started (here not a GenerateError: the OverflowError
+    of the top_k bug), the client gets an error event and then [DONE]."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from meshserve.server.generation import SequenceOutput
+    from meshserve.server.http_server import event_stream
+
+    class FailingAfterOneOutput:
+        async def generate(self, prepared):
+            yield SequenceOutput(index=0, rid="r", text="Hi", token_ids=[1], logprobs=[], top_logprobs=[],
+                                 finish=None, prompt_tokens=1, cached_tokens=0, completion_tokens=1)
+            raise OverflowError("int too big to convert")
+
+    async def events() -> list[bytes]:
+        stream = event_stream(FailingAfterOneOutput(), SimpleNamespace(n=1),  # type: ignore[arg-type]
+                              render=lambda out, _: b"data: " + out.text.encode() + b"\n\n", prologue=[b"data: role\n\n"])
+        return [event async for event in stream]
+
+    role, chunk, error, done = asyncio.run(events())
+    assert (role, chunk, done) == (b"data: role\n\n", b"data: Hi\n\n", b"data: [DONE]\n\n")
+    body = json.loads(error.removeprefix(b"data: "))
+    assert body["error"]["type"] == "server_error" and "OverflowError" in body["error"]["message"]
