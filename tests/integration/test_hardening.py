@@ -229,8 +229,10 @@ def test_malformed_http_gets_a_json_error_at_once(server, payload, status):
         except ConnectionResetError:
             reply = b""
     assert time.monotonic() - start < SLACK_S
-    if status is not None or reply:
-        assert _status_and_error(reply)[0] == (status or 400), reply[:300]
+    if status is None:  # the 400 may be cut short by the reset
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    else:
+        assert _status_and_error(reply)[0] == status, reply[:300]
 
 
 # ---- item 6: the event loop stays free -------------------------------------------------------
