@@ -201,19 +201,20 @@ class Scheduler:
         self._reserved = sum(self._future_tokens(r) for r in self.running)
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
-            if not self._plan_extend(req, budget, batch):
+            # With prompts waiting, a chunk takes half of the step's budget and the waiting prompts
+            # share the rest, so short requests are served while a long prompt is still being
+            # prefilled (instead of after all its chunks) and the long one still advances.
+            share = budget.left - budget.left // 2 if self.waiting else budget.left
+            if not self._plan_extend(req, budget, batch, limit=share):
                 self.chunked = req  # no KV this step; try again next step
                 return batch
-        if self.chunked is not None:
-            return batch
         for req in self.policy.order(self.waiting, self.cache):
             if len(self.running) + len(batch) >= self.max_running or budget.exhausted:
                 break
-            if not self._plan_extend(req, budget, batch):
+            # At most one request is mid-chunk: while one is, the others are taken whole.
+            if not self._plan_extend(req, budget, batch, whole=self.chunked is not None):
                 break
-            self.waiting.remove(req)
-            if self.chunked is not None:
-                break  # a chunked request takes what is left of this step's budget
+            self.waiting.remove(req)  # one that became the chunked request exhausted the budget
         return batch
 
     def _decodes_as_extends(self) -> list[_Extend]:
@@ -228,14 +229,20 @@ class Scheduler:
         self.rows.record_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
         return [_Extend(req, slots[i : i + 1]) for i, req in enumerate(reqs)]
 
-    def _plan_extend(self, req: Req, budget, batch: list[_Extend]) -> bool:
-        """Give `req` a row, its cached prefix and KV slots for its next chunk; False if it must wait."""
+    def _plan_extend(self, req: Req, budget, batch: list[_Extend], *, limit: int | None = None,
+                     whole: bool = False) -> bool:
+        """Give `req` a row, its cached prefix and KV slots for its next chunk (at most `limit`
+        tokens; all it needs when `whole`); False if it must wait."""
         fresh = req.row is None
         if fresh:
             match = self.cache.match_prefix(req.fill_ids[:-1])
             self.cache.lock(match.node)
         remaining = req.seq_len - (match.length if fresh else req.kv_len)
         take = budget.take(remaining)
+        if limit is not None:
+            take = min(take, limit)
+        if whole and take < remaining:
+            take = 0
         # Head-room for what the running and already admitted sequences (and this one) are expected
         # to generate, so admitting a prompt does not soon force a retraction. A sequence that
         # would run alone needs only its first decode slot: it must never wait for a reservation.
