@@ -306,7 +306,7 @@ class TokenizerManager:
                     yield output
         finally:
             for seq in sequences:
-                self._sequences.pop(seq.rid, None)
+                self._release(seq)
                 if not seq.finished:
                     self._post(AbortReq(seq.rid, "the request was cancelled"))
                     self._record_finish(request, seq, "abort")
@@ -432,12 +432,19 @@ class TokenizerManager:
         )
         return SequenceDetokenizer(decode, prepared.input_ids, prepared.sampling.stop)
 
+    def _release(self, seq: _Sequence) -> None:
+        """Forget `seq`'s rid, only if `seq` still owns it: once a sequence has finished, a new
+        request may reuse its rid, and the old request's clean-up must not drop the new one."""
+        owner = self._sequences.get(seq.rid)
+        if owner is not None and owner[1] is seq:
+            del self._sequences[seq.rid]
+
     def _process(self, request: _Request, seq: _Sequence, delta: ReqOutput) -> SequenceOutput:
         """One scheduler delta -> one SequenceOutput (text, counts, metrics)."""
         finish = delta.finish
         if finish is not None:
             seq.finished = True
-            self._sequences.pop(seq.rid, None)
+            self._release(seq)
             if finish.kind == "abort":
                 self._record_finish(request, seq, "abort")
                 raise RequestAborted(f"the scheduler aborted the request: {finish.message or 'no reason given'}")
@@ -449,7 +456,7 @@ class TokenizerManager:
                 # without the prompt as context); the text is final, so end the sequence here.
                 finish = FinishReason(kind="stop", matched=seq.detokenizer.stop_matched)
                 seq.finished = True
-                self._sequences.pop(seq.rid, None)
+                self._release(seq)
                 self._post(AbortReq(seq.rid, "stop string reached"))
         seq.completion_tokens += len(delta.new_ids)
         seq.cached_tokens = max(seq.cached_tokens, delta.cached_tokens)

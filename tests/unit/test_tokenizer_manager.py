@@ -360,3 +360,27 @@ def test_without_tokenizer_ids_in_ids_out(tokenizer):
 
     [result] = asyncio.run(main())
     assert result.token_ids == [11, 12, 13] and result.text == ""
+
+
+def test_a_finished_request_does_not_release_its_rid_from_a_later_request(tokenizer):
+    """A client may reuse a rid once its request finished; the old request's clean-up (its
+    stream closed late) must not drop the new request's registration, or the new one hangs."""
+
+    async def body(tm, fake):
+        first = tm.generate(await tm.prepare(GenerateRequest(text="x", sampling=greedy(4), rid="same")))
+        while (await first.__anext__()).finish is None:
+            pass
+        second = tm.generate(await tm.prepare(GenerateRequest(text="x", sampling=greedy(4), rid="same")))
+        outputs = [await second.__anext__()]
+        await first.aclose()  # the first request's clean-up runs while the second is live
+
+        async def rest():
+            async for output in second:
+                outputs.append(output)
+
+        await asyncio.wait_for(rest(), 10)
+        return outputs
+
+    outputs, _ = run(tokenizer, text_script(tokenizer, " one two three four"), body)
+    assert outputs[-1].finish == FinishReason(kind="length")
+    assert "".join(o.text for o in outputs) == " one two three four"
