@@ -38,6 +38,12 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
     if rank == 0:
         Path(out_file).write_text(json.dumps([output_ids(outs[str(i)]) for i in range(len(prompts))]))
+    # Leave together, and tear the world down before exiting: a rank whose peer tore gloo down
+    # under it at interpreter exit was seen to abort ("terminate called without an active exception").
+    if tp.cpu_group is not None:
+        torch.distributed.barrier(group=tp.cpu_group)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,

@@ -64,7 +64,12 @@ class SchedulerProcesses:
         :meth:`shutdown`, the moment it ends (process sentinels, no polling)."""
 
         def run() -> None:
-            wait_for_sentinels([proc.sentinel for proc in self.processes])
+            ended = wait_for_sentinels([proc.sentinel for proc in self.processes])
+            for proc in self.processes:
+                if proc.sentinel in ended:
+                    # The sentinel closes as the process releases its files, a moment before it
+                    # can be reaped: without this join, is_alive() may still say True.
+                    proc.join(5.0)
             exits = self.exits()
             if exits and not self._stopping.is_set():
                 on_exit(min(exits, key=lambda e: not e.decisive))  # a killed rank names it best

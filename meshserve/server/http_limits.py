@@ -136,14 +136,25 @@ class BoundedH11Protocol(H2ProbeTolerantProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._header_bytes = 0  # bytes of the current request's headers received so far
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            # h11's own bound (max_incomplete_event_size) only applies while the headers are
+            # incomplete in its buffer; headers that arrive whole in one read pass it. Count
+            # them here, up to the blank line that ends them.
+            end = data.find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else end + 4
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self.send_400_response(f"headers larger than {MAX_HEADER_BYTES} bytes")
+                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # this request's headers are complete
+            self._header_bytes = 0
             self._disarm_header_deadline()
 
     def on_response_complete(self) -> None:
@@ -156,10 +167,10 @@ class BoundedH11Protocol(H2ProbeTolerantProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
+        # Written as bytes, not through h11: h11 refuses a response before a request was parsed.
         body = _error_bytes(oai.APIError(400, f"malformed HTTP request: {msg}"))
-        for event in (h11.Response(status_code=400, headers=_error_headers(body), reason=b"Bad Request"),
-                      h11.Data(data=body), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in _error_headers(body))
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + body)
         self.transport.close()
 
     def _arm_header_deadline(self) -> None:

@@ -343,7 +343,8 @@ def test_namespaces_route_choice_and_loopback_refusal(two_namespaces: tuple[str,
 def test_namespaces_doctor_ok(two_namespaces: tuple[str, str], tmp_path: Path) -> None:
     """The doctor across two namespaces: gloo all-reduce over the veth pair."""
     ns_a, ns_b = two_namespaces
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": ""}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "", "NCCL_SOCKET_IFNAME": "",
+           "MESHSERVE_CLUSTER_SECRET": "doctor-test-secret-0123456789"}
     argv = [sys.executable, "-m", "meshserve.doctor", "--dist-init-addr",
             f"{netns.SUBNET}.1:29500", "--nnodes", "2", "--device", "cpu", "--timeout", "30"]
     procs = [subprocess.Popen(["ip", "netns", "exec", ns, *argv, "--node-rank", str(rank)],
