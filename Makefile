@@ -38,4 +38,4 @@ serve: default-model
 
 test: default-model
 	$(call say,running the test suite)
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 tests $(ARGS)

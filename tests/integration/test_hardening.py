@@ -261,4 +261,9 @@ def test_health_stays_fast_while_a_1mb_prompt_is_tokenized(server):
             time.sleep(0.01)
     assert big["status"] == 400  # ~230k tokens do not fit the context; they were tokenized first
     assert len(latencies) >= 5, big  # the probe really ran while the prompt was being tokenized
-    assert max(latencies) < 0.1, (max(latencies), big)
+    # Tokenizing on the event loop held every probe for the whole tokenization (2.1 s before the
+    # fix). On a 2-core CI machine the OS may still park the loop's thread now and then (one
+    # probe in ~100 once took 0.6 s in a full CI run), so the bound is on the 95th percentile.
+    latencies.sort()
+    assert latencies[int(0.95 * (len(latencies) - 1))] < 0.1, (latencies[-5:], big)
+    assert latencies[-1] < 1.0, (latencies[-5:], big)
