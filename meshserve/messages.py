@@ -17,14 +17,26 @@ import msgspec
 from meshserve.sampling_params import SamplingParams
 
 
+class Bootstrap(msgspec.Struct, frozen=True):
+    """Where the two halves of a disaggregated request meet (SGLang's protocol): the prefill
+    server's bootstrap service `host:port`, and `room`, the id both halves share. The router
+    adds it to the request it sends to both servers."""
+
+    host: str
+    port: int
+    room: int
+
+
 class GenerateReq(msgspec.Struct, tag=True, frozen=True, kw_only=True):
-    """One sequence to generate. `rid` is unique among live requests (the TokenizerManager's job)."""
+    """One sequence to generate. `rid` is unique among live requests (the TokenizerManager's job).
+    `bootstrap` is set exactly when the server runs in a disaggregation mode."""
 
     rid: str
     input_ids: list[int]
     sampling: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    bootstrap: Bootstrap | None = None
 
 
 class AbortReq(msgspec.Struct, tag=True, frozen=True):

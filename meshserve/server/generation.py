@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshserve.messages import FinishReason, TopLogprob
+from meshserve.messages import Bootstrap, FinishReason, TopLogprob
 from meshserve.sampling_params import SamplingParams
 
 
@@ -51,6 +51,27 @@ class RequestAborted(GenerateError):
     status = 500
 
 
+# SGLang's default --disaggregation-bootstrap-port: what a router's `bootstrap_port: null` means
+# (sglang-router sends null for a prefill given without a port).
+DEFAULT_BOOTSTRAP_PORT = 8998
+
+
+def bootstrap_from_fields(host: str | None, port: int | None, room: int | None) -> Bootstrap | None:
+    """The request fields `bootstrap_host`, `bootstrap_port`, `bootstrap_room` as one Bootstrap:
+    none given means a plain request; a host and a room are needed together."""
+    if host is None and room is None and port is None:
+        return None
+    if host is None or room is None:
+        raise InvalidRequest("bootstrap_host and bootstrap_room go together (a PD router sets both)",
+                             param="bootstrap_host" if host is None else "bootstrap_room")
+    if not 0 <= room < 1 << 64:
+        raise InvalidRequest("bootstrap_room must be in [0, 2**64)", param="bootstrap_room")
+    port = DEFAULT_BOOTSTRAP_PORT if port is None else port
+    if not 0 < port < 1 << 16:
+        raise InvalidRequest("bootstrap_port must be in [1, 65535]", param="bootstrap_port")
+    return Bootstrap(host=host, port=port, room=room)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerateRequest:
     """One client request, before tokenization. Exactly one of text / input_ids / messages."""
@@ -66,6 +87,7 @@ class GenerateRequest:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     rid: str | None = None  # the client's id; generated when None
+    bootstrap: Bootstrap | None = None  # prefill-decode disaggregation: where the halves meet
 
 
 @dataclass(frozen=True)

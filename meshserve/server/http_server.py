@@ -430,6 +430,7 @@ class ServerRunner:
             from_scheduler=processes.endpoints.from_scheduler,
             scheduler_dead=processes.dead,
             metrics=self.metrics,
+            disaggregation_mode=args.disagg.disaggregation_mode,
         )
         self.cluster = cluster
         self.tm.on_failure(self._on_scheduler_failure)

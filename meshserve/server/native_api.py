@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from meshserve.messages import FinishReason
 from meshserve.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParams
-from meshserve.server.generation import GenerateRequest, InvalidRequest, SequenceResult
+from meshserve.server.generation import GenerateRequest, InvalidRequest, SequenceResult, bootstrap_from_fields
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -77,6 +77,19 @@ class GenerateReqInput(BaseModel):
     return_text_in_logprobs: bool = False
     logprob_start_len: int = -1
     rid: str | list[str] | None = None
+    # prefill-decode disaggregation (SGLang): set by a PD router; one per prompt for a batch
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | None | list[int | None] = None
+    bootstrap_room: int | list[int] | None = None
+    # Fields sglang-router adds to every /generate body it forwards. Their default values are
+    # accepted (they ask for nothing); a value that asks for something meshserve lacks is refused.
+    model: str | None = None
+    log_metrics: bool = True
+    no_logs: bool = False
+    background: bool = False
+    return_hidden_states: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
 
     @property
     def is_batch(self) -> bool:
@@ -88,6 +101,9 @@ class GenerateReqInput(BaseModel):
             raise InvalidRequest("give exactly one of text, input_ids")
         if self.logprob_start_len != -1:
             raise InvalidRequest("logprob_start_len (prompt logprobs) is not supported yet", param="logprob_start_len")
+        for name in ("background", "return_hidden_states", "return_bytes", "return_entropy"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name} is not supported", param=name)
         prompts: list[dict[str, Any]]
         if self.text is not None:
             prompts = [{"text": t} for t in (self.text if isinstance(self.text, list) else [self.text])]
@@ -95,6 +111,7 @@ class GenerateReqInput(BaseModel):
             batch = self.input_ids if self.is_batch else [self.input_ids]
             prompts = [{"input_ids": list(ids)} for ids in batch]  # type: ignore[union-attr]
         rids = self._rids(len(prompts))
+        bootstraps = self._bootstraps(len(prompts))
         sampling = self.sampling_params.to_sampling()
         return [
             GenerateRequest(
@@ -104,10 +121,21 @@ class GenerateReqInput(BaseModel):
                 return_logprob=self.return_logprob,
                 top_logprobs_num=self.top_logprobs_num,
                 rid=rid,
+                bootstrap=bootstrap,
                 **prompt,
             )
-            for prompt, rid in zip(prompts, rids)
+            for prompt, rid, bootstrap in zip(prompts, rids, bootstraps)
         ]
+
+    def _bootstraps(self, count: int) -> list:
+        """One Bootstrap (or None) per prompt: the fields are lists for a batch, as in SGLang."""
+        fields = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+        if not any(isinstance(f, list) for f in fields):
+            return [bootstrap_from_fields(*fields)] * count  # type: ignore[arg-type]
+        columns = [f if isinstance(f, list) else [f] * count for f in fields]
+        if any(len(column) != count for column in columns):
+            raise InvalidRequest("bootstrap fields must be one per prompt (lists for a batch)", param="bootstrap_room")
+        return [bootstrap_from_fields(*row) for row in zip(*columns)]
 
     def _rids(self, count: int) -> list[str | None]:
         if self.rid is None:

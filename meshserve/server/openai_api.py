@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from meshserve.messages import TopLogprob
 from meshserve.sampling_params import MAX_N, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
-from meshserve.server.generation import GenerateError, GenerateRequest, SequenceOutput, SequenceResult
+from meshserve.server.generation import (GenerateError, GenerateRequest, SequenceOutput, SequenceResult,
+                                         bootstrap_from_fields)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # JSON has no -inf; a token the model rules out completely gets this logprob (vLLM does the same).
@@ -103,6 +104,10 @@ class _RequestBase(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # prefill-decode disaggregation (SGLang): set by a PD router, never by end users
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -135,7 +140,9 @@ class _RequestBase(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             **{**sampling_defaults, **{name: value for name, value in optional.items() if value is not None}},
         )
-        return GenerateRequest(sampling=sampling, fit_max_new_tokens=fit or max_tokens is None, n=self.n, **fields)
+        bootstrap = bootstrap_from_fields(self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+        return GenerateRequest(sampling=sampling, fit_max_new_tokens=fit or max_tokens is None, n=self.n,
+                               bootstrap=bootstrap, **fields)
 
 
 class ContentPart(BaseModel):

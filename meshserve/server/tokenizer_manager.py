@@ -37,6 +37,7 @@ import zmq.asyncio
 from meshserve.messages import (
     AbortReq,
     BatchOut,
+    Bootstrap,
     FinishReason,
     FlushCacheOut,
     FlushCacheReq,
@@ -108,6 +109,7 @@ class PreparedRequest:
     n: int
     return_logprob: bool
     top_logprobs_num: int
+    bootstrap: Bootstrap | None = None
 
 
 @dataclass(eq=False)
@@ -139,9 +141,11 @@ class TokenizerManager:
         from_scheduler: str,
         scheduler_dead: Callable[[], str | None],
         metrics: ServerMetrics | None = None,
+        disaggregation_mode: str = "null",
     ) -> None:
         """`scheduler_dead()` names a dead scheduler process, or returns None while all live."""
         self.tokenizer = tokenizer
+        self.disaggregation_mode = disaggregation_mode
         self._addresses = (to_scheduler, from_scheduler)
         self._scheduler_dead = scheduler_dead
         self._metrics = metrics
@@ -252,6 +256,7 @@ class TokenizerManager:
         sent: what passes encodes into the scheduler's messages and fits its arithmetic."""
         info = self._serving_info()
         _check_request_fields(req)
+        _check_disaggregation(req, self.disaggregation_mode)
         if _prompt_size(req) <= INLINE_PROMPT_SIZE:
             input_ids = self._prompt_ids(req, info.vocab_size)
         else:
@@ -265,6 +270,7 @@ class TokenizerManager:
             n=req.n,
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
+            bootstrap=req.bootstrap,
         )
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[SequenceOutput]:
@@ -289,6 +295,7 @@ class TokenizerManager:
                 sampling=_sequence_sampling(prepared.sampling, seq.index),
                 return_logprob=prepared.return_logprob,
                 top_logprobs_num=prepared.top_logprobs_num,
+                bootstrap=prepared.bootstrap,
             ))
             if self._metrics is not None:
                 self._metrics.sequence_started(request.prompt_tokens)
@@ -571,6 +578,22 @@ def _check_request_fields(req: GenerateRequest) -> None:
         if not 0 < len(req.rid) <= MAX_RID_CHARS:
             raise InvalidRequest(f"rid must have 1 to {MAX_RID_CHARS} characters", param="rid")
         _check_text(req.rid, "rid")
+
+
+def _check_disaggregation(req: GenerateRequest, mode: str) -> None:
+    """Bootstrap fields belong to disaggregated servers only: a plain server that accepted them
+    would compute the request twice behind a PD router, and a PD server without them has no
+    other half to meet."""
+    if mode == "null":
+        if req.bootstrap is not None:
+            raise InvalidRequest("bootstrap fields were given, but this server does not run with "
+                                 "--disaggregation-mode prefill|decode", param="bootstrap_room")
+        return
+    if req.bootstrap is None:
+        raise InvalidRequest(f"this is a {mode} server (--disaggregation-mode {mode}): send requests through a PD "
+                             "router, which adds bootstrap_host, bootstrap_port and bootstrap_room", param="bootstrap_room")
+    if req.n != 1:
+        raise InvalidRequest("n > 1 is not supported with prefill-decode disaggregation", param="n")
 
 
 def _check_text(text: str, param: str) -> None:

@@ -103,3 +103,38 @@ def test_engine_arguments_batch_and_single():
     assert batch and [r.text for r in requests] == ["a", "b"] and requests[0].sampling.max_new_tokens == 3
     requests, batch = engine_requests(None, None, [1, 2])
     assert not batch and requests[0].input_ids == [1, 2]
+
+
+# ---- prefill-decode disaggregation and sglang-router's extra fields --------------------------
+
+
+def test_bootstrap_fields_become_one_bootstrap_per_prompt():
+    from meshserve.messages import Bootstrap
+
+    [req] = parse(text="hi", bootstrap_host="10.0.0.1", bootstrap_port=9000, bootstrap_room=7).to_generate_requests()
+    assert req.bootstrap == Bootstrap("10.0.0.1", 9000, 7)
+    a, b = parse(text=["x", "y"], bootstrap_host=["h", "h"], bootstrap_port=[None, 9001],
+                 bootstrap_room=[1, 2]).to_generate_requests()
+    assert a.bootstrap == Bootstrap("h", 8998, 1) and b.bootstrap == Bootstrap("h", 9001, 2)
+    assert parse(text="hi").to_generate_requests()[0].bootstrap is None
+
+
+@pytest.mark.parametrize("body, param", [
+    (dict(bootstrap_host="h"), "bootstrap_room"),
+    (dict(bootstrap_room=3), "bootstrap_host"),
+    (dict(bootstrap_host="h", bootstrap_room=-1), "bootstrap_room"),
+    (dict(bootstrap_host="h", bootstrap_room=1, bootstrap_port=70000), "bootstrap_port"),
+])
+def test_partial_or_out_of_range_bootstrap_is_refused(body, param):
+    with pytest.raises(InvalidRequest) as err:
+        parse(text="hi", **body).to_generate_requests()
+    assert err.value.param == param
+
+
+def test_sglang_router_fields_accepted_at_their_defaults_and_refused_when_they_ask_for_more():
+    body = dict(text="hi", model="m", log_metrics=True, no_logs=False, background=False,
+                return_hidden_states=False, return_bytes=False, return_entropy=False)
+    assert len(parse(**body).to_generate_requests()) == 1
+    with pytest.raises(InvalidRequest) as err:
+        parse(**{**body, "return_hidden_states": True}).to_generate_requests()
+    assert err.value.param == "return_hidden_states"

@@ -119,7 +119,8 @@ def text_script(tokenizer, text: str, finish: FinishReason | None = None) -> Scr
     return script
 
 
-def run(tokenizer, script: Script, body: Callable, **fake_kwargs) -> tuple[object, FakeScheduler]:
+def run(tokenizer, script: Script, body: Callable, disaggregation_mode: str = "null",
+        **fake_kwargs) -> tuple[object, FakeScheduler]:
     """Start a TokenizerManager against a FakeScheduler and run `await body(tm, fake)`."""
     endpoints = SchedulerEndpoints.new_ipc()
     fake = FakeScheduler(endpoints, script, **fake_kwargs)
@@ -127,7 +128,8 @@ def run(tokenizer, script: Script, body: Callable, **fake_kwargs) -> tuple[objec
 
     async def main():
         tm = TokenizerManager(tokenizer, to_scheduler=endpoints.to_scheduler,
-                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead)
+                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead,
+                              disaggregation_mode=disaggregation_mode)
         try:
             await tm.start(timeout=10)
             return await asyncio.wait_for(body(tm, fake), 20)
@@ -384,3 +386,30 @@ def test_a_finished_request_does_not_release_its_rid_from_a_later_request(tokeni
     outputs, _ = run(tokenizer, text_script(tokenizer, " one two three four"), body)
     assert outputs[-1].finish == FinishReason(kind="length")
     assert "".join(o.text for o in outputs) == " one two three four"
+
+
+@pytest.mark.parametrize("mode", ["null", "prefill", "decode"])
+def test_bootstrap_fields_only_on_disaggregated_servers_and_passed_on(tokenizer, mode):
+    from meshserve.messages import Bootstrap
+
+    bootstrap = Bootstrap("127.0.0.1", 8998, 42)
+
+    async def body(tm, fake):
+        errors = []
+        for req in (GenerateRequest(text="x", sampling=greedy(4)),
+                    GenerateRequest(text="x", sampling=greedy(4), bootstrap=bootstrap),
+                    GenerateRequest(text="x", sampling=greedy(4), bootstrap=bootstrap, n=2)):
+            try:
+                await collect(tm, req)
+                errors.append(None)
+            except InvalidRequest as err:
+                errors.append(err.param)
+        return errors
+
+    errors, fake = run(tokenizer, text_script(tokenizer, " one two"), body, disaggregation_mode=mode)
+    if mode == "null":
+        assert errors == [None, "bootstrap_room", "bootstrap_room"]
+        assert [r.bootstrap for r in fake.requests(GenerateReq)] == [None]
+    else:
+        assert errors == ["bootstrap_room", None, "n"]
+        assert [r.bootstrap for r in fake.requests(GenerateReq)] == [bootstrap]
