@@ -12,9 +12,8 @@ _STOP_TAIL_EXTRA_TOKENS = 4
 
 
 class FinishChecker:
-    def __init__(self, *, eos_token_ids: tuple[int, ...], context_length: int, tokenizer=None) -> None:
+    def __init__(self, *, eos_token_ids: tuple[int, ...], tokenizer=None) -> None:
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.context_length = context_length
         self.tokenizer = tokenizer
 
     def check(self, req: Req) -> FinishReason | None:
@@ -30,10 +29,8 @@ class FinishChecker:
                 matched = self._stop_string(req)
                 if matched is not None:
                     return FinishReason("stop", matched=matched)
-        if len(req.output_ids) >= sampling.max_new_tokens:
-            return FinishReason("length")
-        if req.seq_len >= self.context_length:
-            return FinishReason("length", message="reached the context length")
+        if req.tokens_left <= 0:
+            return FinishReason("length", message="reached the context length" if req.context_limited else None)
         return None
 
     def _stop_string(self, req: Req) -> str | None:

@@ -10,11 +10,19 @@ KV layout of a request (its row in the ReqToTokenPool), by token position:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from meshserve.cache.radix_cache import RadixNode
-from meshserve.messages import FinishReason, GenerateReq, TopLogprob
+from meshserve.messages import Bootstrap, FinishReason, GenerateReq, TopLogprob
 from meshserve.sampling_params import SamplingParams
+
+
+class ReqState(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    DONE = "done"
 
 
 @dataclass(eq=False)
@@ -22,8 +30,11 @@ class Req:
     rid: str
     input_ids: list[int]
     sampling: SamplingParams
+    output_limit: int  # the most tokens this request may generate (the one length limit)
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    bootstrap: Bootstrap | None = None
+    state: ReqState = ReqState.WAITING
 
     output_ids: list[int] = field(default_factory=list)
     row: int | None = None  # ReqToTokenPool row while the request holds KV
@@ -39,9 +50,21 @@ class Req:
     unsent_top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
 
     @classmethod
-    def from_message(cls, msg: GenerateReq) -> Req:
-        return cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling=msg.sampling,
-                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num)
+    def from_message(cls, msg: GenerateReq, context_length: int) -> Req:
+        limit = max(0, min(msg.sampling.max_new_tokens, context_length - len(msg.input_ids)))
+        return cls(rid=msg.rid, input_ids=list(msg.input_ids), sampling=msg.sampling, output_limit=limit,
+                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+                   bootstrap=msg.bootstrap)
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens this request may still generate."""
+        return self.output_limit - len(self.output_ids)
+
+    @property
+    def context_limited(self) -> bool:
+        """True when the context length, not max_new_tokens, sets output_limit."""
+        return self.output_limit < self.sampling.max_new_tokens
 
     @property
     def fill_ids(self) -> list[int]:

@@ -25,8 +25,9 @@ from meshserve.executor.penalty_counts import PenaltyCounts
 from meshserve.executor.sampler import SampleOutput, Sampler, SamplingBatch
 from meshserve.messages import FinishReason, GenerateReq, ReqOutput, SchedulerStats, TopLogprob
 from meshserve.scheduler.finish import FinishChecker
-from meshserve.scheduler.policy import PrefillPolicy
-from meshserve.scheduler.request import Req
+from meshserve.scheduler.kv_ledger import KVLedger
+from meshserve.scheduler.policy import PrefillBudget, PrefillPolicy
+from meshserve.scheduler.request import Req, ReqState
 
 logger = logging.getLogger("meshserve")
 
@@ -88,14 +89,14 @@ class Scheduler:
         self.rows = runner.req_to_token
         self.cache: RadixCache | NoPrefixCache = (
             NoPrefixCache(self.pool) if args.cache.disable_radix_cache else RadixCache(self.pool))
+        self.kv = KVLedger(self.pool, self.rows, self.cache)
         self.policy = PrefillPolicy(
             schedule_policy=args.scheduler.schedule_policy,
             max_prefill_tokens=args.scheduler.max_prefill_tokens,
             chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(runner.device.type),
         )
         self.max_running = runner.max_running_requests
-        self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids,
-                                            context_length=model_config.context_length, tokenizer=tokenizer)
+        self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids, tokenizer=tokenizer)
         self.sampler = Sampler()
         self.penalty_counts = PenaltyCounts(model_config.vocab_size, runner.device)
         self.waiting: deque[Req] = deque()
@@ -121,12 +122,12 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked or self._in_flight)
 
     def add_request(self, msg: GenerateReq) -> None:
-        req = Req.from_message(msg)
+        req = Req.from_message(msg, self.model_config.context_length)
         problem = self._invalid(req)
         if problem is not None:
             req.finish = FinishReason("abort", message=problem)
             self._emit(req)
-        elif req.sampling.max_new_tokens == 0:
+        elif req.output_limit == 0:
             req.finish = FinishReason("length")
             self._emit(req)
         else:
@@ -154,7 +155,7 @@ class Scheduler:
     def flush_cache(self) -> tuple[bool, str]:
         if self.has_work:
             return False, "cannot flush the cache while requests are in flight"
-        self.cache.reset()
+        self.kv.reset()
         return True, ""
 
     def take_outputs(self) -> list[ReqOutput]:
@@ -165,7 +166,7 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self.running) + (self.chunked is not None),
             num_waiting=len(self.waiting),
-            used_tokens=self.pool.size - self.pool.num_free - self.cache.evictable_size,
+            used_tokens=self.kv.used_tokens,
             max_total_tokens=self.pool.size,
             **self.stats,
         )
@@ -222,21 +223,18 @@ class Scheduler:
         (prefix = all it has computed), or nothing when the pool cannot give each a slot now
         (the next decode step evicts or retracts as usual)."""
         reqs = [req for req in self.running if not req.finished]
-        if not reqs or not self._ensure_free(len(reqs)):
+        if not reqs or not self.kv.room_for_decode(reqs):
             return []
-        slots = self.pool.alloc(len(reqs))
-        assert slots is not None
-        self.rows.record_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        slots = self.kv.extend_each(reqs)
         return [_Extend(req, slots[i : i + 1]) for i, req in enumerate(reqs)]
 
-    def _plan_extend(self, req: Req, budget, batch: list[_Extend], *, limit: int | None = None,
+    def _plan_extend(self, req: Req, budget: PrefillBudget, batch: list[_Extend], *, limit: int | None = None,
                      whole: bool = False) -> bool:
         """Give `req` a row, its cached prefix and KV slots for its next chunk (at most `limit`
         tokens; all it needs when `whole`); False if it must wait."""
         fresh = req.row is None
         if fresh:
-            match = self.cache.match_prefix(req.fill_ids[:-1])
-            self.cache.lock(match.node)
+            match = self.kv.match(req)
         remaining = req.seq_len - (match.length if fresh else req.kv_len)
         take = budget.take(remaining)
         if limit is not None:
@@ -248,36 +246,25 @@ class Scheduler:
         # would run alone needs only its first decode slot: it must never wait for a reservation.
         alone = not self.running and not batch
         reserve = 1 if alone else self._reserved + self._future_tokens(req) + 1
-        if take <= 0 or not self._ensure_free(take + reserve) or (fresh and self.rows.num_free == 0):
+        if take <= 0 or not self.kv.room_for_extend(req, take, reserve):
             if fresh:
-                self.cache.unlock(match.node)
+                self.kv.unmatch(match)
+            return False
+        if fresh and not self.kv.attach(req, match):  # no free row; attach unlocked the match
             return False
         budget.spend(take)
         self._reserved += self._future_tokens(req)
-        if fresh:
-            req.row = self.rows.alloc()
-            req.prefix_node, req.prefix_len, req.kv_len = match.node, match.length, match.length
-            self.rows.assign(req.row, 0, match.slots)
-            if not req.output_ids:  # a retracted request's re-admission is not a cache hit
-                req.cached_tokens = match.length
-                self.stats["cache_hit_tokens"] += match.length
-        slots = self.pool.alloc(take)
-        assert slots is not None  # _ensure_free guaranteed it
-        self.rows.record(req.row, req.kv_len, slots)  # the runner writes the device table
-        batch.append(_Extend(req, slots))
+        if fresh and not req.output_ids:  # a retracted request's re-admission is not a cache hit
+            req.cached_tokens = match.length
+            self.stats["cache_hit_tokens"] += match.length
+        req.state = ReqState.PREFILLING
+        batch.append(_Extend(req, self.kv.extend(req, take)))
         if take < remaining:
             self.chunked = req
         return True
 
     def _future_tokens(self, req: Req) -> int:
-        left = req.sampling.max_new_tokens - len(req.output_ids)
-        left = min(left, self.model_config.context_length - req.seq_len)
-        return max(0, int(left * self.new_token_ratio))
-
-    def _ensure_free(self, n: int) -> bool:
-        if self.pool.num_free < n:
-            self.cache.evict(n - self.pool.num_free)
-        return self.pool.num_free >= n
+        return max(0, int(req.tokens_left * self.new_token_ratio))
 
     def _run_extend(self, batch: list[_Extend]) -> None:
         input_ids: list[int] = []
@@ -302,7 +289,7 @@ class Scheduler:
             if not item.req.output_ids:
                 self.stats["prompt_tokens"] += item.length
             if item.req is self.chunked:
-                self._cache_computed_prefix(item.req)
+                self.kv.cache_computed_prefix(item.req)
             else:
                 done.append((i, item.req))
         if done:
@@ -314,7 +301,10 @@ class Scheduler:
                 sampled = self._sample(logits, reqs)
             self._advance(sampled)
             running = set(self.running)  # with mixed chunks, some of reqs were running already
-            self.running += [req for req in reqs if not req.finished and req not in running]
+            for req in reqs:
+                if not req.finished and req not in running:
+                    req.state = ReqState.RUNNING
+                    self.running.append(req)
 
     def _run_decode(self) -> None:
         self._make_room_for_decode()
@@ -324,9 +314,7 @@ class Scheduler:
         if not reqs:
             self._complete_in_flight()
             return
-        slots = self.pool.alloc(len(reqs))
-        assert slots is not None
-        self.rows.record_each([req.row for req in reqs], [req.kv_len for req in reqs], slots)
+        slots = self.kv.extend_each(reqs)
         step = StepInput(
             mode=ForwardMode.DECODE,
             input_ids=[],  # each sequence's newest token is on the device already
@@ -359,8 +347,7 @@ class Scheduler:
 
     def _ends_with_next_token(self, req: Req) -> bool:
         """True when the token now in flight certainly finishes the request (length limits)."""
-        return (len(req.output_ids) + 1 >= req.sampling.max_new_tokens
-                or req.seq_len + 1 >= self.model_config.context_length)
+        return req.tokens_left <= 1
 
     def _forward(self, step: StepInput) -> torch.Tensor:
         if self.check_batches:
@@ -374,10 +361,11 @@ class Scheduler:
     def _make_room_for_decode(self) -> None:
         """Every running sequence needs one slot; evict cached prefixes, then retract sequences
         (newest first — they have the least work to redo) until that fits."""
-        while self.running and not self._ensure_free(len(self.running)):
+        while self.running and not self.kv.room_for_decode(self.running):
             victim = max(self.running, key=lambda r: (len(r.output_ids) == 0, -r.seq_len))
             self.running.remove(victim)
-            self._release(victim, finished=False)
+            self.kv.release(victim)
+            victim.state = ReqState.WAITING
             self.waiting.appendleft(victim)
             self.stats["num_retracted"] += 1
             self.new_token_ratio = min(1.0, self.new_token_ratio + NEW_TOKEN_RATIO_BUMP)
@@ -431,7 +419,7 @@ class Scheduler:
             else:
                 self._emit(req)
 
-    # -- KV ownership (see Req's docstring for the layout) ---------------------------------
+    # -- retiring and reporting --------------------------------------------------------------
 
     def _retire(self, req: Req) -> None:
         """A finished or aborted request: give its KV to the cache or the pool, send its last output."""
@@ -442,40 +430,10 @@ class Scheduler:
         if req is self.chunked:
             self.chunked = None
         if req.row is not None:
-            self._release(req, finished=True)
+            self.kv.release(req)
+        req.state = ReqState.DONE
         self.penalty_counts.release(req)
         self._emit(req)
-
-    def _release(self, req: Req, *, finished: bool) -> None:
-        """Hand the request's computed KV to the prefix cache (which frees what it already had)
-        and drop its row. A finished request's tokens stay reusable by later requests; a
-        retracted one is re-admitted through the same cache."""
-        assert req.row is not None
-        slots = self.rows.slots(req.row, req.kv_len)
-        already = self.cache.insert(req.fill_ids[: req.kv_len], slots)
-        if already > req.prefix_len:
-            self.pool.free(slots[req.prefix_len : already])
-        self.cache.unlock(req.prefix_node)
-        self.rows.free(req.row)
-        req.row, req.prefix_node, req.prefix_len, req.kv_len = None, None, 0, 0
-
-    def _cache_computed_prefix(self, req: Req) -> None:
-        """After a chunk: move the computed tokens into the prefix cache and re-point the row at
-        the cache's slots, so the request owns nothing and its prefix is locked. Without a
-        sharing cache the request simply keeps owning its slots."""
-        if not isinstance(self.cache, RadixCache):
-            return
-        tokens = req.fill_ids[: req.kv_len]
-        slots = self.rows.slots(req.row, req.kv_len)
-        already = self.cache.insert(tokens, slots)
-        if already > req.prefix_len:
-            self.pool.free(slots[req.prefix_len : already])
-        match = self.cache.match_prefix(tokens)
-        assert match.length == req.kv_len
-        self.rows.assign(req.row, 0, match.slots)
-        self.cache.lock(match.node)
-        self.cache.unlock(req.prefix_node)
-        req.prefix_node, req.prefix_len = match.node, req.kv_len
 
     def _emit(self, req: Req) -> None:
         new_ids = req.output_ids[req.unsent_from :]

@@ -8,16 +8,18 @@ import torch
 
 from meshserve.cache.kv_pool import KVPool
 from meshserve.cache.radix_cache import NoPrefixCache, RadixCache
-from meshserve.messages import FinishReason
+from meshserve.messages import FinishReason, GenerateReq
 from meshserve.sampling_params import SamplingParams
 from meshserve.scheduler.finish import FinishChecker
 from meshserve.scheduler.policy import LPM_MAX_QUEUE, PrefillPolicy
 from meshserve.scheduler.request import Req
 
 
-def req(rid: str, input_ids: list[int], output_ids: list[int] = (), **sampling) -> Req:
+def req(rid: str, input_ids: list[int], output_ids: list[int] = (), context_length: int = 100, **sampling) -> Req:
     params = SamplingParams(**{"max_new_tokens": 8, "temperature": 0.0, **sampling})
-    return Req(rid=rid, input_ids=list(input_ids), sampling=params, output_ids=list(output_ids))
+    r = Req.from_message(GenerateReq(rid=rid, input_ids=list(input_ids), sampling=params), context_length)
+    r.output_ids = list(output_ids)
+    return r
 
 
 def cache_with(*sequences: list[int]) -> RadixCache:
@@ -95,8 +97,8 @@ class CharTokenizer:
         return "".join(chr(ord("a") + t % 26) for t in ids)
 
 
-def checker(context_length: int = 100) -> FinishChecker:
-    return FinishChecker(eos_token_ids=(2,), context_length=context_length, tokenizer=CharTokenizer())
+def checker() -> FinishChecker:
+    return FinishChecker(eos_token_ids=(2,), tokenizer=CharTokenizer())
 
 
 def finish_after(r: Req, new_tokens: list[int], check: FinishChecker | None = None) -> list[FinishReason | None]:
@@ -133,5 +135,5 @@ def test_stop_strings_match_across_tokens_and_the_earliest_ending_wins():
 
 
 def test_context_length_ends_the_sequence():
-    verdict = finish_after(req("a", [5] * 9, max_new_tokens=50), [10], check=checker(context_length=10))
+    verdict = finish_after(req("a", [5] * 9, context_length=10, max_new_tokens=50), [10])
     assert verdict[0] is not None and verdict[0].kind == "length" and "context" in (verdict[0].message or "")
