@@ -1,6 +1,7 @@
 """The `meshserve` command: `meshserve serve ARGS` (= python -m meshserve.launch_server),
-`meshserve bench ARGS` (= python -m meshserve.bench_serving) and `meshserve doctor ARGS`
-(the multi-node preflight, = python -m meshserve.doctor)."""
+`meshserve bench ARGS` (= python -m meshserve.bench_serving), `meshserve router ARGS`
+(= python -m meshserve.launch_router) and `meshserve doctor ARGS` (the multi-node preflight,
+= python -m meshserve.doctor)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def _bench(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _router(argv: Sequence[str]) -> int:
+    from meshserve.launch_router import main
+
+    return main(argv)
+
+
 def _doctor(argv: Sequence[str]) -> int:
     from meshserve.doctor import main
 
@@ -29,6 +36,7 @@ def _doctor(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "serve a model over HTTP (the flags of python -m meshserve.launch_server)"),
     "bench": (_bench, "benchmark a running server (the flags of python -m meshserve.bench_serving)"),
+    "router": (_router, "route requests over several servers (the flags of python -m meshserve.launch_router)"),
     "doctor": (_doctor, "multi-node preflight: rendezvous, interface, devices, all-reduce, model files"),
 }
 

@@ -1,7 +1,8 @@
 """The HTTP server: a FastAPI app over one TokenizerManager, run by uvicorn in the main process.
 
 Routes: OpenAI (/v1/chat/completions, /v1/completions, /v1/models), SGLang native (/generate,
-/health, /health_generate, /get_model_info, /get_server_info, /flush_cache) and /metrics.
+/health, /health_generate, /get_model_info, /get_server_info, /get_load, /flush_cache; /model_info
+and /server_info are aliases) and /metrics.
 
 Invariants:
 * --api-key is checked in ONE place (ApiKeyMiddleware) for every route except OPEN_PATHS.
@@ -352,7 +353,9 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
                                                code="service_unavailable"))
         return Response(status_code=200)
 
+    # sglang-router asks for /model_info and /server_info first, then the older get_ names.
     @app.get("/get_model_info")
+    @app.get("/model_info")
     async def get_model_info() -> Response:
         return json_response({
             "model_path": model_config.model_path,
@@ -369,14 +372,36 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
         })
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def get_server_info() -> Response:
-        # to_dict() masks the api key: this route must never echo a secret.
+        """SGLang's shape: every server argument at the top level under its flag's name (what
+        sglang-router parses; one nested object there fails its whole parse), with the values
+        the server actually runs with; meshserve's per-concern groups alongside. The concern
+        `model` is left out: that name is the served model's name, a string, in SGLang's shape.
+        to_dict() masks the api key: this route must never echo a secret."""
+        concerns = ctx.args.to_dict()
+        flat = {name: value for values in concerns.values() for name, value in values.items()}
+        running = tm.scheduler_info
         return json_response({
-            **ctx.args.to_dict(),
+            **{concern: values for concern, values in concerns.items() if concern != "model"},
+            **flat,
+            "model": served_name,
+            "served_model_name": served_name,
+            "model_path": model_config.model_path,
+            "context_length": model_config.context_length,
+            "max_total_tokens": running.max_total_tokens if running else flat["max_total_tokens"],
             "version": __version__,
-            "scheduler_info": tm.scheduler_info,
+            "scheduler_info": running,
             "scheduler_stats": tm.stats,
         })
+
+    @app.get("/get_load")
+    async def get_load() -> Response:
+        """The scheduler's latest load report, every field of it (so fields added to
+        SchedulerStats appear here unchanged), and the requests this server has in flight;
+        the router's power-of-two and cache-aware policies read it."""
+        stats = msgspec.structs.asdict(tm.stats) if tm.stats is not None else {}
+        return json_response({**stats, "num_in_flight": tm.num_in_flight})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
