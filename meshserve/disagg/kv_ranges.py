@@ -9,6 +9,8 @@ byte count, is what makes small pages slow on the wire (35 us per entry on Moonc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -24,12 +26,14 @@ def _run_bounds(*items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, lengths
 
 
-def _rows(bases: list[int], item_bytes: int, items: np.ndarray, starts: np.ndarray,
-          lengths: np.ndarray) -> np.ndarray:
-    base = np.asarray(bases, dtype=np.int64)[:, None]  # (B, 1) against (R,) runs: base-major rows
-    rows = np.empty((base.shape[0], starts.shape[0], 2), dtype=np.int64)
-    rows[:, :, 0] = base + items[starts] * item_bytes
-    rows[:, :, 1] = lengths * item_bytes
+def _rows(bases: list[int], item_bytes: int, first_items: np.ndarray, row_bytes: np.ndarray | int,
+          offset: int = 0) -> np.ndarray:
+    """One row per (base, first item) pair, base-major: from `offset` bytes into the item, for
+    row_bytes (a run's bytes, or a part of one item)."""
+    base = np.asarray(bases, dtype=np.int64)[:, None]  # (B, 1) against (R,) runs
+    rows = np.empty((base.shape[0], first_items.shape[0], 2), dtype=np.int64)
+    rows[:, :, 0] = base + first_items * item_bytes + offset
+    rows[:, :, 1] = row_bytes
     return rows.reshape(-1, 2)
 
 
@@ -49,7 +53,7 @@ def kv_ranges(bases: list[int], item_bytes: int, items: np.ndarray) -> np.ndarra
     runs of consecutive indices (in the given order) merged into one row each."""
     items = _checked(items, item_bytes)
     starts, lengths = _run_bounds(items)
-    return _rows(bases, item_bytes, items, starts, lengths)
+    return _rows(bases, item_bytes, items[starts], lengths * item_bytes)
 
 
 def paired_kv_ranges(src_bases: list[int], dst_bases: list[int], item_bytes: int,
@@ -64,5 +68,49 @@ def paired_kv_ranges(src_bases: list[int], dst_bases: list[int], item_bytes: int
     if len(src_bases) != len(dst_bases):
         raise ValueError(f"{len(src_bases)} source buffers but {len(dst_bases)} destination buffers")
     starts, lengths = _run_bounds(src_items, dst_items)
-    return (_rows(src_bases, item_bytes, src_items, starts, lengths),
-            _rows(dst_bases, item_bytes, dst_items, starts, lengths))
+    return (_rows(src_bases, item_bytes, src_items[starts], lengths * item_bytes),
+            _rows(dst_bases, item_bytes, dst_items[starts], lengths * item_bytes))
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """Heads [start, stop) of items laid out as [num_heads, head_bytes] (one slot of one layer's
+    K or V with page size 1). Prefill and decode servers of different tensor-parallel sizes
+    hold different head ranges of the same token, so each side names the heads it moves."""
+
+    num_heads: int
+    head_bytes: int
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop <= self.num_heads or self.head_bytes <= 0:
+            raise ValueError(f"bad head slice {self}")
+
+    @property
+    def item_bytes(self) -> int:
+        return self.num_heads * self.head_bytes
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.num_heads
+
+
+def paired_head_ranges(src_bases: list[int], dst_bases: list[int], src_items: np.ndarray,
+                       dst_items: np.ndarray, src_heads: HeadSlice,
+                       dst_heads: HeadSlice) -> tuple[np.ndarray, np.ndarray]:
+    """Like `paired_kv_ranges`, moving heads `src_heads` of each source item onto heads
+    `dst_heads` of its destination item (the same number of heads, of the same size). Runs merge
+    only where both slices are whole items: a partial slice is one row per item and buffer."""
+    if src_heads.stop - src_heads.start != dst_heads.stop - dst_heads.start or \
+            src_heads.head_bytes != dst_heads.head_bytes:
+        raise ValueError(f"head slices differ in size: {src_heads} vs {dst_heads}")
+    if src_heads.whole and dst_heads.whole:
+        return paired_kv_ranges(src_bases, dst_bases, src_heads.item_bytes, src_items, dst_items)
+    src_items = _checked(src_items, src_heads.item_bytes)
+    dst_items = _checked(dst_items, dst_heads.item_bytes)
+    if src_items.shape != dst_items.shape or len(src_bases) != len(dst_bases):
+        raise ValueError("source and destination differ in item or buffer count")
+    part = (src_heads.stop - src_heads.start) * src_heads.head_bytes
+    return (_rows(src_bases, src_heads.item_bytes, src_items, part, src_heads.start * src_heads.head_bytes),
+            _rows(dst_bases, dst_heads.item_bytes, dst_items, part, dst_heads.start * dst_heads.head_bytes))

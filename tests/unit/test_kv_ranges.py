@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from meshserve.disagg.kv_ranges import kv_ranges, paired_kv_ranges
+from meshserve.disagg.kv_ranges import HeadSlice, kv_ranges, paired_head_ranges, paired_kv_ranges
 
 
 def covered(rows: np.ndarray) -> set[int]:
@@ -58,6 +58,27 @@ def test_paired_copy_moves_every_item_to_its_destination():
         untouched = np.setdiff1d(np.arange(n_dst), dst_items)
         assert (got[untouched] == 0).all()
     assert len(src_rows) < 2 * len(src_items)  # the runs did merge
+
+
+def test_head_slice_moves_a_tensor_parallel_ranks_heads():
+    """A prefill server holding all 4 heads feeds a decode rank holding heads 2-3 as its 2 heads."""
+    rng = np.random.default_rng(2)
+    head_bytes, n = 8, 12
+    src_mem = rng.integers(1, 255, (n, 4, head_bytes), dtype=np.uint8)  # one buffer: [slot, head, byte]
+    dst_mem = np.zeros((n, 2, head_bytes), dtype=np.uint8)
+    src_items, dst_items = np.array([1, 2, 3, 7]), np.array([4, 5, 6, 0])
+    src_rows, dst_rows = paired_head_ranges([0], [0], src_items, dst_items,
+                                            HeadSlice(4, head_bytes, 2, 4), HeadSlice(2, head_bytes, 0, 2))
+    assert len(src_rows) == 4  # a partial slice never merges
+    flat_src, flat_dst = src_mem.reshape(-1), dst_mem.reshape(-1)
+    for (s, k), (d, _) in zip(src_rows.tolist(), dst_rows.tolist()):
+        flat_dst[d : d + k] = flat_src[s : s + k]
+    assert (dst_mem[dst_items] == src_mem[src_items][:, 2:4]).all()
+    assert not dst_mem[np.setdiff1d(np.arange(n), dst_items)].any()
+    whole = paired_head_ranges([0], [0], src_items, dst_items, HeadSlice(4, 8, 0, 4), HeadSlice(4, 8, 0, 4))
+    assert [r.tolist() for r in whole] == [r.tolist() for r in paired_kv_ranges([0], [0], 32, src_items, dst_items)]
+    with pytest.raises(ValueError, match="differ in size"):
+        paired_head_ranges([0], [0], src_items, dst_items, HeadSlice(4, 8, 0, 3), HeadSlice(2, 8, 0, 2))
 
 
 def test_bad_input_is_refused():
