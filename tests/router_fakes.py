@@ -39,6 +39,9 @@ class FakeWorker:
     hang: bool = False  # keep the request open until the client goes away
     cut_stream: bool = False  # send one event, then drop the connection
     delay_s: float = 0.0  # wait this long before answering (a decode waiting for its KV)
+    # Answer only once this worker has received a request too (500 after 10 s): a prefill that
+    # needs its decode to have the request, as a real KV transfer does.
+    peer: FakeWorker | None = None
     load: int = 0  # what /get_load reports as num_in_flight
     hung_up: int = 0  # requests whose client went away while hanging
     answered: threading.Event = field(default_factory=threading.Event)
@@ -58,6 +61,11 @@ class FakeWorker:
                 self.hung_up += 1
                 return Response(status_code=499)
             await asyncio.sleep(self.delay_s)
+            deadline = time.monotonic() + 10
+            while self.peer is not None and not self.peer.received:
+                if time.monotonic() > deadline:
+                    return Response(status_code=500)
+                await asyncio.sleep(0.01)
             if self.status != 200:
                 error = {"error": {"message": f"{self.name} says no", "code": self.status}}
                 return Response(msgspec.json.encode(error), status_code=self.status, media_type="application/json")

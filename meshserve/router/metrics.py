@@ -42,7 +42,7 @@ class RouterMetrics:
         self._requests = Counter("meshserve_router:requests", "requests sent to a worker (each attempt)",
                                  ("worker", "route"), registry=self.registry)
         self._errors = Counter("meshserve_router:request_errors",
-                               "failed attempts: connect (no answer), server_error (5xx), interrupted (cut mid-answer)",
+                               "failed attempts: no_answer (connection refused, reset or timed out before the status), server_error (5xx), interrupted (body cut)",
                                ("worker", "reason"), registry=self.registry)
         self._retries = Counter("meshserve_router:retries", "attempts on another worker after a failure",
                                 registry=self.registry)

@@ -129,7 +129,7 @@ class Upstream:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
             worker.in_flight -= 1
-            raise self._failed(worker, "connect", f"{type(err).__name__}: {err}") from err
+            raise self._failed(worker, "no_answer", f"{type(err).__name__}: {err}") from err
         except BaseException:
             worker.in_flight -= 1
             raise

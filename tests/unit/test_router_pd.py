@@ -45,6 +45,15 @@ def pd_router(prefills: list[FakeWorker], decodes: list[FakeWorker], *extra: str
             yield client
 
 
+def test_both_servers_get_the_request_at_once() -> None:
+    """The prefill answers only after the decode got the request: sent one after the other,
+    this would take 10 s and end in a 500."""
+    with fake_workers("p", "d") as (p, d), pd_router([p], [d]) as router:
+        p.peer, d.delay_s = d, 0.2
+        answer = router.post("/generate", json={"text": "x"})
+    assert answer.status_code == 200 and answer.json()["worker"] == "d"
+
+
 def test_each_request_goes_to_a_pair_with_the_same_bootstrap_fields() -> None:
     with fake_workers("p0", "p1", "d0", "d1") as (p0, p1, d0, d1), pd_router([p0, p1], [d0, d1]) as router:
         answers = [router.post("/generate", json={"text": f"q{i}", "sampling_params": {"max_new_tokens": 1}}).json()

@@ -71,7 +71,7 @@ def test_an_unreachable_worker_is_taken_out_after_consecutive_failures() -> None
         metrics = client.get("/metrics").text
     assert answers == [200] * 6 and len(good.received) == 6
     assert states == {dead: False, good.url: True}
-    assert f'meshserve_router:request_errors_total{{reason="connect",worker="{dead}"}} 2.0' in metrics
+    assert f'meshserve_router:request_errors_total{{reason="no_answer",worker="{dead}"}} 2.0' in metrics
     assert f'meshserve_router:worker_healthy{{role="regular",worker="{dead}"}} 0.0' in metrics
 
 
