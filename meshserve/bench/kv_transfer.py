@@ -2,7 +2,8 @@
 into a second process's KV pool through a transfer backend, as a prefill server pushes it to a
 decode server. Both pools hold twice the prompt's slots, and the prompt's pages are a random
 sample of each pool (a pool in steady state), so rows merge only within a page. Prints one JSON
-line: the median of `--repeats` timed writes after one untimed write that connects the peers.
+line: the median of `--repeats` timed writes after one untimed write that connects the peers;
+afterwards the receiver's pages are checked against the sender's (SHA-256).
 
   python -m meshserve.bench.kv_transfer --backend nixl|mooncake --tokens 4096 --layers 32 \\
       --kv-heads 8 --head-dim 128 --page-size 1|16 --device cpu|cuda
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import statistics
@@ -50,8 +52,20 @@ def receiver(args: argparse.Namespace) -> None:
     out.write(json.dumps({"metadata": base64.b64encode(backend.local_metadata()).decode(),
                           "bases": [t.data_ptr() for t in pool]}) + "\n")
     out.flush()
+    pages = json.loads(sys.stdin.readline())["pages"]  # the writer is done: check what landed
+    out.write(json.dumps({"sha256": _digest(pool, pages)}) + "\n")
+    out.flush()
     sys.stdin.read()
     backend.close()
+
+
+def _digest(pool: list[torch.Tensor], pages: list[int]) -> str:
+    """SHA-256 of the given pages of every buffer, in order (the same bytes on both sides)."""
+    h = hashlib.sha256()
+    index = torch.tensor(pages, device=pool[0].device)
+    for t in pool:
+        h.update(t[index].view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _timed_write(backend: TransferBackend, peer: str, src: np.ndarray, dst: np.ndarray) -> float:
@@ -84,6 +98,10 @@ def writer(args: argparse.Namespace) -> dict[str, object]:
         src, dst = paired_kv_ranges([t.data_ptr() for t in pool], info["bases"], page_bytes, src_pages, dst_pages)
         _timed_write(backend, peer, src[:1], dst[:1])  # connects
         times = [_timed_write(backend, peer, src, dst) for _ in range(args.repeats)]
+        child.stdin.write(json.dumps({"pages": dst_pages.tolist()}) + "\n")
+        child.stdin.flush()
+        if json.loads(child.stdout.readline())["sha256"] != _digest(pool, src_pages.tolist()):
+            raise RuntimeError("the receiver's pages differ from the sender's")
         backend.close()
     finally:
         child.stdin.close()
