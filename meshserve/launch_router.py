@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from meshserve.router.app import create_router_app
+from meshserve.router.app import HEADER_TIMEOUT_S, create_router_app
 from meshserve.router.args import parse_router_args
+from meshserve.server.http_limits import MAX_HEADER_BYTES, bounded_protocol
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("workers %s; policy %s", ", ".join(args.worker_urls) or "(none yet: /add_worker)", args.policy)
     app = create_router_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                http=bounded_protocol(HEADER_TIMEOUT_S), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                 timeout_graceful_shutdown=5)
     return 0
 

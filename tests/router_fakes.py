@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -127,6 +128,15 @@ def fake_workers(*names: str) -> Iterator[list[FakeWorker]]:
         for worker in workers:
             worker.url = stack.enter_context(serve(worker.app()))
         yield workers
+
+
+@contextlib.contextmanager
+def dead_url() -> Iterator[str]:
+    """The URL of a port that refuses connections: bound (so no other server can take it
+    meanwhile) but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def sse_events(text: str) -> list[Any]:

@@ -26,11 +26,17 @@ from meshserve.router.pool import WorkerPool
 from meshserve.router.proxy import RegularProxy
 from meshserve.router.upstream import AttemptFailed, Upstream, error_response, passthrough
 from meshserve.router.worker import Role, Worker
+from meshserve.server.http_limits import BodyLimitMiddleware, HttpLimits
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate")
 # Answered by one healthy worker of the serving role (no policy: they must not shift its turns).
 WORKER_INFO_ROUTES = ("/v1/models", "/get_model_info", "/model_info")
 CONNECT_TIMEOUT_S = 10.0
+# Slow or hostile clients get the server's bounds (meshserve.server.http_limits): headers within
+# HEADER_TIMEOUT_S (enforced by the protocol launch_router gives uvicorn), the body within
+# BODY_TIMEOUT_S and --max-payload-size.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -62,8 +68,10 @@ def create_router_app(args: RouterArgs, rng: random.Random | None = None) -> Fas
     rng = rng or random.Random()
     pool = build_pool(args, rng)
     metrics = RouterMetrics(pool)
+    # trust_env=False: traffic to the workers never goes through a proxy from the environment.
     client = httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout_s, connect=CONNECT_TIMEOUT_S),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                               trust_env=False)
     upstream = Upstream(client, pool, metrics, args.api_key)
     worker_headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     monitor = HealthMonitor(pool, client, args.health, worker_headers)
@@ -165,6 +173,10 @@ def create_router_app(args: RouterArgs, rng: random.Random | None = None) -> Fas
             return error_response(404, f"no worker {url}")
         return Response(f"Successfully removed worker: {url}", media_type="text/plain")
 
+    # The last added runs first: the key is checked before a body is read.
+    app.add_middleware(BodyLimitMiddleware, limits=HttpLimits(header_timeout=HEADER_TIMEOUT_S,
+                                                              body_timeout=BODY_TIMEOUT_S,
+                                                              max_body_size=args.max_payload_size))
     if args.api_key:
         app.add_middleware(BearerKeyMiddleware, api_key=args.api_key)
     return app

@@ -70,6 +70,8 @@ class RouterArgs:
     decode_policy: str | None = None
     api_key: str | None = None
     request_timeout_s: float = 1800.0
+    # Largest request body in bytes (a larger one gets a 413); sglang-router's default.
+    max_payload_size: int = 512 << 20
     # Further attempts, on other workers, for a request that failed before any byte reached
     # the client.
     max_retries: int = 3
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-policy", choices=POLICIES, default=None, help="PD mode; default --policy")
     p.add_argument("--api-key", default=None, help="required from clients (Bearer) and sent to the workers")
     p.add_argument("--request-timeout-secs", type=float, default=1800.0)
+    p.add_argument("--max-payload-size", type=int, default=512 << 20, help="largest request body in bytes")
     p.add_argument("--retry-max-retries", type=int, default=3)
     p.add_argument("--cb-failure-threshold", type=int, default=5)
     p.add_argument("--health-check-interval-secs", type=float, default=60.0)
@@ -148,7 +151,7 @@ def parse_router_args(argv: Sequence[str]) -> RouterArgs:
     """Parse and check `argv`; errors exit with status 2 naming the flag."""
     parser = build_parser()
     ns = parser.parse_args(list(argv))
-    _positive(parser, ns, "request_timeout_secs", "cb_failure_threshold", "health_check_interval_secs",
+    _positive(parser, ns, "request_timeout_secs", "max_payload_size", "cb_failure_threshold", "health_check_interval_secs",
               "health_check_timeout_secs", "health_failure_threshold", "health_success_threshold")
     if ns.retry_max_retries < 0:
         parser.error("--retry-max-retries must be 0 or more")
@@ -174,6 +177,7 @@ def parse_router_args(argv: Sequence[str]) -> RouterArgs:
         decode_policy=ns.decode_policy,
         api_key=ns.api_key,
         request_timeout_s=ns.request_timeout_secs,
+        max_payload_size=ns.max_payload_size,
         max_retries=ns.retry_max_retries,
         cb_failure_threshold=ns.cb_failure_threshold,
         health=HealthConfig(interval_s=ns.health_check_interval_secs, timeout_s=ns.health_check_timeout_secs,

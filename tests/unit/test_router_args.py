@@ -17,11 +17,11 @@ def test_regular_mode_defaults_and_flags() -> None:
     args = parse_router_args(["--worker-urls", "http://a:1/", "http://b:2", "--policy", "round_robin",
                               "--api-key", "k", "--health-check-interval-secs", "2", "--health-failure-threshold", "4",
                               "--retry-max-retries", "1", "--cb-failure-threshold", "2",
-                              "--request-timeout-secs", "30"])
+                              "--request-timeout-secs", "30", "--max-payload-size", "4096"])
     assert args.worker_urls == ("http://a:1", "http://b:2")
     assert (args.host, args.port, args.policy, args.api_key) == ("127.0.0.1", 30000, "round_robin", "k")
     assert (args.health.interval_s, args.health.failure_threshold, args.max_retries, args.cb_failure_threshold,
-            args.request_timeout_s) == (2.0, 4, 1, 2, 30.0)
+            args.request_timeout_s, args.max_payload_size) == (2.0, 4, 1, 2, 30.0, 4096)
     assert parse_router_args([]).policy == "cache_aware"  # sglang-router's default
 
 

@@ -13,8 +13,7 @@ import pytest
 
 from meshserve.router.app import create_router_app
 from meshserve.router.args import parse_router_args
-from tests.router_fakes import STREAM_EVENTS, FakeWorker, fake_workers, serve, sse_events
-from tests.server_process import free_port
+from tests.router_fakes import STREAM_EVENTS, dead_url, fake_workers, serve, sse_events
 
 
 @contextlib.contextmanager
@@ -64,8 +63,8 @@ def test_a_4xx_is_the_answer_not_a_failure() -> None:
 
 
 def test_an_unreachable_worker_is_taken_out_after_consecutive_failures() -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    with fake_workers("good") as (good,), router([dead, good.url], "--cb-failure-threshold", "2") as client:
+    with dead_url() as dead, fake_workers("good") as (good,), router([dead, good.url], "--cb-failure-threshold",
+                                                                      "2") as client:
         answers = [client.post("/generate", json={"text": str(i)}).status_code for i in range(6)]
         states = healthy(client)
         metrics = client.get("/metrics").text
@@ -76,8 +75,7 @@ def test_an_unreachable_worker_is_taken_out_after_consecutive_failures() -> None
 
 
 def test_no_healthy_worker_is_a_503() -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    with router([dead], "--retry-max-retries", "1") as client:
+    with dead_url() as dead, router([dead], "--retry-max-retries", "1") as client:
         answer = client.post("/generate", json={"text": "x"})
     assert answer.status_code == 503 and dead in answer.json()["error"]["message"]
 
@@ -133,6 +131,13 @@ def test_api_key_is_required_and_forwarded() -> None:
     assert "s3cret" not in info
 
 
+def test_an_oversized_body_is_refused_before_any_worker_sees_it() -> None:
+    with fake_workers("w") as (w,), router([w.url], "--max-payload-size", "1000") as client:
+        refused = client.post("/generate", json={"text": "x" * 2000})
+        accepted = client.post("/generate", json={"text": "x" * 100})
+    assert refused.status_code == 413 and accepted.status_code == 200 and len(w.received) == 1
+
+
 def test_power_of_two_reads_the_workers_reported_load() -> None:
     with fake_workers("busy", "idle") as (busy, idle), router(
             [busy.url, idle.url], "--policy", "power_of_two", "--health-check-interval-secs", "0.1") as client:
@@ -143,11 +148,11 @@ def test_power_of_two_reads_the_workers_reported_load() -> None:
 
 
 def test_workers_can_be_listed_removed_and_added() -> None:
-    with fake_workers("a", "b") as (a, b), router([a.url]) as client:
+    with dead_url() as dead_worker, fake_workers("a", "b") as (a, b), router([a.url]) as client:
         assert client.get("/list_workers").json()["urls"] == [a.url]
         assert client.post("/add_worker", params={"url": b.url}).status_code == 200
         assert client.post("/add_worker", params={"url": b.url}).status_code == 400  # already there
-        dead = client.post("/add_worker", params={"url": f"http://127.0.0.1:{free_port()}"})
+        dead = client.post("/add_worker", params={"url": dead_worker})
         both = {client.post("/generate", json={"text": str(i)}).json()["worker"] for i in range(4)}
         assert client.post("/remove_worker", params={"url": a.url}).status_code == 200
         assert client.post("/remove_worker", params={"url": a.url}).status_code == 404
