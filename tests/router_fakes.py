@@ -43,6 +43,8 @@ class FakeWorker:
     # Answer only once this worker has received a request too (500 after 10 s): a prefill that
     # needs its decode to have the request, as a real KV transfer does.
     peer: FakeWorker | None = None
+    # Streams: after the first event, wait until this is set (proves bytes are relayed as sent).
+    gate: threading.Event | None = None
     load: int = 0  # what /get_load reports as num_in_flight
     hung_up: int = 0  # requests whose client went away while hanging
     answered: threading.Event = field(default_factory=threading.Event)
@@ -98,6 +100,8 @@ class FakeWorker:
             yield b"data: " + msgspec.json.encode({"worker": self.name, "i": i}) + b"\n\n"
             if self.cut_stream:
                 raise RuntimeError("cut")  # uvicorn drops the connection mid-body
+            while self.gate is not None and not self.gate.is_set():
+                await asyncio.sleep(0.01)
             await asyncio.sleep(0.01)
         yield b"data: [DONE]\n\n"
 

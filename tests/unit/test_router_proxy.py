@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -103,6 +104,18 @@ def test_a_stream_passes_through_and_a_cut_stream_ends_with_an_error_event() -> 
     assert cut.status_code == 200 and events[0] == {"worker": "b", "i": 0}
     assert events[-2]["error"]["code"] == "worker_failed" and events[-1] == "[DONE]"
     assert len(a.received) == 1  # a started stream is never retried elsewhere
+
+
+def test_stream_bytes_reach_the_client_as_the_worker_sends_them() -> None:
+    with fake_workers("w") as (w,), router([w.url]) as client:
+        w.gate = threading.Event()
+        with client.stream("POST", "/generate", json={"text": "x", "stream": True}) as response:
+            lines = response.iter_lines()
+            first = next(lines)  # the worker holds the rest until the client has this
+            w.gate.set()
+            rest = list(lines)
+    assert sse_events(first) == [{"worker": "w", "i": 0}]
+    assert sse_events("\n".join(rest))[-1] == "[DONE]"
 
 
 @pytest.mark.parametrize("stream", [False, True])
