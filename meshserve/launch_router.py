@@ -17,6 +17,9 @@ from meshserve.server.http_limits import MAX_HEADER_BYTES, bounded_protocol
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_router_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: twice per routed request plus each probe. The router's
+    # own lines say what matters (failures, workers leaving and coming back).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     log = logging.getLogger("meshserve.router")
     if args.pd_disaggregation:
         log.info("PD mode: prefill %s, decode %s; policies %s/%s",

@@ -15,6 +15,7 @@ import pytest
 from meshserve.router.app import create_router_app
 from meshserve.router.args import parse_router_args
 from meshserve.router.bootstrap import ROOM_LIMIT, batch_size, with_bootstrap
+from meshserve.router.worker import CircuitBreaker, Role, Worker
 from tests.router_fakes import STREAM_EVENTS, FakeWorker, fake_workers, serve, sse_events
 
 
@@ -31,6 +32,13 @@ def test_with_bootstrap_single_and_batch() -> None:
     ids = with_bootstrap({"input_ids": [[1, 2], [3]]}, "h", 1, rng)
     assert len(ids["bootstrap_room"]) == 2
     assert batch_size({"input_ids": [1, 2, 3]}) is None and batch_size({"messages": []}) is None
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://10.0.0.1:30000", "10.0.0.1"), ("http://prefill-0.cluster:8000/", "prefill-0.cluster"),
+    ("https://node", "node"), ("http://[fd00::1]:30000", "fd00::1")])
+def test_bootstrap_host_is_the_prefill_urls_host(url: str, host: str) -> None:
+    assert Worker(url, CircuitBreaker(1, 1, 1), Role.PREFILL).host == host
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from collections import Counter
 from meshserve.router.args import CacheAwareConfig
 from meshserve.router.policies import CacheAwarePolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 from meshserve.router.prefix_tree import PrefixTree
+from meshserve.router.routing_text import routing_text
 from meshserve.router.worker import CircuitBreaker, Worker
 
 
@@ -113,3 +114,13 @@ def test_prefix_tree_evicts_least_recently_used_leaves() -> None:
     assert tree.longest_match("bbbbbbbbbb", {"t"}) == (0, None)
     assert tree.longest_match("aaaaaaaaaa", {"t"}) == (10, "t")
     assert tree.longest_match("cccccccccc", {"t"}) == (10, "t")
+
+
+def test_routing_text_of_each_request_kind() -> None:
+    chat = {"messages": [{"role": "system", "content": "Be brief. "},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url"}]}]}
+    assert routing_text(chat) == "Be brief. Hi"
+    assert routing_text({"prompt": "Once"}) == "Once" and routing_text({"text": "Hello"}) == "Hello"
+    assert routing_text({"input_ids": [1, 2, 3]}) == "[1, 2, 3]"
+    assert routing_text({"prompt": ["a", "b"]}) == "['a', 'b']"
+    assert routing_text(None) == routing_text({"model": "m"}) == ""
