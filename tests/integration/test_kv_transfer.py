@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -132,96 +133,109 @@ def pool_bytes(peer: Peer, path: Path) -> np.ndarray:
     return np.frombuffer(path.read_bytes(), dtype=np.uint8).reshape(2 * LAYERS, SLOTS, ITEM_BYTES)
 
 
-def start_pair(backend: str, writer_env: dict[str, str]) -> tuple[Peer, Peer, list[int], str]:
-    """A zeroed receiver and a writer with a random pool; returns both, the receiver's buffer
-    addresses and the writer's key for it."""
-    receiver, writer = Peer(), Peer()
-    bases = receiver.call(op="pool", seed=None)["bases"]
-    writer.call(op="pool", seed=1)
-    md = receiver.call(op="backend", backend=backend, agent=f"decode-{backend}", label="main", env={})["metadata"]
-    writer.call(op="backend", backend=backend, agent=f"prefill-{backend}", label="main", env=writer_env)
-    peer = writer.call(op="add_peer", label="main", metadata=md)["peer"]
-    assert writer.call(op="add_peer", label="main", metadata=md)["peer"] == peer  # idempotent
-    return receiver, writer, bases, peer
+def add_backend(peer: Peer, backend: str, agent: str, label: str = "main", env: dict[str, str] | None = None) -> bytes:
+    return peer.call(op="backend", backend=backend, agent=agent, label=label, env=env or {})["metadata"]
+
+
+@dataclass
+class Pair:
+    backend: str
+    receiver: Peer    # a zeroed pool
+    writer: Peer      # a random pool
+    bases: list[int]  # the receiver's buffer addresses
+    peer: str         # the writer's key for the receiver
+    started: list[Peer]  # every process to kill at the end
 
 
 @pytest.fixture
-def pairs():
-    started: list[Peer] = []
+def pair(request):
+    """A receiver and a writer, each with a backend labelled "main" of kind `request.param`.
+    Every process in `started` is killed afterwards, whatever happened."""
+    backend = request.param
+    receiver, writer = Peer(), Peer()  # both start importing at once
+    started = [receiver, writer]
+    try:
+        bases = receiver.call(op="pool", seed=None)["bases"]
+        writer.call(op="pool", seed=1)
+        md = add_backend(receiver, backend, f"decode-{backend}")
+        add_backend(writer, backend, f"prefill-{backend}")
+        peer = writer.call(op="add_peer", label="main", metadata=md)["peer"]
+        assert writer.call(op="add_peer", label="main", metadata=md)["peer"] == peer  # idempotent
+        yield Pair(backend, receiver, writer, bases, peer, started)
+    finally:
+        for p in started:
+            p.kill()
 
-    def make(backend: str, writer_env: dict[str, str] | None = None):
-        receiver, writer, bases, peer = start_pair(backend, writer_env or {})
-        started.extend([receiver, writer])
-        return receiver, writer, bases, peer
 
-    yield make
-    for p in started:
-        p.kill()
-
-
-def write(writer: Peer, peer: str, bases: list[int], timeout: float = 30.0) -> dict:
-    return writer.call(op="write", label="main", peer=peer, dst_bases=bases, src_slots=SRC_SLOTS,
+def write(writer: Peer, peer: str, bases: list[int], timeout: float = 30.0, label: str = "main") -> dict:
+    return writer.call(op="write", label=label, peer=peer, dst_bases=bases, src_slots=SRC_SLOTS,
                        dst_slots=DST_SLOTS, timeout=timeout)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_scattered_slots_land_exactly(backend, pairs, tmp_path):
-    receiver, writer, bases, peer = pairs(backend)
+def assert_landed(receiver: Peer, writer: Peer, tmp_path: Path) -> None:
+    """The receiver holds the sender's bytes in exactly DST_SLOTS, and zeros elsewhere."""
+    got, sent = pool_bytes(receiver, tmp_path / "r"), pool_bytes(writer, tmp_path / "w")
+    assert sent[:, SRC_SLOTS].any()
+    assert np.array_equal(got[:, DST_SLOTS], sent[:, SRC_SLOTS])
+    assert not got[:, np.setdiff1d(np.arange(SLOTS), DST_SLOTS)].any()
+
+
+@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+def test_scattered_slots_land_exactly_after_a_refused_write(pair, tmp_path):
+    """A write outside the peer's memory is refused: NIXL checks the rows against the peer's
+    registrations before sending (TransferError); Mooncake's receiver rejects them (FAILED) and
+    the next write goes through a fresh engine. Then a real write lands, slot for slot."""
+    receiver, writer, bases, peer = pair.receiver, pair.writer, pair.bases, pair.peer
+    answer = write(writer, peer, [b + (1 << 40) for b in bases])
+    if pair.backend == "nixl":
+        assert answer["result"].startswith("error:") and "registered memory" in answer["result"], answer
+    else:
+        assert answer["result"] == "failed", answer
+    assert not pool_bytes(receiver, tmp_path / "r").any()
     answer = write(writer, peer, bases)
     assert answer["result"] == "done", answer
     # the runs merged: 14 slots in 7 runs on both sides (5-8/10-13 split at 20/3, ...)
     assert answer["rows"] == 2 * LAYERS * 7
-    got, sent = pool_bytes(receiver, tmp_path / "r"), pool_bytes(writer, tmp_path / "w")
-    assert sent[:, SRC_SLOTS].any()
-    assert np.array_equal(got[:, DST_SLOTS], sent[:, SRC_SLOTS])
-    untouched = np.setdiff1d(np.arange(SLOTS), DST_SLOTS)
-    assert not got[:, untouched].any()
+    assert_landed(receiver, writer, tmp_path)
     assert writer.exit() == 0 and receiver.exit() == 0  # no crash at exit (gotcha N1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dead_peer_fails_within_bound(backend, pairs):
-    receiver, writer, bases, peer = pairs(backend)
+@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+def test_dead_peer_fails_within_bound_and_its_restart_is_writable(pair, tmp_path):
+    receiver, writer, bases, peer = pair.receiver, pair.writer, pair.bases, pair.peer
     assert write(writer, peer, bases)["result"] == "done"  # the connection is up
     receiver.kill()
     answer = write(writer, peer, bases, timeout=DEAD_PEER_BOUND_S)
     assert answer["result"] == "failed" or answer["result"].startswith("error:"), answer
     assert answer["elapsed"] < DEAD_PEER_BOUND_S
-    assert writer.exit() == 0
+    # the decode server comes back under the same agent name, with new memory
+    restarted = Peer()
+    pair.started.append(restarted)
+    new_bases = restarted.call(op="pool", seed=None)["bases"]
+    md = add_backend(restarted, pair.backend, f"decode-{pair.backend}")
+    new_peer = writer.call(op="add_peer", label="main", metadata=md)["peer"]
+    assert write(writer, new_peer, new_bases)["result"] == "done"
+    assert_landed(restarted, writer, tmp_path)
+    assert restarted.exit() == 0 and writer.exit() == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_write_outside_peer_memory_is_refused_and_the_peer_stays_usable(backend, pairs, tmp_path):
-    """NIXL checks the rows against the peer's registrations before sending (TransferError);
-    Mooncake's receiver rejects them (FAILED), and the next write goes through a fresh engine."""
-    receiver, writer, bases, peer = pairs(backend)
-    answer = write(writer, peer, [b + (1 << 40) for b in bases])
-    if backend == "nixl":
-        assert answer["result"].startswith("error:") and "registered memory" in answer["result"], answer
-    else:
-        assert answer["result"] == "failed", answer
-    assert not pool_bytes(receiver, tmp_path / "r").any()
-    assert write(writer, peer, bases)["result"] == "done"
-    assert writer.exit() == 0 and receiver.exit() == 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_injected_failure_writes_nothing(backend, pairs, tmp_path):
-    receiver, writer, bases, peer = pairs(backend, {"MESHSERVE_DISAGG_TEST_FAILURE_PROB": "1.0"})
-    assert write(writer, peer, bases)["result"] == "failed"
-    assert not pool_bytes(receiver, tmp_path / "r").any()
-    assert writer.exit() == 0 and receiver.exit() == 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_injected_delay_keeps_pending_then_done(backend, pairs, tmp_path):
+@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+def test_injected_failure_and_delay(pair, tmp_path):
+    """Two more writer backends in the same process: one whose writes all fail (and send
+    nothing), one whose writes stay PENDING for `delay` after they completed."""
+    receiver, writer, bases, backend = pair.receiver, pair.writer, pair.bases, pair.backend
+    md = add_backend(receiver, backend, f"decode2-{backend}", label="again")  # a second agent to write to
     delay = 1.5
-    receiver, writer, bases, peer = pairs(backend, {"MESHSERVE_DISAGG_TEST_DELAY_S": str(delay)})
-    answer = write(writer, peer, bases)
+    add_backend(writer, backend, f"failing-{backend}", "fail", {"MESHSERVE_DISAGG_TEST_FAILURE_PROB": "1.0"})
+    add_backend(writer, backend, f"slow-{backend}", "delay", {"MESHSERVE_DISAGG_TEST_DELAY_S": str(delay)})
+    fail_peer = writer.call(op="add_peer", label="fail", metadata=md)["peer"]
+    delay_peer = writer.call(op="add_peer", label="delay", metadata=md)["peer"]
+    assert write(writer, fail_peer, bases, label="fail")["result"] == "failed"
+    assert not pool_bytes(receiver, tmp_path / "r").any()
+    answer = write(writer, delay_peer, bases, label="delay")
     assert answer["result"] == "done"
     assert delay <= answer["elapsed"] < delay + 10
-    got, sent = pool_bytes(receiver, tmp_path / "r"), pool_bytes(writer, tmp_path / "w")
-    assert np.array_equal(got[:, DST_SLOTS], sent[:, SRC_SLOTS])
+    assert_landed(receiver, writer, tmp_path)
     assert writer.exit() == 0 and receiver.exit() == 0
 
 
