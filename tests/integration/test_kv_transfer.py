@@ -133,7 +133,8 @@ def pool_bytes(peer: Peer, path: Path) -> np.ndarray:
     return np.frombuffer(path.read_bytes(), dtype=np.uint8).reshape(2 * LAYERS, SLOTS, ITEM_BYTES)
 
 
-def add_backend(peer: Peer, backend: str, agent: str, label: str = "main", env: dict[str, str] | None = None) -> bytes:
+def add_backend(peer: Peer, backend: str, agent: str, label: str = "main", env: dict[str, str] | None = None) -> str:
+    """Creates and registers a backend in `peer`; returns its metadata, base64."""
     return peer.call(op="backend", backend=backend, agent=agent, label=label, env=env or {})["metadata"]
 
 

@@ -18,14 +18,19 @@ def create_backend(name: str, *, agent_name: str, host: str,
     (naming the pip package) when the library is not installed."""
     check_ib_devices(ib_devices)
     faults = FaultConfig.from_env()  # read first: a bad value fails before a library loads
-    if name == "nixl":
-        from meshserve.disagg.transfer.nixl import NixlBackend as cls
-    elif name == "mooncake":
-        from meshserve.disagg.transfer.mooncake import MooncakeBackend as cls
-    else:
-        raise ValueError(f"unknown transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    backend: TransferBackend = cls(agent_name=agent_name, host=host, ib_devices=ib_devices)
+    backend = _backend_class(name)(agent_name=agent_name, host=host, ib_devices=ib_devices)
     return FaultInjectingBackend(backend, faults) if faults.active else backend
+
+
+def _backend_class(name: str) -> type[TransferBackend]:
+    # Imported on demand: a server must not need the library of the backend it does not use.
+    if name == "nixl":
+        from meshserve.disagg.transfer.nixl import NixlBackend
+        return NixlBackend
+    if name == "mooncake":
+        from meshserve.disagg.transfer.mooncake import MooncakeBackend
+        return MooncakeBackend
+    raise ValueError(f"unknown transfer backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 __all__ = ["BACKENDS", "MemoryRegion", "TransferBackend", "TransferError", "TransferHandle", "TransferStatus",
