@@ -7,15 +7,21 @@ Invariants:
 * A tenant present on a node is present on all of the node's ancestors, so the deepest node
   holding a tenant ends that tenant's longest match.
 * `size(tenant)` is the number of characters (edge lengths) of the nodes holding the tenant;
-  `insert` evicts the tenant's least recently used leaves until it is within `max_size`.
+  when an `insert` takes it over `max_size`, the tenant's least recently used leaves are
+  evicted until it is within EVICT_TO of it.
 * Time is a counter, not the clock: the same calls give the same tree (deterministic tests).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Collection
 from dataclasses import dataclass, field
+
+# An eviction goes this far below the limit, so that its walk over the tenant's nodes is paid
+# once per tenth of the limit inserted, not on every insert.
+EVICT_TO = 0.9
 
 
 @dataclass
@@ -107,18 +113,26 @@ class PrefixTree:
         self._prune(self._root)
 
     def _evict(self, tenant: str) -> None:
-        """Drop the tenant from its least recently used leaves until it fits in max_size."""
-        while self.size(tenant) > self.max_size:
-            leaves = [n for n in self._nodes_of(tenant)
-                      if n is not self._root and not any(tenant in c.tenants for c in n.children.values())]
-            if not leaves:
-                return
-            oldest = min(leaves, key=lambda n: n.tenants[tenant])
-            del oldest.tenants[tenant]
-            self._sizes[tenant] -= len(oldest.edge)
-            if not oldest.tenants and not oldest.children:
-                assert oldest.parent is not None
-                del oldest.parent.children[oldest.edge[0]]
+        """Drop the tenant from its least recently used leaves down to EVICT_TO × max_size: one
+        walk over its nodes per eviction, and evictions are rare (each frees a tenth)."""
+        target = int(self.max_size * EVICT_TO)
+        heap = [(n.tenants[tenant], next(self._clock), n) for n in self._nodes_of(tenant) if self._is_leaf(n, tenant)]
+        heapq.heapify(heap)
+        while self.size(tenant) > target and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del node.tenants[tenant]
+            self._sizes[tenant] -= len(node.edge)
+            if not node.tenants and not node.children:
+                del parent.children[node.edge[0]]
+            if self._is_leaf(parent, tenant):
+                heapq.heappush(heap, (parent.tenants[tenant], next(self._clock), parent))
+
+    def _is_leaf(self, node: _Node, tenant: str) -> bool:
+        """The tenant is on `node` (not the root) and on none of its children."""
+        return (node is not self._root and tenant in node.tenants
+                and not any(tenant in c.tenants for c in node.children.values()))
 
     def _nodes_of(self, tenant: str) -> list[_Node]:
         out, stack = [], [self._root]

@@ -105,11 +105,11 @@ def test_prefix_tree_splits_matches_and_counts() -> None:
 
 
 def test_prefix_tree_evicts_least_recently_used_leaves() -> None:
-    tree = PrefixTree(max_size=20)
+    tree = PrefixTree(max_size=25)
     tree.insert("aaaaaaaaaa", "t")  # 10
     tree.insert("bbbbbbbbbb", "t")  # 20
     tree.insert("aaaaaaaaaa", "t")  # touch a: b is now the oldest
-    tree.insert("cccccccccc", "t")  # 30 > 20: b goes
+    tree.insert("cccccccccc", "t")  # 30 > 25: down to 22 (0.9 x 25); b goes, and that is enough
     assert tree.size("t") == 20
     assert tree.longest_match("bbbbbbbbbb", {"t"}) == (0, None)
     assert tree.longest_match("aaaaaaaaaa", {"t"}) == (10, "t")
@@ -124,3 +124,15 @@ def test_routing_text_of_each_request_kind() -> None:
     assert routing_text({"input_ids": [1, 2, 3]}) == "[1, 2, 3]"
     assert routing_text({"prompt": ["a", "b"]}) == "['a', 'b']"
     assert routing_text(None) == routing_text({"model": "m"}) == ""
+
+
+def test_prefix_tree_evicts_inner_nodes_once_their_leaves_are_gone() -> None:
+    tree = PrefixTree(max_size=10)
+    tree.insert("abcdef", "t")
+    tree.insert("abcxyz", "t")  # "abc" + "def" + "xyz": 9
+    tree.insert("abcdef", "u")  # another tenant keeps the shared nodes alive
+    tree.insert("q" * 8, "t")  # 17 > 10: down to 9 -- "def", "xyz", then "abc" itself go
+    assert tree.size("t") == 8
+    assert tree.longest_match("abcdef", {"t"}) == (0, None)
+    assert tree.longest_match("abcdef", {"u"}) == (6, "u")
+    assert tree.longest_match("q" * 8, {"t"}) == (8, "t")
