@@ -120,8 +120,9 @@ class _PeerPath:
             dst = job.dst[start : start + MAX_ENTRIES_PER_BATCH]
             batch = self._engine.batch_transfer_async_write(
                 self._session, src[:, 0].tolist(), dst[:, 0].tolist(), src[:, 1].tolist())
-            # A batch id is a pointer: 0 or negative means the submit itself failed.
-            if batch <= 0 or self._engine.get_batch_transfer_status([batch]) != 0:
+            # A batch id is a pointer: 0 (seen for an unreachable peer) or -1, which may come
+            # back read as unsigned, means the submit failed and there is no batch to wait on.
+            if not 0 < batch < 1 << 63 or self._engine.get_batch_transfer_status([batch]) != 0:
                 self._engine = None  # M1: this engine's path to the peer may be broken for good
                 return False
         return True
