@@ -12,13 +12,17 @@ failure exits non-zero with a one-line reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from meshserve.config.server_args import ServerArgs
+
+if TYPE_CHECKING:
+    from meshserve.disagg.bootstrap_server import BootstrapServer
 
 log = logging.getLogger("meshserve")
 
@@ -34,6 +38,25 @@ def model_dir(args: ServerArgs) -> str:
     from meshserve.config.default_model import default_model_path
 
     return str(default_model_path())
+
+
+def open_disaggregation(args: ServerArgs) -> BootstrapServer | None:
+    """PD start-up checks (named RDMA devices exist) and, on a prefill server's node 0, the
+    bootstrap server, bound now (a busy port fails at once) and serving before any rank starts,
+    since the ranks register there."""
+    d = args.disagg
+    if d.disaggregation_mode == "null":
+        return None
+    from meshserve.disagg.transfer import check_ib_devices
+
+    check_ib_devices(d.disaggregation_ib_device.split(",") if d.disaggregation_ib_device else None)
+    if d.disaggregation_mode != "prefill" or args.parallel.node_rank != 0:
+        return None
+    from meshserve.disagg.bootstrap_server import BootstrapServer
+
+    server = BootstrapServer(args.http.host, d.disaggregation_bootstrap_port)
+    server.start()
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_config = ModelConfig.from_server_args(args)
         cluster = ClusterNode(args, model_config)
         sock = bind_http_socket(args.http.host, args.http.port)
+        bootstrap = open_disaggregation(args)
     except (ValueError, OSError) as err:  # ModelConfigError and PortPlanError are ValueErrors
         log.error("cannot start: %s", err)
         return 1
-    with sock:
+    with sock, contextlib.closing(bootstrap) if bootstrap is not None else contextlib.nullcontext():
         tokenizer = None
         if leader:
             try:

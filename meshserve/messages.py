@@ -117,7 +117,8 @@ class FlushCacheOut(msgspec.Struct, tag=True, frozen=True):
 
 
 class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
-    """Periodic load report (for /metrics and, later, the router)."""
+    """Periodic load report (for /metrics, /get_load and the routers). The PD fields stay 0 on a
+    plain server; see meshserve/disagg/ for the states they count."""
 
     num_running: int
     num_waiting: int
@@ -127,6 +128,10 @@ class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     prompt_tokens: int
     generation_tokens: int
     num_retracted: int
+    num_bootstrapping: int = 0  # decode: looking the prefill up or waiting for KV slots
+    num_awaiting_kv: int = 0  # decode: waiting for the KV; prefill: waiting for the decode's request
+    num_awaiting_ack: int = 0  # prefill: KV sent, waiting for the decode's acknowledgement
+    kv_transfers_in_flight: int = 0  # writes (prefill) or expected writes (decode) not ended yet
 
 
 FromScheduler = SchedulerReady | SchedulerFailed | BatchOut | FlushCacheOut | SchedulerStats

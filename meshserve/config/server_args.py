@@ -458,10 +458,13 @@ class DisaggArgs(_ConcernMixin):
     disaggregation_ib_device: str | None = _arg(
         None, "Comma-separated RDMA devices for KV transfer (e.g. mlx5_0,mlx5_1).")
     disaggregation_transfer_backend: str = _arg(
-        "mooncake", "KV transfer backend between prefill and decode servers.",
-        choices=("mooncake", "nixl"))
+        "nixl", "KV transfer backend between prefill and decode servers (both sides must use the same).",
+        choices=("nixl", "mooncake"))
     disaggregation_bootstrap_port: int = _arg(
         8998, "Port of the prefill server's bootstrap service.")
+    disaggregation_transfer_timeout: float = _arg(
+        30.0, "Seconds each prefill-decode state (lookup, waiting for KV, transfer, acknowledgement) "
+        "may last before the request fails with an error.")
 
 
 # The concerns in ServerArgs field order: (ServerArgs attribute, dataclass).
@@ -521,13 +524,8 @@ REFUSALS: tuple[Refusal, ...] = (
             "there are no GPU ids on cpu; use 0"),
     Refusal("page_size", lambda a: a.cache.page_size > 1,
             "paged KV cache is not built yet; only page size 1"),
-    Refusal("disaggregation_mode", lambda a: a.disagg.disaggregation_mode != "null",
-            "prefill-decode disaggregation is not built yet"),
-    Refusal("disaggregation_ib_device", lambda a: a.disagg.disaggregation_ib_device is not None,
-            "RDMA KV transfer is not built yet"),
-    Refusal("disaggregation_transfer_backend",
-            lambda a: a.is_explicit("disaggregation_transfer_backend"),
-            "KV transfer backends are not built yet"),
+    Refusal("disaggregation_mode", lambda a: a.disagg.disaggregation_mode != "null" and a.parallel.tp_size > 1,
+            "prefill-decode disaggregation runs with --tp 1 only so far"),
 )
 
 
@@ -774,6 +772,9 @@ class ServerArgs:
                 yield f"{self.flag_spelling(name)} must be > 0 seconds, got {self.get(name)}"
         yield from at_least("http_max_body_size", 1)
         yield from port("disaggregation_bootstrap_port")
+        if not self.disagg.disaggregation_transfer_timeout > 0:
+            yield (f"{self.flag_spelling('disaggregation_transfer_timeout')} must be > 0 seconds, "
+                   f"got {self.disagg.disaggregation_transfer_timeout}")
         if not self.http.host:
             yield "--host must not be empty"
 

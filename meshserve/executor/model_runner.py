@@ -133,6 +133,11 @@ class ModelRunner:
         rows = self._step_rows if among is None else self._step_rows.index_select(0, among)
         self.last_tokens.index_copy_(0, rows, token_ids)
 
+    def set_last_token(self, row: int, token: int) -> None:
+        """Row `row`'s newest token, sampled elsewhere (a PD decode server gets the first token
+        with the prompt's KV): the next decode step's input."""
+        self.last_tokens[row] = token
+
     @torch.inference_mode()
     def _forward_inference(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 import msgspec
 import torch
@@ -32,10 +33,15 @@ from meshserve.messages import (AbortReq, BatchOut, FlushCacheOut, FlushCacheReq
 from meshserve.scheduler.scheduler import Scheduler
 from meshserve.server.tokenizer_manager import load_tokenizer
 
+if TYPE_CHECKING:
+    from meshserve.disagg.decode_side import DecodeSide
+    from meshserve.disagg.prefill_side import PrefillSide
+
 logger = logging.getLogger("meshserve")
 
 STATS_INTERVAL_S = 1.0
 IDLE_POLL_MS = 200  # how long an idle leader waits for messages before the next (empty) step
+PD_POLL_MS = 2  # the wait instead while PD requests wait for a peer or a transfer (no compute)
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
@@ -89,12 +95,18 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
         tp = init_tp_group(world_size=topology.world_size, rank=rank, rendezvous=rendezvous, device=device,
                            timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
         scheduler = _build_scheduler(args, device, tp)
+        if args.disagg.disaggregation_mode != "null":
+            scheduler.pd = _pd_side(args, scheduler, rank, tp.size)
         if link is not None:
             link.send(SchedulerReady(
                 max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
                 context_length=scheduler.model_config.context_length, vocab_size=scheduler.model_config.vocab_size,
                 device=str(device)))
-        _serve(scheduler, link, tp)
+        try:
+            _serve(scheduler, link, tp)
+        finally:
+            if scheduler.pd is not None:
+                scheduler.pd.close()
     except Exception as exc:  # report, then die: the TokenizerManager fails every request
         logger.error("scheduler failed:\n%s", traceback.format_exc())
         if link is not None:
@@ -121,13 +133,33 @@ def _build_scheduler(args: ServerArgs, device: torch.device, tp: TensorParallelG
     return Scheduler(args, model_config, runner, tokenizer)
 
 
+def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp_size: int) -> PrefillSide | DecodeSide:
+    """This rank's end of prefill-decode disaggregation: its KV pool registered with the transfer
+    backend; a prefill rank also registers at the bootstrap server on its node 0."""
+    from meshserve.disagg.bootstrap_client import register_rank
+    from meshserve.disagg.decode_side import DecodeSide
+    from meshserve.disagg.kv_endpoint import KVEndpoint, reachable_host
+    from meshserve.disagg.prefill_side import PrefillSide
+    from meshserve.disagg.protocol import Registration
+
+    endpoint = KVEndpoint.open(args, scheduler.model_config, scheduler.pool, tp_rank=rank, tp_size=tp_size)
+    if args.disagg.disaggregation_mode == "decode":
+        return DecodeSide(scheduler, endpoint)
+    # With --tp 1 (all that PD runs with so far) rank 0 is on node 0, beside the bootstrap server.
+    register_rank(reachable_host(args.http.host), args.disagg.disaggregation_bootstrap_port, Registration(
+        tp_rank=rank, endpoint=endpoint.control.endpoint, metadata=endpoint.backend.local_metadata(),
+        layout=endpoint.layout))
+    return PrefillSide(scheduler, endpoint)
+
+
 def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: TensorParallelGroup) -> None:
     parent = os.getppid()
     codec = step_messages_codec()
     last_stats = 0.0
     while True:
         if link is not None:
-            messages = link.receive(0 if scheduler.has_work else IDLE_POLL_MS)
+            wait = 0 if scheduler.has_compute else PD_POLL_MS if scheduler.has_work else IDLE_POLL_MS
+            messages = link.receive(wait)
             step = StepMessages(messages, stop=os.getppid() != parent)
             if tp.size > 1:
                 tp.broadcast_bytes(codec.encode(step))

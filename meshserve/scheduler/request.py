@@ -23,6 +23,11 @@ class ReqState(enum.Enum):
     PREFILLING = "prefilling"
     RUNNING = "running"
     DONE = "done"
+    # Prefill-decode disaggregation (meshserve/disagg/; each has the transfer-timeout deadline).
+    BOOTSTRAPPING = "bootstrapping"  # decode: looking the prefill up, waiting for KV slots
+    AWAITING_KV = "awaiting_kv"  # decode: KVRequest sent; prefill: prefilled, waiting for it
+    TRANSFERRING = "transferring"  # prefill: writing the prompt's KV into the decode's slots
+    AWAITING_ACK = "awaiting_ack"  # prefill: KVDone sent; its KV is freed on the decode's KVAck
 
 
 @dataclass(eq=False)
@@ -35,6 +40,7 @@ class Req:
     top_logprobs_num: int = 0
     bootstrap: Bootstrap | None = None
     state: ReqState = ReqState.WAITING
+    deadline: float = float("inf")  # time.monotonic() by which a PD state must have ended
 
     output_ids: list[int] = field(default_factory=list)
     row: int | None = None  # ReqToTokenPool row while the request holds KV

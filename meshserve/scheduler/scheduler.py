@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,10 @@ from meshserve.scheduler.finish import FinishChecker
 from meshserve.scheduler.kv_ledger import KVLedger
 from meshserve.scheduler.policy import PrefillBudget, PrefillPolicy
 from meshserve.scheduler.request import Req, ReqState
+
+if TYPE_CHECKING:
+    from meshserve.disagg.decode_side import DecodeSide
+    from meshserve.disagg.prefill_side import PrefillSide
 
 logger = logging.getLogger("meshserve")
 
@@ -113,13 +118,21 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
+        # Prefill-decode disaggregation (--disaggregation-mode): set by the scheduler process.
+        self.pd: PrefillSide | DecodeSide | None = None
         self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
 
     # -- requests in and out ---------------------------------------------------------------
 
     @property
-    def has_work(self) -> bool:
+    def has_compute(self) -> bool:
+        """Some step has a forward pass to run (or a step's tokens to read)."""
         return bool(self.waiting or self.running or self.chunked or self._in_flight)
+
+    @property
+    def has_work(self) -> bool:
+        """Anything at all to do: compute, or PD requests waiting for a peer or a transfer."""
+        return self.has_compute or (self.pd is not None and self.pd.busy)
 
     def add_request(self, msg: GenerateReq) -> None:
         req = Req.from_message(msg, self.model_config.context_length)
@@ -130,7 +143,7 @@ class Scheduler:
         elif req.output_limit == 0:
             req.finish = FinishReason("length")
             self._emit(req)
-        else:
+        elif self.pd is None or req.bootstrap is None or not self.pd.admit(req):
             self.waiting.append(req)
 
     def _invalid(self, req: Req) -> str | None:
@@ -149,8 +162,10 @@ class Scheduler:
         for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
             if req.rid == rid and not req.finished:
                 req.finish = FinishReason("abort", message=message)
-                self._retire(req)
+                self.retire(req)
                 return
+        if self.pd is not None:
+            self.pd.abort(rid, message)
 
     def flush_cache(self) -> tuple[bool, str]:
         if self.has_work:
@@ -169,11 +184,14 @@ class Scheduler:
             used_tokens=self.kv.used_tokens,
             max_total_tokens=self.pool.size,
             **self.stats,
+            **(self.pd.stats() if self.pd is not None else {}),
         )
 
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
+        if self.pd is not None:
+            self.pd.poll()  # control messages, transfers, deadlines; may add running requests
         if self.waiting or self.chunked is not None:
             if not self._in_flight_reqs.isdisjoint(self.waiting):
                 # A request retracted while its token was in flight is admitted with that token.
@@ -300,9 +318,9 @@ class Scheduler:
             else:
                 sampled = self._sample(logits, reqs)
             self._advance(sampled)
-            running = set(self.running)  # with mixed chunks, some of reqs were running already
+            # Not the mixed-in running ones, nor the PD ones _advance handed to self.pd.
             for req in reqs:
-                if not req.finished and req not in running:
+                if not req.finished and req.state is ReqState.PREFILLING:
                     req.state = ReqState.RUNNING
                     self.running.append(req)
 
@@ -413,15 +431,34 @@ class Scheduler:
                     n = req.top_logprobs_num
                     req.unsent_top_logprobs.append(
                         [TopLogprob(t, v) for t, v in zip(top_ids[i][:n], top_vals[i][:n])])
+            if self.pd is not None and self.pd.takes(req):
+                self.pd.hold(req)  # a prefill server's first token: the KV goes to the decode server
+                continue
             req.finish = self.finish_checker.check(req)
             if req.finished:
-                self._retire(req)
+                self.retire(req)
             else:
                 self._emit(req)
 
+    def join_running(self, req: Req) -> None:
+        """A request whose prompt KV (kv_len) and first token arrived from elsewhere (a PD
+        decode server's transfer) continues as if it had been prefilled here."""
+        token = req.output_ids[-1]
+        self.runner.set_last_token(req.row, token)
+        if req.sampling.has_penalty:
+            self.penalty_counts.add(self.penalty_counts.rows([req]),
+                                    torch.tensor([token], dtype=torch.int64, device=self.runner.device))
+        req.finish = self.finish_checker.check(req)
+        if req.finished:
+            self.retire(req)
+            return
+        req.state = ReqState.RUNNING
+        self.running.append(req)
+        self._emit(req)
+
     # -- retiring and reporting --------------------------------------------------------------
 
-    def _retire(self, req: Req) -> None:
+    def retire(self, req: Req) -> None:
         """A finished or aborted request: give its KV to the cache or the pool, send its last output."""
         if req in self.waiting:
             self.waiting.remove(req)

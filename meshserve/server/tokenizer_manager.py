@@ -204,7 +204,8 @@ class TokenizerManager:
             else [1, 2, 3, 4]
         )
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
-        await self.collect(await self.prepare(GenerateRequest(input_ids=prompt, sampling=sampling)))
+        # Without bootstrap fields even on a PD server: its scheduler runs such a request whole.
+        await self.collect(await self._prepare(GenerateRequest(input_ids=prompt, sampling=sampling)))
         self._warmed_up = True
 
     @property
@@ -254,9 +255,12 @@ class TokenizerManager:
         """Tokenize and validate; raise InvalidRequest (400) or ServiceUnavailable (503).
         This is the one place every request (HTTP or Engine) is checked before anything is
         sent: what passes encodes into the scheduler's messages and fits its arithmetic."""
+        _check_disaggregation(req, self.disaggregation_mode)
+        return await self._prepare(req)
+
+    async def _prepare(self, req: GenerateRequest) -> PreparedRequest:
         info = self._serving_info()
         _check_request_fields(req)
-        _check_disaggregation(req, self.disaggregation_mode)
         if _prompt_size(req) <= INLINE_PROMPT_SIZE:
             input_ids = self._prompt_ids(req, info.vocab_size)
         else:

@@ -59,7 +59,8 @@ def test_defaults_follow_sglang(on_cpu: None) -> None:
     assert args.http.port == 30000
     assert args.disagg.disaggregation_bootstrap_port == 8998
     assert args.disagg.disaggregation_mode == "null"
-    assert args.disagg.disaggregation_transfer_backend == "mooncake"
+    assert args.disagg.disaggregation_transfer_backend == "nixl"  # not SGLang's mooncake: see docs/disaggregation.md
+    assert args.disagg.disaggregation_transfer_timeout == 30.0
     assert args.scheduler.max_prefill_tokens == 16384
     assert args.scheduler.schedule_policy == "lpm"
     assert args.scheduler.grammar_backend == "xgrammar"
@@ -321,14 +322,8 @@ def test_validate_returns_self(on_cpu: None) -> None:
         (["--enable-dp-lm-head"], "not supported yet: --enable-dp-lm-head ("),
         (["--moe-a2a-backend", "deepep"], "not supported yet: --moe-a2a-backend deepep ("),
         (["--ep-num-redundant-experts", "32"], "not supported yet: --ep-num-redundant-experts 32"),
-        (["--disaggregation-mode", "prefill"], "not supported yet: --disaggregation-mode prefill"),
-        (["--disaggregation-mode", "decode"], "not supported yet: --disaggregation-mode decode"),
-        (["--disaggregation-ib-device", "mlx5_0"], "not supported yet: --disaggregation-ib-device"),
-        (["--disaggregation-transfer-backend", "nixl"],
-         "not supported yet: --disaggregation-transfer-backend nixl"),
-        # Explicitly given, even with the default value: never silently ignored.
-        (["--disaggregation-transfer-backend", "mooncake"],
-         "not supported yet: --disaggregation-transfer-backend mooncake"),
+        (["--disaggregation-mode", "prefill", "--tp", "2"], "not supported yet: --disaggregation-mode prefill"),
+        (["--disaggregation-mode", "decode", "--tp", "2"], "not supported yet: --disaggregation-mode decode"),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
         (["--page-size", "16"], "not supported yet: --page-size 16"),
     ],
@@ -348,10 +343,16 @@ def test_default_values_are_not_refused(on_cpu: None) -> None:
 
 
 def test_programmatic_non_default_counts_as_explicit(on_cpu: None) -> None:
-    args = ServerArgs(disagg=DisaggArgs(disaggregation_transfer_backend="nixl"))
+    args = ServerArgs(disagg=DisaggArgs(disaggregation_transfer_backend="mooncake"))
     assert args.is_explicit("disaggregation_transfer_backend")
-    with pytest.raises(ServerArgsError, match="--disaggregation-transfer-backend nixl"):
-        args.validate()
+
+
+def test_disaggregation_with_tp_1_is_accepted(on_cpu: None) -> None:
+    for argv in (["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "mooncake"],
+                 ["--disaggregation-mode", "decode", "--disaggregation-ib-device", "mlx5_0"]):
+        assert problems_of(argv) == ()  # a named RDMA device is checked at start-up, on its machine
+    assert problems_of(["--disaggregation-transfer-timeout", "0"]) == (
+        "--disaggregation-transfer-timeout must be > 0 seconds, got 0.0",)
 
 
 def test_refusal_table_rows_name_real_fields() -> None:
@@ -498,7 +499,7 @@ SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 UNBUILT_FLAGS = {
     "--dp-size", "--ep",
     "--enable-dp-attention", "--enable-dp-lm-head", "--moe-a2a-backend",
-    "--disaggregation-mode", "--disaggregation-ib-device", "--disaggregation-transfer-backend",
+    "--disaggregation-mode",  # with --tp > 1 (every seed's PD command)
 }
 
 

@@ -1,0 +1,199 @@
+"""PrefillSide: a prefill server's part of the PD protocol, driven by its Scheduler.
+
+A request with bootstrap fields is prefilled as usual (chunking, radix cache); once its first
+token is sampled the scheduler `hold`s it here instead of running it:
+
+  AWAITING_KV   until the decode's KVRequest for its room (one that came first is kept by room)
+  TRANSFERRING  its prompt's KV slots are written into the decode's slots
+  AWAITING_ACK  KVDone (with the first token) was sent; the KV is released on the decode's KVAck
+
+Each state ends by the transfer-timeout deadline. A failure sends KVFailed and ends the request
+with an abort (the client gets an error). Invariant: KVFailed is sent for a room only once no
+write of it can still land in the decode's slots — a write abandoned by timeout or abort is
+polled ("draining") until the backend reports it ended, or for one more timeout, after which
+the decode's own deadline-plus-margin has freed those slots anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from meshserve.disagg.kv_endpoint import KVEndpoint
+from meshserve.disagg.protocol import KVAck, KVDone, KVFailed, KVRequest, prompt_digest
+from meshserve.disagg.transfer import TransferError, TransferHandle, TransferStatus
+from meshserve.messages import FinishReason
+from meshserve.scheduler.request import Req, ReqState
+
+if TYPE_CHECKING:
+    from meshserve.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("meshserve")
+
+
+@dataclass
+class _Drain:
+    """An abandoned write, polled until it ended; then the decode hears KVFailed."""
+
+    handle: TransferHandle
+    room: int
+    endpoint: str
+    reason: str
+    until: float
+
+
+class PrefillSide:
+    def __init__(self, scheduler: Scheduler, endpoint: KVEndpoint) -> None:
+        self.sched = scheduler
+        self.ep = endpoint
+        self.held: dict[int, Req] = {}  # room -> request in a PD state
+        self.kv_requests: dict[int, KVRequest] = {}  # room -> the decode's request, once it came
+        self.early_until: dict[int, float] = {}  # room -> expiry of a KVRequest whose request is not held yet
+        self.transfers: dict[int, TransferHandle] = {}  # room -> write in flight
+        self.draining: list[_Drain] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.held or self.early_until or self.draining)
+
+    def stats(self) -> dict[str, int]:
+        states = [req.state for req in self.held.values()]
+        return dict(num_awaiting_kv=states.count(ReqState.AWAITING_KV),
+                    num_awaiting_ack=states.count(ReqState.AWAITING_ACK),
+                    num_bootstrapping=0,
+                    kv_transfers_in_flight=len(self.transfers) + len(self.draining))
+
+    def admit(self, req: Req) -> bool:
+        return False  # prefilled in the waiting queue like any other request
+
+    def takes(self, req: Req) -> bool:
+        """True for the first token of a disaggregated request: it goes to `hold`, not to running."""
+        return req.bootstrap is not None and len(req.output_ids) == 1
+
+    def hold(self, req: Req) -> None:
+        room = req.bootstrap.room
+        if room in self.held:
+            self._finish(req, f"bootstrap room {room} is already in use on this prefill server", failed=True)
+            return
+        self.held[room] = req
+        self._enter(req, ReqState.AWAITING_KV)
+        if room in self.kv_requests:
+            del self.early_until[room]
+            self._start(req, self.kv_requests[room])
+
+    # -- each step -------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        for msg in self.ep.control.receive():
+            if isinstance(msg, KVRequest):
+                self._on_kv_request(msg)
+            elif isinstance(msg, KVAck):
+                req = self.held.get(msg.room)
+                if req is not None and req.state is ReqState.AWAITING_ACK:
+                    self._finish(req, None)
+        for room, handle in list(self.transfers.items()):
+            state = self.ep.backend.status(handle)
+            if state is not TransferStatus.PENDING:
+                self.ep.backend.release(handle)
+                del self.transfers[room]
+                self._transfer_ended(self.held[room], state is TransferStatus.DONE)
+        now = time.monotonic()
+        for req in [r for r in self.held.values() if now > r.deadline]:
+            self._expire(req)
+        for room in [r for r, until in self.early_until.items() if now > until]:
+            del self.early_until[room], self.kv_requests[room]
+        self._poll_drains(now)
+
+    def _on_kv_request(self, msg: KVRequest) -> None:
+        req = self.held.get(msg.room)
+        if msg.room in self.kv_requests:
+            return  # a duplicate: the first one stands
+        self.kv_requests[msg.room] = msg
+        if req is None:  # not prefilled yet (or never arriving: it expires)
+            self.early_until[msg.room] = time.monotonic() + self.ep.timeout_s
+        elif req.state is ReqState.AWAITING_KV:
+            self._start(req, msg)
+
+    def _start(self, req: Req, msg: KVRequest) -> None:
+        n = len(req.input_ids)
+        problems = msg.layout.diff(self.ep.layout, mine="decode", theirs="prefill")
+        if len(msg.slots) != n or msg.prompt_digest != prompt_digest(req.input_ids):
+            problems.append(f"the decode server's prompt ({len(msg.slots)} tokens) is not this server's "
+                            f"({n} tokens): both must get the same request")
+        if problems:
+            self._finish(req, "prefill and decode servers do not match: " + "; ".join(problems), failed=True)
+            return
+        try:
+            peer = self.ep.backend.add_peer(msg.metadata)
+            src, dst = self.ep.rows_to(msg.bases, self.sched.kv.slots(req, n), msg.slots)
+            self.transfers[msg.room] = self.ep.backend.write(peer, src, dst)
+        except (TransferError, ValueError) as exc:
+            self._finish(req, f"cannot start the KV transfer to the decode server: {exc}", failed=True)
+            return
+        self._enter(req, ReqState.TRANSFERRING)
+
+    def _transfer_ended(self, req: Req, ok: bool) -> None:
+        msg = self.kv_requests[req.bootstrap.room]
+        if not ok:
+            self._finish(req, "the KV transfer to the decode server failed", failed=True)
+            return
+        logprob = req.unsent_logprobs[0] if req.return_logprob and req.unsent_logprobs else None
+        top = req.unsent_top_logprobs[0] if req.top_logprobs_num and req.unsent_top_logprobs else []
+        self.ep.control.send(msg.endpoint, KVDone(room=msg.room, token=req.output_ids[0], logprob=logprob,
+                                                  top_logprobs=top))
+        self._enter(req, ReqState.AWAITING_ACK)
+
+    def _expire(self, req: Req) -> None:
+        what = {ReqState.AWAITING_KV: "the decode server did not ask for the KV",
+                ReqState.TRANSFERRING: "the KV transfer did not finish",
+                ReqState.AWAITING_ACK: "the decode server did not acknowledge the KV"}[req.state]
+        self._finish(req, f"{what} within --disaggregation-transfer-timeout ({self.ep.timeout_s:g} s)",
+                     failed=True)
+
+    def abort(self, rid: str, message: str) -> bool:
+        for req in self.held.values():
+            if req.rid == rid:
+                self._finish(req, message, failed=True)
+                return True
+        return False
+
+    # -- ending a request ------------------------------------------------------------------
+
+    def _finish(self, req: Req, reason: str | None, *, failed: bool = False) -> None:
+        """End `req` (an error when `failed`) and release its KV (into the radix cache). The
+        decode hears KVFailed at once, or, while a write is in flight, once it has ended; a
+        write still reading released KV can only spoil slots that the decode then discards."""
+        room = req.bootstrap.room
+        if self.held.get(room) is req:
+            del self.held[room]
+        msg = self.kv_requests.pop(room, None)
+        handle = self.transfers.pop(room, None)
+        if failed and msg is not None:
+            if handle is not None:  # still writing: the decode hears once it has ended
+                self.draining.append(_Drain(handle, room, msg.endpoint, reason or "aborted",
+                                            time.monotonic() + self.ep.timeout_s))
+            else:
+                self.ep.control.send(msg.endpoint, KVFailed(room, reason or "aborted"))
+        if failed:
+            logger.warning("PD request %s (room %d) failed: %s", req.rid, room, reason)
+            req.finish = FinishReason("abort", message=reason)
+        else:
+            req.finish = self.sched.finish_checker.check(req) or FinishReason("length")
+        self.sched.retire(req)
+
+    def _poll_drains(self, now: float) -> None:
+        for drain in list(self.draining):
+            if self.ep.backend.status(drain.handle) is TransferStatus.PENDING and now <= drain.until:
+                continue
+            self.ep.backend.release(drain.handle)
+            self.draining.remove(drain)
+            self.ep.control.send(drain.endpoint, KVFailed(drain.room, drain.reason))
+
+    def _enter(self, req: Req, state: ReqState) -> None:
+        req.state = state
+        req.deadline = time.monotonic() + self.ep.timeout_s
+
+    def close(self) -> None:
+        self.ep.close()

@@ -1,0 +1,144 @@
+"""Prefill-decode disaggregation under failure (NIXL, tp 1): dropped transfers, transfers delayed
+past the deadline, a decode server killed mid-transfer, a prefill server killed mid-request, and
+a prefill that does not match the decode. Every request is answered — its output or an error —
+within the transfer timeout plus a few seconds, nothing hangs, and the surviving servers end
+with no KV in use and nothing in flight."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshserve.disagg.transfer.faults import DELAY_ENV, FAILURE_PROB_ENV
+from tests.pd_cluster import Answer, Prefill, load, send_pd, start_decode, start_prefill, wait_idle
+from tests.server_process import ServerProcess
+
+TIMEOUT_S = 4.0  # --disaggregation-transfer-timeout of every server here
+DELAY_S = 10.0  # past the deadline
+ANSWER_BOUND_S = TIMEOUT_S + 8.0  # "within the deadline plus a few seconds" (a loaded 2-core box)
+QUARANTINE_S = 2 * TIMEOUT_S + 6.0  # decode frees slots a write may still land in only after this
+PD_ARGS = ("--disaggregation-transfer-timeout", str(TIMEOUT_S))
+
+
+@dataclass
+class Servers:
+    decode: ServerProcess
+    dropping: Prefill  # drops transfers with probability 0.3
+    slow: Prefill  # every transfer stays pending DELAY_S after its bytes landed
+    log_dir: Path
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[Servers]:
+    log_dir = tmp_path_factory.mktemp("pd_faults")
+    started = Servers(decode=start_decode(log_dir, *PD_ARGS),
+                      dropping=start_prefill(log_dir, *PD_ARGS, env={FAILURE_PROB_ENV: "0.3"}),
+                      slow=start_prefill(log_dir, *PD_ARGS, env={DELAY_ENV: str(DELAY_S)}), log_dir=log_dir)
+    try:
+        for server in (started.decode, started.dropping.server, started.slow.server):
+            server.wait_ready()
+        yield started
+    finally:
+        for server in (started.decode, started.dropping.server, started.slow.server):
+            server.stop()
+
+
+def _body(i: int) -> dict:
+    return {"text": f"Question {i}: name a city in Europe.",
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+
+
+def _send_all(prefill: Prefill, decode: ServerProcess, n: int) -> list[tuple[Answer, Answer]]:
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda i: send_pd(prefill, decode, "/generate", _body(i)), range(n)))
+
+
+def _plain(server: ServerProcess, n: int) -> list[list[int]]:
+    return [httpx.post(f"{server.base_url}/generate", json=_body(i), timeout=120).json()["output_ids"]
+            for i in range(n)]
+
+
+def test_dropped_transfers_end_as_errors_and_the_rest_as_plain_output(servers: Servers,
+                                                                      default_server: ServerProcess) -> None:
+    n = 16
+    answers = _send_all(servers.dropping, servers.decode, n)
+    plain = _plain(default_server, n)
+    failed = 0
+    for i, (prefill, decode) in enumerate(answers):
+        assert decode.seconds < ANSWER_BOUND_S and prefill.seconds < ANSWER_BOUND_S
+        if decode.status == 200:
+            assert decode.body["output_ids"] == plain[i]
+        else:
+            failed += 1
+            assert decode.status == 500 and "the KV transfer to the decode server failed" in str(decode.body)
+            assert prefill.status == 500
+    assert 0 < failed < n  # P(no drop in 16) = 0.7**16 = 0.3 %
+    wait_idle(servers.dropping.server, servers.decode, timeout=QUARANTINE_S)
+
+
+def test_transfers_delayed_past_the_deadline_end_as_errors(servers: Servers) -> None:
+    answers = _send_all(servers.slow, servers.decode, 4)
+    for prefill, decode in answers:
+        assert decode.status == 500 and "--disaggregation-transfer-timeout" in str(decode.body)
+        assert prefill.status == 500
+        assert decode.seconds < ANSWER_BOUND_S and prefill.seconds < ANSWER_BOUND_S
+    # Decode holds the slots until the prefill reports the write ended (or a timeout more).
+    wait_idle(servers.slow.server, servers.decode, timeout=QUARANTINE_S)
+
+
+def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, tiny_llama_dir: Path) -> None:
+    other = start_prefill(servers.log_dir, *PD_ARGS, "--model-path", str(tiny_llama_dir), wait=True)
+    try:
+        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
+        message = decode.body["error"]["message"] if "error" in decode.body else str(decode.body)
+        assert decode.status == 500 and "does not match this decode server" in message
+        for line in ("model: prefill has config.json", "num_layers: prefill has 2, decode has 30",
+                     "head_dim: prefill has 16, decode has 64"):
+            assert line in message, message
+        # The prefill never hears from the decode: its own deadline ends the request.
+        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
+        wait_idle(other.server, servers.decode)
+    finally:
+        other.server.stop()
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+def test_decode_killed_mid_transfer(servers: Servers) -> None:
+    victim = start_decode(servers.log_dir, *PD_ARGS, wait=True)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(_send_all, servers.slow, victim, 4)
+            _wait_for(lambda: load(servers.slow.server)["kv_transfers_in_flight"] == 4)
+            victim.process.kill()
+            answers = sent.result(timeout=ANSWER_BOUND_S + 5)
+    finally:
+        victim.stop()
+    for prefill, decode in answers:
+        assert decode.status == 0  # no answer from a killed server
+        assert prefill.status == 500 and prefill.seconds < ANSWER_BOUND_S
+    wait_idle(servers.slow.server, timeout=QUARANTINE_S)
+
+
+def test_prefill_killed_mid_request(servers: Servers) -> None:
+    """Last: it kills the slow prefill server."""
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(_send_all, servers.slow, servers.decode, 4)
+        _wait_for(lambda: load(servers.slow.server)["kv_transfers_in_flight"] == 4)
+        servers.slow.server.process.kill()
+        answers = sent.result(timeout=ANSWER_BOUND_S + 5)
+    for prefill, decode in answers:
+        assert prefill.status == 0
+        assert decode.status == 500 and decode.seconds < ANSWER_BOUND_S
+    wait_idle(servers.decode, timeout=QUARANTINE_S)
