@@ -1,0 +1,102 @@
+"""The PD protocol's parts without a model: the bootstrap server and its clients over real HTTP
+on 127.0.0.1, the control channel over real ZMQ sockets, and the layout diff."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgspec
+import pytest
+import zmq
+
+from meshserve.disagg.bootstrap_client import Prefill, PrefillDirectory, register_rank
+from meshserve.disagg.bootstrap_server import BootstrapServer
+from meshserve.disagg.control import ControlChannel
+from meshserve.disagg.protocol import KVAck, KVDone, KVFailed, KVLayout, Registration, prompt_digest
+from meshserve.messages import TopLogprob
+from tests.server_process import free_port
+
+LAYOUT = KVLayout(model="config.json abc, weights def, tokenizer 123", dtype="float32", num_layers=30,
+                  kv_heads=3, head_dim=64, page_size=1, tp_size=1)
+
+
+def _wait(directory: PrefillDirectory, host: str, port: int) -> Prefill | Exception:
+    deadline = time.monotonic() + 10
+    while (found := directory.get(host, port)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return found
+
+
+def test_layout_diff_names_every_field_that_differs() -> None:
+    other = msgspec.structs.replace(LAYOUT, dtype="bfloat16", page_size=16)
+    assert LAYOUT.diff(other, mine="prefill", theirs="decode") == [
+        "dtype: prefill has float32, decode has bfloat16", "page_size: prefill has 1, decode has 16"]
+    assert LAYOUT.diff(LAYOUT, mine="prefill", theirs="decode") == []
+
+
+def test_prompt_digest_tells_prompts_apart() -> None:
+    assert prompt_digest([1, 2, 3]) == prompt_digest([1, 2, 3]) != prompt_digest([1, 2, 4])
+
+
+def test_bootstrap_server_registers_and_routes_with_the_compatibility_check() -> None:
+    port = free_port()
+    server = BootstrapServer("127.0.0.1", port)
+    server.start()
+    try:
+        directory = PrefillDirectory(msgspec.structs.replace(LAYOUT, head_dim=128), tp_rank=0)
+        missing = _wait(directory, "127.0.0.1", port)
+        assert isinstance(missing, RuntimeError) and "answered 404" in str(missing)  # not registered yet
+        register_rank("127.0.0.1", port, Registration(tp_rank=0, endpoint="tcp://127.0.0.1:1", metadata=b"\x00md",
+                                                      layout=LAYOUT))
+        found = _wait(directory, "127.0.0.1", port)  # a failed lookup is not cached: asked again
+        assert found == Prefill(endpoint="tcp://127.0.0.1:1", metadata=b"\x00md",
+                                problems=("head_dim: prefill has 64, decode has 128",))
+        assert directory.get("127.0.0.1", port) is found  # cached per address
+        # Plain JSON, readable with curl; a body that is not a Registration is refused.
+        assert httpx.get(f"http://127.0.0.1:{port}/route?tp_rank=0").json()["endpoint"] == "tcp://127.0.0.1:1"
+        assert httpx.put(f"http://127.0.0.1:{port}/register", content=b'{"tp_rank": "x"}').status_code == 400
+        directory.close()
+    finally:
+        server.close()
+
+
+def test_an_unreachable_bootstrap_server_is_an_error_not_a_hang() -> None:
+    directory = PrefillDirectory(LAYOUT, tp_rank=0)
+    found = _wait(directory, "127.0.0.1", free_port())
+    assert isinstance(found, RuntimeError) and "cannot reach the PD bootstrap server" in str(found)
+    directory.close()
+
+
+def test_a_busy_bootstrap_port_fails_by_name() -> None:
+    port = free_port()
+    first = BootstrapServer("127.0.0.1", port)
+    try:
+        with pytest.raises(OSError, match="--disaggregation-bootstrap-port"):
+            BootstrapServer("127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def test_control_channel_carries_typed_messages_and_drops_malformed_ones() -> None:
+    a, b = ControlChannel("127.0.0.1", "127.0.0.1"), ControlChannel("127.0.0.1", "127.0.0.1")
+    try:
+        assert b.endpoint.startswith("tcp://127.0.0.1:")
+        sent = [KVDone(room=2**63 - 1, token=5, logprob=-0.5, top_logprobs=[TopLogprob(5, -0.5)]),
+                KVFailed(7, "no"), KVAck(7)]
+        for msg in sent:
+            a.send(b.endpoint, msg)
+        raw = zmq.Context.instance().socket(zmq.PUSH)  # a stranger: pickle-like junk is dropped
+        raw.connect(b.endpoint)
+        raw.send(b"\x80\x04junk")
+        received: list = []
+        deadline = time.monotonic() + 5
+        while len(received) < len(sent) and time.monotonic() < deadline:
+            received += b.receive()
+            time.sleep(0.01)
+        assert received == sent
+        raw.close(linger=0)
+    finally:
+        a.close()
+        b.close()
