@@ -115,6 +115,26 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def test_a_client_disconnect_aborts_both_halves(servers: Servers) -> None:
+    """As a PD router does when its client leaves: both connections close mid-transfer. Both
+    halves abort at once (well before the deadline), and the decode's slots come back once the
+    prefill reports the abandoned write ended."""
+    body = {**_body(0), "bootstrap_host": "127.0.0.1", "bootstrap_port": servers.slow.bootstrap_port,
+            "bootstrap_room": 4242}
+
+    def post_and_leave(server: ServerProcess) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.base_url}/generate", json=body, timeout=httpx.Timeout(30, read=1.5))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(post_and_leave, (servers.slow.server, servers.decode)))
+    left = time.monotonic()
+    _wait_for(lambda: all(load(s)["num_in_flight"] == 0 and load(s)["num_awaiting_kv"] == 0
+                          for s in (servers.slow.server, servers.decode)))
+    assert time.monotonic() - left < TIMEOUT_S  # the aborts, not the deadlines
+    wait_idle(servers.slow.server, servers.decode, timeout=QUARANTINE_S)
+
+
 def test_decode_killed_mid_transfer(servers: Servers) -> None:
     victim = start_decode(servers.log_dir, *PD_ARGS, wait=True)
     try:
