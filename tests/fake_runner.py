@@ -41,15 +41,15 @@ def expected_output(prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 class FakeRunner:
-    def __init__(self, max_total_tokens: int, max_running_requests: int) -> None:
+    def __init__(self, max_total_tokens: int, max_running_requests: int, page_size: int) -> None:
         self.device = torch.device("cpu")
         self.tp = SINGLE
         self.max_running_requests = max_running_requests
         self.kv_pool = KVPool(size=max_total_tokens, num_layers=1, num_kv_heads=1, head_dim=1,
-                              dtype=torch.float32, device=self.device)
+                              dtype=torch.float32, device=self.device, page_size=page_size)
         self.req_to_token = ReqToTokenPool(max_requests=max_running_requests, max_context=CONTEXT + 1,
                                            device=self.device)
-        self.token_in_slot = torch.full((max_total_tokens + 1,), -1, dtype=torch.int64)
+        self.token_in_slot = torch.full((self.kv_pool.k[0].shape[0],), -1, dtype=torch.int64)
         self.last_tokens = torch.zeros(max_running_requests, dtype=torch.int64)
         self._step_rows: torch.Tensor | None = None
 
@@ -61,7 +61,7 @@ class FakeRunner:
         else:
             token_rows = torch.repeat_interleave(rows, torch.tensor(step.extend_lens))
             new_ids = torch.tensor(step.input_ids, dtype=torch.int64)
-        assert (step.out_cache_loc > 0).all(), "slot 0 is reserved for padding"
+        assert (step.out_cache_loc >= self.kv_pool.page_size).all(), "page 0 is reserved for padding"
         self.req_to_token.table[token_rows, positions] = step.out_cache_loc
         self.token_in_slot[step.out_cache_loc] = new_ids
         self._step_rows = rows
@@ -84,5 +84,5 @@ def fake_scheduler(*extra_args: str, max_total_tokens: int = 400, max_running_re
     config = ModelConfig(model_path="fake", tokenizer_path=None, served_model_name="fake", architecture="fake",
                          dtype="float32", context_length=CONTEXT, vocab_size=VOCAB, eos_token_ids=(EOS,),
                          hf_config=None)  # type: ignore[arg-type]
-    runner = FakeRunner(max_total_tokens, max_running_requests)
+    runner = FakeRunner(max_total_tokens, max_running_requests, args.cache.page_size)
     return track(Scheduler(args, config, runner))  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu"
                                   *extra_args]).validate()
     model_config = ModelConfig.from_server_args(args)
     runner = ModelRunner(args, model_config, device=torch.device(device), tp=SINGLE)
+    assert runner.kv_pool.page_size == args.cache.page_size, "the runner's KV pool ignores --page-size"
     return track(Scheduler(args, model_config, runner))
 
 
@@ -45,19 +46,31 @@ def track(scheduler: Scheduler) -> Scheduler:
 
 
 def check_kv_accounting(scheduler: Scheduler) -> None:
-    """The ownership invariant (docs/architecture.md): every KV slot 1..size is owned by exactly
-    one of the pool's free list, the prefix cache, or one request ([prefix_len, kv_len) of its
-    row). A leaked slot (owned by nobody) or a double-owned one fails here."""
+    """The ownership invariant (docs/architecture.md): every allocatable KV slot (all but the
+    reserved page 0) is owned by exactly one of the pool's free list, the prefix cache, or one
+    request. A request owns the whole pages of [prefix_len, kv_len) of its row, which must keep
+    position i at offset i % page_size. A leaked slot (owned by nobody) or a double-owned one
+    fails here."""
     pool, cache = scheduler.pool, scheduler.cache
+    page = pool.page_size
     reqs = {id(r): r for r in [*scheduler.waiting, *scheduler.running,
                                 *([scheduler.chunked] if scheduler.chunked else [])]}.values()
-    owned = [scheduler.rows.slots(r.row, r.kv_len, start=r.prefix_len) for r in reqs if r.row is not None]
+    owned = []
+    for r in (r for r in reqs if r.row is not None):
+        assert r.prefix_len % page == 0, "a cached prefix ends mid-page"
+        slots = scheduler.rows.slots(r.row, r.kv_len, start=r.prefix_len)
+        positions = torch.arange(r.prefix_len, r.kv_len)
+        assert torch.equal(slots % page, positions % page), "a position is not at its offset in its page"
+        pages = slots[positions % page == 0] // page
+        assert torch.equal(slots // page, pages.repeat_interleave(page)[: slots.numel()]), "a page is split"
+        owned.append(pool.page_slots(pages))
     free, cached = pool.free_slots(), cache.held_slots()
     assert cached.numel() == cache.total_size, "the cache's size counters disagree with its tree"
     counts = (free.numel(), cached.numel(), sum(o.numel() for o in owned))
     assert sum(counts) == pool.size, f"free + cached + owned = {counts} != capacity {pool.size}"
     everything = torch.cat([free, cached, *owned]).sort().values
-    assert torch.equal(everything, torch.arange(1, pool.size + 1)), "a KV slot is owned twice (and another by nobody)"
+    assert torch.equal(everything, torch.arange(page, page + pool.size)), \
+        "a KV slot is owned twice (and another by nobody)"
 
 
 def check_flush_frees_everything(scheduler: Scheduler) -> None:

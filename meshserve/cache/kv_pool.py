@@ -1,8 +1,15 @@
-"""The paged KV cache: per-layer key/value tensors, a slot allocator, and the request-to-token table.
+"""The paged KV cache: per-layer key/value tensors, a page allocator, and the request-to-token table.
 
-Page size is 1 token: a "slot" is one token's K and V in every layer. Slot 0 is never handed
-out; it is the write target for padding entries (a CUDA-graph batch padded to a captured size),
-so padding can never overwrite a live request's cache.
+A "slot" is one token's K and V in every layer: slot s of layer l is `k[l][s]` and `v[l][s]`.
+Slots are handed out in pages of `page_size` tokens (`--page-size`): page p holds slots
+[p * page_size, (p + 1) * page_size). The layout is the same for every page size, so the
+attention kernels, which read per-token slots through the request-to-token table, do not know
+pages exist; pages only make a sequence's slots contiguous runs (one KV-transfer descriptor per
+run per layer instead of per token). A sequence keeps position i at offset i % page_size of its
+page: it fills its last page before taking a new one, and prefix caches share whole pages only.
+
+Page 0 is never handed out; slot 0 is the write target for padding entries (a CUDA-graph batch
+padded to a captured size), so padding can never overwrite a live request's cache.
 """
 
 from __future__ import annotations
@@ -13,45 +20,85 @@ import torch
 
 class KVPool:
     def __init__(self, *, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        if size < 1:
-            raise ValueError(f"KV pool needs at least one slot, got {size}")
-        self.size = size
-        shape = (size + 1, num_kv_heads, head_dim)
+                 dtype: torch.dtype, device: torch.device, page_size: int = 1) -> None:
+        """`size` tokens, rounded down to whole pages, plus the reserved page 0."""
+        if size < page_size:
+            raise ValueError(f"KV pool needs at least one page of {page_size} slots, got {size}")
+        self.page_size = page_size
+        self.num_pages = size // page_size  # allocatable pages: 1 .. num_pages
+        self.size = self.num_pages * page_size  # allocatable slots, in tokens (the scheduler's unit)
+        shape = ((self.num_pages + 1) * page_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.bytes_per_slot = self.bytes_per_token(num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                                   head_dim=head_dim, dtype=dtype)
         self.device = device
-        self._free = torch.arange(1, size + 1, dtype=torch.int64)  # on CPU: allocation is host bookkeeping
-        self._num_free = size
+        self._offsets = torch.arange(page_size, dtype=torch.int64)
+        self.clear()
 
     @staticmethod
     def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def layer_buffers(self) -> list[torch.Tensor]:
+        """Every KV buffer, K then V of each layer: [num_slots, kv heads, head_dim] each, slot s
+        (of page s // page_size) at row s — what a KV transfer registers and addresses."""
+        return [t for layer in zip(self.k, self.v) for t in layer]
+
     @property
     def num_free(self) -> int:
+        """Free slots, in tokens (whole free pages)."""
+        return self._num_free * self.page_size
+
+    @property
+    def num_free_pages(self) -> int:
         return self._num_free
 
     def free_slots(self) -> torch.Tensor:
-        """A copy of the free list (read-only accounting, for tests and debugging)."""
-        return self._free[: self._num_free].clone()
+        """Every slot of every free page (read-only accounting, for tests and debugging)."""
+        return self.page_slots(self._free[: self._num_free])
 
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """n free slots (int64, CPU), or None when fewer than n are free (the caller evicts or retracts)."""
+    def page_slots(self, pages: torch.Tensor) -> torch.Tensor:
+        """The slots of `pages`, page after page, each in offset order."""
+        return (pages[:, None] * self.page_size + self._offsets).flatten()
+
+    def alloc_pages(self, n: int) -> torch.Tensor | None:
+        """n free pages (int64, CPU), or None when fewer than n are free (the caller evicts or retracts)."""
         if n > self._num_free:
             return None
         start = self._num_free - n
-        slots = self._free[start : self._num_free].clone()
+        pages = self._free[start : self._num_free].clone()
         self._num_free = start
-        return slots
+        return pages
+
+    def pages_for(self, length: int, n: int) -> int:
+        """New pages a sequence holding `length` positions needs for n more: its last page's free
+        tail comes first."""
+        return -(-(length + n) // self.page_size) - -(-length // self.page_size)
+
+    def alloc(self, n: int, after: int | None = None) -> torch.Tensor | None:
+        """Slots for a sequence's next n positions, or None when too few pages are free. `after`
+        is the slot of its newest position when that is not the last of its page: the page's
+        following slots come first. Without it the sequence is page-aligned (or new)."""
+        tail = torch.empty(0, dtype=torch.int64)
+        if after is not None:
+            room = self.page_size - 1 - after % self.page_size
+            tail = torch.arange(after + 1, after + 1 + min(room, n), dtype=torch.int64)
+        pages = self.alloc_pages(-(-(n - tail.numel()) // self.page_size))
+        if pages is None:
+            return None
+        return torch.cat([tail, self.page_slots(pages)[: n - tail.numel()]])
 
     def free(self, slots: torch.Tensor) -> None:
-        n = slots.numel()
+        """Give back the pages of `slots`: whole pages the caller owns, in offset order, where a
+        page is named by its first slot (a partial page's unused tail need not be listed)."""
+        pages = slots[slots % self.page_size == 0] // self.page_size
+        n = pages.numel()
         if n == 0:
             return
-        if self._num_free + n > self.size:
-            raise RuntimeError("KV pool double free: more slots returned than were allocated")
-        self._free[self._num_free : self._num_free + n] = slots.to(torch.int64).cpu()
+        if self._num_free + n > self.num_pages:
+            raise RuntimeError("KV pool double free: more pages returned than were allocated")
+        self._free[self._num_free : self._num_free + n] = pages.to(torch.int64).cpu()
         self._num_free += n
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -62,8 +109,8 @@ class KVPool:
 
     def clear(self) -> None:
         """Forget every allocation (flush). Only valid when no request holds slots."""
-        self._free = torch.arange(1, self.size + 1, dtype=torch.int64)
-        self._num_free = self.size
+        self._free = torch.arange(1, self.num_pages + 1, dtype=torch.int64)  # on CPU: host bookkeeping
+        self._num_free = self.num_pages
 
 
 _KEEP_HOST_ROW = 8192  # slots of host row capacity kept across requests
@@ -110,6 +157,10 @@ class ReqToTokenPool:
         """Host copy only, one slot per row: row rows[i] holds slots[i] at positions[i]."""
         for row, position, slot in zip(rows, positions, slots.tolist()):
             self._host_row(row, position + 1)[position] = slot
+
+    def slot(self, row: int, position: int) -> int:
+        """Row `row`'s slot at `position` (host copy)."""
+        return int(self._host[row][position])
 
     def slots(self, row: int, end: int, start: int = 0) -> torch.Tensor:
         """A copy, on the CPU, of row `row`'s slots in [start, end)."""

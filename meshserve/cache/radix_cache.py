@@ -6,6 +6,12 @@ tree, (c) one request (the tokens it computed that are not yet in the tree). A r
 uses a tree prefix holds a lock on the prefix's last node; locked nodes and their ancestors are
 never evicted. Eviction frees unlocked leaves, least recently used first.
 
+The tree shares whole KV pages only (`KVPool.page_size`, N): every edge holds a multiple of N
+tokens starting at a page boundary, so matches, inserts and splits are page-aligned, eviction
+frees whole pages, and a child is keyed by its first page of tokens (two edges may share a first
+token but not a first page). A request's partial last page is never cached: it stays the
+request's and is freed whole with it.
+
 `NoPrefixCache` is the same interface with nothing shared (`--disable-radix-cache`).
 """
 
@@ -49,6 +55,7 @@ class PrefixMatch:
 class RadixCache:
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
+        self.page_size = pool.page_size
         self.root = RadixNode()
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable = 0  # tokens in unlocked nodes
@@ -65,16 +72,17 @@ class RadixCache:
         return self._evictable + self._protected
 
     def match_prefix(self, tokens: list[int]) -> PrefixMatch:
-        """Longest cached prefix of `tokens`. Splits an edge that matches only partly, so the
-        returned node covers the match exactly."""
+        """Longest cached prefix of `tokens` whose length is a multiple of the page size. Splits
+        an edge that matches only partly, so the returned node covers the match exactly."""
         node = self.root
         parts: list[torch.Tensor] = []
         i = 0
-        while i < len(tokens):
-            child = node.children.get(tokens[i])
+        end = self._aligned(len(tokens))
+        while i < end:
+            child = node.children.get(self._child_key(tokens, i))
             if child is None:
                 break
-            n = _common_length(child.key, tokens, i)
+            n = self._aligned(_common_length(child.key, tokens, i, end))
             if n < len(child.key):
                 child = self._split(child, n)
             child.touch()
@@ -87,19 +95,22 @@ class RadixCache:
     # -- updates -------------------------------------------------------------------------------
 
     def insert(self, tokens: list[int], slots: torch.Tensor) -> int:
-        """Add `tokens` with their `slots`. Returns how many leading tokens were already cached:
-        the cache takes ownership of `slots[that:]`; of `slots[:that]` the caller still owns the
-        part it computed itself (past its own cached prefix) and must free it."""
+        """Add `tokens` (whole pages) with their `slots`. Returns how many leading tokens were
+        already cached (whole pages too): the cache takes ownership of `slots[that:]`; of
+        `slots[:that]` the caller still owns the part it computed itself (past its own cached
+        prefix) and must free it."""
+        assert len(tokens) % self.page_size == 0, "the cache holds whole pages only"
         node = self.root
         i = 0
         while i < len(tokens):
-            child = node.children.get(tokens[i])
+            key = self._child_key(tokens, i)
+            child = node.children.get(key)
             if child is None:
                 new = RadixNode(key=list(tokens[i:]), slots=slots[i:].clone(), parent=node)
-                node.children[tokens[i]] = new
+                node.children[key] = new
                 self._evictable += len(new.key)
                 return i
-            n = _common_length(child.key, tokens, i)
+            n = self._aligned(_common_length(child.key, tokens, i, len(tokens)))
             if n < len(child.key):
                 child = self._split(child, n)
             child.touch()
@@ -138,7 +149,7 @@ class RadixCache:
             self._evictable -= len(leaf.key)
             parent = leaf.parent
             assert parent is not None
-            del parent.children[leaf.key[0]]
+            del parent.children[self._child_key(leaf.key, 0)]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
@@ -167,13 +178,23 @@ class RadixCache:
             stack.extend(node.children.values())
         return nodes
 
+    def _child_key(self, tokens: list[int], start: int) -> int | tuple[int, ...]:
+        """What a child starting at tokens[start] is found by: its first token, or with pages its
+        first page (siblings may share a first token but never a first page)."""
+        return tokens[start] if self.page_size == 1 else tuple(tokens[start : start + self.page_size])
+
+    def _aligned(self, n: int) -> int:
+        return n - n % self.page_size
+
     def _split(self, child: RadixNode, n: int) -> RadixNode:
-        """Cut `child`'s edge after n tokens; returns the new upper node (which keeps child's locks)."""
+        """Cut `child`'s edge after n tokens (whole pages); returns the new upper node (which keeps
+        child's locks)."""
         parent = child.parent
-        assert parent is not None and 0 < n < len(child.key)
+        assert parent is not None and 0 < n < len(child.key) and n % self.page_size == 0
         upper = RadixNode(key=child.key[:n], slots=child.slots[:n], parent=parent,
-                          children={child.key[n]: child}, lock_ref=child.lock_ref, last_access=child.last_access)
-        parent.children[child.key[0]] = upper
+                          children={self._child_key(child.key, n): child}, lock_ref=child.lock_ref,
+                          last_access=child.last_access)
+        parent.children[self._child_key(child.key, 0)] = upper
         child.key = child.key[n:]
         child.slots = child.slots[n:]
         child.parent = upper
@@ -204,7 +225,7 @@ class NoPrefixCache:
         return PrefixMatch(torch.empty(0, dtype=torch.int64), None)
 
     def insert(self, tokens: list[int], slots: torch.Tensor) -> int:
-        # Nothing was cached before (0), and the slots are adopted and dropped at once.
+        # Nothing was cached before (0), and the pages are adopted and dropped at once.
         self.pool.free(slots)
         return 0
 
@@ -227,9 +248,10 @@ class NoPrefixCache:
 PrefixCache = RadixCache | NoPrefixCache
 
 
-def _common_length(key: list[int], tokens: list[int], start: int) -> int:
+def _common_length(key: list[int], tokens: list[int], start: int, end: int) -> int:
+    """How many leading tokens of `key` equal tokens[start:end]."""
     n = 0
-    limit = min(len(key), len(tokens) - start)
+    limit = min(len(key), end - start)
     while n < limit and key[n] == tokens[start + n]:
         n += 1
     return n

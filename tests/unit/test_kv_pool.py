@@ -1,10 +1,52 @@
-"""ReqToTokenPool: the host copy of each row always equals the device table."""
+"""KVPool hands out whole pages and continues a sequence's partial last page in place;
+ReqToTokenPool: the host copy of each row always equals the device table."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from meshserve.cache.kv_pool import ReqToTokenPool
+from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
+
+
+def make_pool(size: int, page_size: int) -> KVPool:
+    return KVPool(size=size, num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float16,
+                  device=torch.device("cpu"), page_size=page_size)
+
+
+def test_pages_are_whole_and_a_sequence_fills_its_last_page_first():
+    pool = make_pool(size=18, page_size=4)  # rounded down to 4 pages; page 0 is reserved besides
+    assert (pool.num_pages, pool.size, pool.num_free, pool.num_free_pages) == (4, 16, 16, 4)
+    assert pool.k[0].shape[0] == 20  # slot s at row s, pages 0..4
+    first = pool.alloc(6)  # positions 0..5: one whole page and the head of another
+    assert first is not None and first.numel() == 6 and pool.num_free_pages == 2
+    assert torch.equal(first % 4, torch.arange(6) % 4) and (first >= 4).all()  # never page 0
+    assert pool.pages_for(6, 2) == 0 and pool.pages_for(6, 3) == 1 and pool.pages_for(8, 1) == 1
+    more = pool.alloc(3, after=int(first[-1]))  # positions 6..8: the page's two free slots, then a new page
+    assert more is not None and more[:2].tolist() == [int(first[-1]) + 1, int(first[-1]) + 2]
+    assert int(more[2]) % 4 == 0 and pool.num_free_pages == 1
+    assert pool.alloc(5) is None and pool.num_free_pages == 1  # two pages needed: nothing taken
+    pool.free(torch.cat([first, more]))  # pages named by their first slots, the partial tail too
+    assert pool.num_free == pool.size and torch.equal(pool.free_slots().sort().values, torch.arange(4, 20))
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free(first)
+
+
+def test_page_size_one_hands_out_slots_as_before():
+    pool = make_pool(size=5, page_size=1)
+    slots = pool.alloc(3)
+    assert slots is not None and slots.tolist() == [3, 4, 5] and pool.num_free == 2  # the top of the free list
+    assert pool.alloc(1, after=5).tolist() == [2]  # a page of one has no tail to continue
+    pool.free(slots)
+    assert pool.num_free == 4
+
+
+def test_layer_buffers_and_slot_size_describe_the_layout_for_kv_transfer():
+    pool = make_pool(size=8, page_size=4)
+    buffers = pool.layer_buffers()
+    assert len(buffers) == 4 and buffers[0] is pool.k[0] and buffers[1] is pool.v[0] and buffers[3] is pool.v[1]
+    assert pool.bytes_per_slot == 2 * 2 * 2 * 4 * 2  # K and V, 2 layers, 2 heads, head_dim 4, fp16
+    assert pool.bytes_per_slot == sum(b[0].numel() * b.element_size() for b in buffers)
 
 
 def test_host_copy_follows_the_table_through_extends_decodes_and_reuse():

@@ -38,6 +38,16 @@ CONFIGS = {
     "retract": ((), {"max_total_tokens": 90}),
     "retract-overlap": (("--enable-overlap-schedule",), {"max_total_tokens": 90}),
     "retract-no-radix": (("--disable-radix-cache",), {"max_total_tokens": 64}),
+    # KV pages of 4 (3) tokens: page-aligned cache matches, partial last pages, chunk boundaries
+    # inside a page, decode steps that fill a page before taking the next.
+    "page-4": (("--page-size", "4"), {}),
+    "page-4-chunked-overlap": (("--page-size", "4", "--chunked-prefill-size", "5", "--enable-overlap-schedule"), {}),
+    "page-4-chunked-mixed": (("--page-size", "4", "--chunked-prefill-size", "6", "--enable-mixed-chunk"), {}),
+    "page-3-chunked-no-radix": (("--page-size", "3", "--chunked-prefill-size", "7", "--disable-radix-cache"), {}),
+    "page-4-kv-pressure-chunked": (("--page-size", "4", "--chunked-prefill-size", "7"), {"max_total_tokens": 96}),
+    "retract-page-4": (("--page-size", "4"), {"max_total_tokens": 96}),
+    "retract-page-4-overlap": (("--page-size", "4", "--enable-overlap-schedule"), {"max_total_tokens": 96}),
+    "retract-page-3-no-radix": (("--page-size", "3", "--disable-radix-cache"), {"max_total_tokens": 66}),
 }
 
 
@@ -58,14 +68,15 @@ def test_outputs_are_the_fake_models_in_every_mode(name, prompts):
         assert scheduler.stats["num_retracted"] > 0
 
 
-def test_a_repeated_prompt_is_a_cache_hit_until_the_flush(prompts):
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_repeated_prompt_is_a_cache_hit_until_the_flush(prompts, page_size):
     """Catches a prefix match off by one (the last prompt token must be recomputed to get its
-    logits) and a /flush_cache that does nothing."""
-    scheduler = fake_scheduler()
+    logits; with pages, the hit is the whole pages of the rest) and a /flush_cache that does nothing."""
+    scheduler = fake_scheduler("--page-size", str(page_size))
     prompt = prompts[3]
     run_to_completion(scheduler, {"a": (prompt, greedy(3))})
     hit = run_to_completion(scheduler, {"b": (prompt, greedy(3))})["b"]
-    assert hit[-1].cached_tokens == len(prompt) - 1
+    assert hit[-1].cached_tokens == (len(prompt) - 1) // page_size * page_size
     assert output_ids(hit) == expected_output(prompt, 3)
     assert scheduler.cache.total_size > 0
     assert scheduler.flush_cache() == (True, "")
@@ -85,8 +96,9 @@ def test_flush_is_refused_while_requests_run(prompts):
         scheduler.step()
 
 
-@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",), ("--chunked-prefill-size", "4")],
-                         ids=["lockstep", "overlap", "chunked"])
+@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",), ("--chunked-prefill-size", "4"),
+                                   ("--page-size", "4", "--chunked-prefill-size", "3", "--enable-overlap-schedule")],
+                         ids=["lockstep", "overlap", "chunked", "page-4-chunked-overlap"])
 def test_abort_at_every_step_returns_every_slot(prompts, extra):
     """Abort one request after each possible number of steps (mid-chunk, mid-decode, with a step
     in flight): the others still get the fake model's output and no slot is lost."""
@@ -111,9 +123,11 @@ def test_abort_at_every_step_returns_every_slot(prompts, extra):
                                                                    expected_output(prompts[2], 8)]
 
 
-def test_chunked_prefill_holds_no_slot_beyond_its_tokens(prompts):
-    """Between chunks, the KV in use is exactly the tokens computed so far."""
-    scheduler = fake_scheduler("--chunked-prefill-size", "4")
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_chunked_prefill_holds_no_slot_beyond_its_tokens(prompts, page_size):
+    """Between chunks, the KV in use is exactly the pages of the tokens computed so far: a chunk
+    that ends inside a page keeps that page (the next chunk fills it), and takes no other."""
+    scheduler = fake_scheduler("--chunked-prefill-size", "4", "--page-size", str(page_size))
     prompt = prompts[4]
     scheduler.add_request(GenerateReq(rid="a", input_ids=prompt, sampling=greedy(2)))
     computed = 0
@@ -121,7 +135,7 @@ def test_chunked_prefill_holds_no_slot_beyond_its_tokens(prompts):
         scheduler.step()
         computed = min(computed + 4, len(prompt))
         check_kv_accounting(scheduler)
-        assert scheduler.pool.size - scheduler.pool.num_free == computed
+        assert scheduler.pool.size - scheduler.pool.num_free == -(-computed // page_size) * page_size
     while scheduler.has_work:
         scheduler.step()
     assert output_ids(scheduler.take_outputs()) == expected_output(prompt, 2)

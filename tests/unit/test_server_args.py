@@ -325,7 +325,6 @@ def test_validate_returns_self(on_cpu: None) -> None:
         (["--disaggregation-mode", "prefill", "--tp", "2"], "not supported yet: --disaggregation-mode prefill"),
         (["--disaggregation-mode", "decode", "--tp", "2"], "not supported yet: --disaggregation-mode decode"),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
-        (["--page-size", "16"], "not supported yet: --page-size 16"),
     ],
 )
 def test_refusals(on_cpu: None, argv: list[str], needle: str) -> None:
@@ -335,6 +334,10 @@ def test_refusals(on_cpu: None, argv: list[str], needle: str) -> None:
 
 def test_base_gpu_id_allowed_on_gpu(on_gpu: None) -> None:
     assert problems_of(["--base-gpu-id", "1"]) == ()
+
+
+def test_page_size_is_accepted(on_cpu: None) -> None:
+    assert problems_of(["--page-size", "16"]) == ()
 
 
 def test_default_values_are_not_refused(on_cpu: None) -> None:
