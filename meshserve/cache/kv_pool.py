@@ -74,7 +74,10 @@ class KVPool:
     def pages_for(self, length: int, n: int) -> int:
         """New pages a sequence holding `length` positions needs for n more: its last page's free
         tail comes first."""
-        return -(-(length + n) // self.page_size) - -(-length // self.page_size)
+        return self._pages_holding(length + n) - self._pages_holding(length)
+
+    def _pages_holding(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
 
     def alloc(self, n: int, after: int | None = None) -> torch.Tensor | None:
         """Slots for a sequence's next n positions, or None when too few pages are free. `after`
@@ -84,7 +87,7 @@ class KVPool:
         if after is not None:
             room = self.page_size - 1 - after % self.page_size
             tail = torch.arange(after + 1, after + 1 + min(room, n), dtype=torch.int64)
-        pages = self.alloc_pages(-(-(n - tail.numel()) // self.page_size))
+        pages = self.alloc_pages(self._pages_holding(n - tail.numel()))
         if pages is None:
             return None
         return torch.cat([tail, self.page_slots(pages)[: n - tail.numel()]])

@@ -32,7 +32,7 @@ class KVLedger:
 
     @property
     def used_tokens(self) -> int:
-        """Slots held by requests or locked prefixes (not evictable, not free)."""
+        """Slots held by requests (whole pages) or locked prefixes (not evictable, not free)."""
         return self.pool.size - self.pool.num_free - self.cache.evictable_size
 
     def room_for_extend(self, req: Req, n: int, reserve: int = 0) -> bool:

@@ -2,7 +2,9 @@
 
 KV layout of a request (its row in the ReqToTokenPool), by token position:
   [0, prefix_len)      slots owned by the prefix cache, kept alive by a lock on `prefix_node`
-  [prefix_len, kv_len) slots this request computed and owns
+  [prefix_len, kv_len) slots this request computed and owns; with KV pages (--page-size N)
+                       prefix_len is a multiple of N and the request owns these slots' whole
+                       pages, so its partial last page's unwritten tail too
   kv_len == len(fill_ids) - 1 after each step that sampled a token: the newest token has no KV yet
   (kv_len == len(fill_ids) while a decode step is in flight under --enable-overlap-schedule: the
   step has written the newest token's KV, and its own token is not in output_ids yet).

@@ -1,7 +1,7 @@
 """Greedy generations of the real engine equal Hugging Face transformers token for token —
 fresh, from the radix cache, with chunked prefill forced small, under KV pressure (retraction),
 with a decode step in flight (--enable-overlap-schedule), with decodes inside prefill steps
-(--enable-mixed-chunk)."""
+(--enable-mixed-chunk), with KV pages of several tokens (--page-size)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def _generate(model_dir, prompts, new_tokens, *extra, rounds=1) -> list[list[lis
     ("--disable-radix-cache",),
     ("--enable-overlap-schedule",),
     ("--enable-mixed-chunk", "--chunked-prefill-size", "7", "--enable-overlap-schedule"),
-], ids=["default", "chunked-7", "no-radix", "overlap", "mixed-chunk-overlap"])
+    ("--page-size", "16", "--chunked-prefill-size", "7"),  # chunk boundaries inside pages
+    ("--page-size", "4", "--disable-radix-cache", "--enable-overlap-schedule"),
+], ids=["default", "chunked-7", "no-radix", "overlap", "mixed-chunk-overlap", "page-16-chunked-7",
+        "page-4-no-radix-overlap"])
 def test_default_model_matches_transformers(default_model_dir, chat_prompt_ids, default_reference, extra):
     first, second = _generate(default_model_dir, chat_prompt_ids, NEW_TOKENS, *extra, rounds=2)
     assert first == default_reference
@@ -73,8 +76,12 @@ def tiny_prompts() -> list[list[int]]:
     ("--max-running-requests", "2", "--enable-overlap-schedule"),  # a backlog waits while steps overlap
     ("--chunked-prefill-size", "5", "--enable-mixed-chunk"),
     ("--max-total-tokens", "120", "--chunked-prefill-size", "9", "--enable-mixed-chunk"),
+    ("--page-size", "4", "--max-total-tokens", "120"),
+    ("--page-size", "8", "--max-total-tokens", "128", "--disable-radix-cache", "--chunked-prefill-size", "5"),
+    ("--page-size", "4", "--chunked-prefill-size", "6", "--enable-mixed-chunk", "--enable-overlap-schedule"),
 ], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap", "backlog-overlap",
-        "mixed-chunk", "kv-pressure-mixed-chunk"])
+        "mixed-chunk", "kv-pressure-mixed-chunk", "page-4-kv-pressure", "page-8-kv-pressure-no-radix-chunked",
+        "page-4-mixed-chunk-overlap"])
 def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, tiny_prompts, 24)
@@ -83,7 +90,9 @@ def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):
     assert second == reference
 
 
-@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",)], ids=["lockstep", "overlap"])
+@pytest.mark.parametrize("extra", [(), ("--enable-overlap-schedule",), ("--page-size", "4"),
+                                   ("--page-size", "4", "--enable-overlap-schedule")],
+                         ids=["lockstep", "overlap", "page-4", "page-4-overlap"])
 def test_optimistic_admission_retracts_and_stays_exact(tiny_qwen3_dir, tiny_prompts, extra):
     """When the admission estimate is too optimistic (forced here), decode runs out of KV and
     retracts sequences (with overlap: sequences whose token is still in flight); their outputs
