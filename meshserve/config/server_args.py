@@ -522,8 +522,6 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("base_gpu_id",
             lambda a: a.parallel.base_gpu_id != 0 and a.resolved_device() == "cpu",
             "there are no GPU ids on cpu; use 0"),
-    Refusal("disaggregation_mode", lambda a: a.disagg.disaggregation_mode != "null" and a.parallel.tp_size > 1,
-            "prefill-decode disaggregation runs with --tp 1 only so far"),
 )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meshserve.cache.radix_cache import PrefixMatch
+from meshserve.disagg.agreement import Agreement
 from meshserve.disagg.bootstrap_client import Prefill, PrefillDirectory
 from meshserve.disagg.kv_endpoint import KVEndpoint
 from meshserve.disagg.protocol import KVAck, KVDone, KVFailed, KVRequest, prompt_digest
@@ -47,18 +48,25 @@ class _Quarantine:
 
 
 class DecodeSide:
-    def __init__(self, scheduler: Scheduler, endpoint: KVEndpoint) -> None:
+    def __init__(self, scheduler: Scheduler, endpoint: KVEndpoint, agreement: Agreement) -> None:
         self.sched = scheduler
         self.ep = endpoint
+        self.agreement = agreement
         self.directory = PrefillDirectory(endpoint.layout, endpoint.tp_rank)
         self.bootstrapping: deque[Req] = deque()
         self.awaiting: dict[int, Req] = {}  # room -> request whose KVRequest went out
         self.prefills: dict[int, Prefill] = {}  # room -> the prefill it went to
         self.quarantine: dict[int, _Quarantine] = {}  # room -> slots no one may use yet
+        self.heard: dict[int, KVDone | KVFailed] = {}  # room -> this rank's prefill peer's word on its write
 
     @property
     def busy(self) -> bool:
+        """Requests in PD states or quarantined slots: the same on every rank."""
         return bool(self.bootstrapping or self.awaiting or self.quarantine)
+
+    @property
+    def local_work(self) -> bool:
+        return False  # everything pending here is in `busy`
 
     def stats(self) -> dict[str, int]:
         return dict(num_bootstrapping=len(self.bootstrapping), num_awaiting_kv=len(self.awaiting),
@@ -77,40 +85,74 @@ class DecodeSide:
     # -- each step -------------------------------------------------------------------------
 
     def poll(self) -> None:
+        """Hear the prefill ranks, then take the transitions the tensor-parallel ranks agree on
+        (agreement.py): a request joins `running` once every rank has its KV, fails once any
+        rank's prefill failed or the leader's deadline passed."""
         for msg in self.ep.control.receive():
-            if isinstance(msg, KVDone):
-                self._on_done(msg)
-            elif isinstance(msg, KVFailed):
-                self._on_failed(msg)
+            if isinstance(msg, (KVDone, KVFailed)) and (msg.room in self.awaiting or msg.room in self.quarantine):
+                self.heard[msg.room] = msg
+                if msg.room in self.quarantine and isinstance(msg, KVDone):
+                    self.ep.control.send(self.prefills[msg.room].endpoint, KVAck(msg.room))
         now = time.monotonic()
-        for req in [r for r in self.awaiting.values() if now > r.deadline]:
-            self._fail(req, f"the prefill server did not deliver the KV within --disaggregation-transfer-timeout "
+        waiting, held, queue = sorted(self.awaiting), sorted(self.quarantine), list(self.bootstrapping)
+        found = [self.directory.get(r.bootstrap.host, r.bootstrap.port) for r in queue]
+        usable = [isinstance(f, Prefill) and not f.problems for f in found]
+        facts = self.agreement.facts(
+            [isinstance(self.heard.get(r), KVDone) for r in waiting]
+            + [isinstance(self.heard.get(r), KVFailed) for r in waiting]
+            + [r in self.heard for r in held] + usable
+            + [f is not None and not ok for f, ok in zip(found, usable)],
+            [now > self.awaiting[r].deadline for r in waiting] + [now > self.quarantine[r].until for r in held]
+            + [now > r.deadline for r in queue])
+        w, h, q = len(waiting), len(held), len(queue)
+        for i, room in enumerate(waiting):
+            self._settle(self.awaiting[room], done=facts.every(i), failed=facts.some(w + i),
+                         ended=facts.counts[i] + facts.counts[w + i] == facts.size, expired=facts.leader[i])
+        for j, room in enumerate(held):
+            if facts.every(2 * w + j) or facts.leader[w + j]:
+                self._free(self.quarantine.pop(room))
+                self.prefills.pop(room, None)
+                self.heard.pop(room, None)
+        for k, req in enumerate(queue):
+            bad, ok, expired = facts.some(2 * w + h + q + k), facts.every(2 * w + h + k), facts.leader[w + h + k]
+            reserved = not bad and ok and self._reserve(req)
+            if not (bad or reserved or expired):
+                break  # in arrival order: a long prompt waiting for slots is not starved by short ones
+            self.bootstrapping.popleft()  # req: every request before it has left too
+            if bad:
+                self._fail(req, self._lookup_problem(req, found[k]))
+            elif reserved:
+                self._request_kv(req, found[k])
+            else:
+                self._fail(req, "no answer from the prefill's bootstrap server, or no free KV slots, within "
+                                f"--disaggregation-transfer-timeout ({self.ep.timeout_s:g} s)")
+
+    def _settle(self, req: Req, *, done: bool, failed: bool, ended: bool, expired: bool) -> None:
+        """A request awaiting its KV, given what the ranks heard: `done` all of them got KVDone,
+        `failed` one got KVFailed, `ended` every rank's write has ended either way."""
+        room = req.bootstrap.room
+        heard = self.heard.get(room)
+        if failed:
+            reason = heard.reason if isinstance(heard, KVFailed) else "failed on another tensor-parallel rank"
+            self._fail(req, f"the prefill server failed: {reason}", written=not ended)
+        elif done:
+            assert isinstance(heard, KVDone)
+            del self.awaiting[room], self.heard[room]
+            self.ep.control.send(self.prefills.pop(room).endpoint, KVAck(room))
+            self._start_decoding(req, heard)
+        elif expired:
+            self._fail(req, "the prefill server did not deliver the KV within --disaggregation-transfer-timeout "
                             f"({self.ep.timeout_s:g} s)")
             self.directory.forget(req.bootstrap.host, req.bootstrap.port)
-        for room in [r for r, q in self.quarantine.items() if now > q.until]:
-            self._free(self.quarantine.pop(room))
-            self.prefills.pop(room, None)
-        self._bootstrap(now)
 
-    def _bootstrap(self, now: float) -> None:
-        """Requests leave BOOTSTRAPPING in arrival order: one that waits for KV slots holds the
-        ones behind it, so a long prompt is not starved by short ones."""
-        while self.bootstrapping:
-            req = self.bootstrapping[0]
-            found = self.directory.get(req.bootstrap.host, req.bootstrap.port)
-            if found is None or (isinstance(found, Prefill) and not found.problems and not self._reserve(req)):
-                if now <= req.deadline:
-                    return
-                found = RuntimeError("no prefill answer or no free KV slots within "
-                                     f"--disaggregation-transfer-timeout ({self.ep.timeout_s:g} s)")
-            self.bootstrapping.popleft()
-            if isinstance(found, Exception):
-                self._fail(req, str(found))
-            elif found.problems:
-                self._fail(req, f"the prefill server at {req.bootstrap.host}:{req.bootstrap.port} does not "
-                                f"match this decode server: " + "; ".join(found.problems))
-            else:
-                self._request_kv(req, found)
+    @staticmethod
+    def _lookup_problem(req: Req, found: Prefill | Exception | None) -> str:
+        where = f"{req.bootstrap.host}:{req.bootstrap.port}"
+        if isinstance(found, Exception):
+            return str(found)
+        if isinstance(found, Prefill) and found.problems:
+            return f"the prefill server at {where} does not match this decode server: " + "; ".join(found.problems)
+        return f"the prefill server at {where} could not be looked up on another tensor-parallel rank"
 
     def _reserve(self, req: Req) -> bool:
         """A row and KV slots for the prompt, computed by no one here: the prefill writes them.
@@ -139,26 +181,6 @@ class DecodeSide:
         req.state = ReqState.AWAITING_KV
         req.deadline = time.monotonic() + self.ep.timeout_s
 
-    def _on_done(self, msg: KVDone) -> None:
-        req = self.awaiting.pop(msg.room, None)
-        prefill = self.prefills.pop(msg.room, None)
-        held = self.quarantine.pop(msg.room, None)
-        if held is not None:  # the request ended meanwhile; the write has now ended too
-            self._free(held)
-        if req is not None:
-            self._start_decoding(req, msg)
-        if prefill is not None:
-            self.ep.control.send(prefill.endpoint, KVAck(msg.room))
-
-    def _on_failed(self, msg: KVFailed) -> None:
-        req = self.awaiting.get(msg.room)
-        if req is not None:
-            self._fail(req, f"the prefill server failed: {msg.reason}", written=False)
-        held = self.quarantine.pop(msg.room, None)
-        if held is not None:
-            self._free(held)
-            self.prefills.pop(msg.room, None)
-
     def _start_decoding(self, req: Req, msg: KVDone) -> None:
         """The prompt's KV is in place: the request continues as if prefilled here."""
         req.kv_len = len(req.input_ids)
@@ -186,8 +208,9 @@ class DecodeSide:
             self.bootstrapping.remove(req)
         if self.awaiting.get(room) is req:
             del self.awaiting[room]
-            if not written:
-                self.prefills.pop(room, None)  # else kept to acknowledge the write's end
+            if not written:  # else kept: the quarantine ends when every rank heard the write end
+                self.prefills.pop(room, None)
+                self.heard.pop(room, None)
         if req.row is not None:
             n = len(req.input_ids)
             held = _Quarantine(req.row, self.sched.kv.slots(req, n), time.monotonic() + self.ep.timeout_s)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from meshserve.disagg.agreement import Agreement
 from meshserve.disagg.kv_endpoint import KVEndpoint
 from meshserve.disagg.protocol import KVAck, KVDone, KVFailed, KVRequest, prompt_digest
 from meshserve.disagg.transfer import TransferError, TransferHandle, TransferStatus
@@ -45,18 +46,28 @@ class _Drain:
 
 
 class PrefillSide:
-    def __init__(self, scheduler: Scheduler, endpoint: KVEndpoint) -> None:
+    def __init__(self, scheduler: Scheduler, endpoint: KVEndpoint, agreement: Agreement) -> None:
         self.sched = scheduler
         self.ep = endpoint
+        self.agreement = agreement
         self.held: dict[int, Req] = {}  # room -> request in a PD state
         self.kv_requests: dict[int, KVRequest] = {}  # room -> the decode's request, once it came
         self.early_until: dict[int, float] = {}  # room -> expiry of a KVRequest whose request is not held yet
         self.transfers: dict[int, TransferHandle] = {}  # room -> write in flight
         self.draining: list[_Drain] = []
+        # This rank's facts about held rooms, combined over the ranks in `poll`:
+        self.acked: set[int] = set()  # its decode peer's KVAck came
+        self.problems: dict[int, str] = {}  # its side failed, and why
 
     @property
     def busy(self) -> bool:
-        return bool(self.held or self.early_until or self.draining)
+        """Requests in PD states: the same on every rank."""
+        return bool(self.held)
+
+    @property
+    def local_work(self) -> bool:
+        """This rank's own pending work: early KVRequests, abandoned writes being drained."""
+        return bool(self.early_until or self.draining)
 
     def stats(self) -> dict[str, int]:
         states = [req.state for req in self.held.values()]
@@ -86,13 +97,15 @@ class PrefillSide:
     # -- each step -------------------------------------------------------------------------
 
     def poll(self) -> None:
+        """This rank's own protocol steps (its KVRequests, its write, its KVDone) happen as they
+        come; ending a request is agreed by the tensor-parallel ranks (agreement.py): it
+        finishes once every rank's decode peer acknowledged, fails once any rank's transfer
+        failed or the leader's deadline passed."""
         for msg in self.ep.control.receive():
             if isinstance(msg, KVRequest):
                 self._on_kv_request(msg)
-            elif isinstance(msg, KVAck):
-                req = self.held.get(msg.room)
-                if req is not None and req.state is ReqState.AWAITING_ACK:
-                    self._finish(req, None)
+            elif isinstance(msg, KVAck) and msg.room in self.held:
+                self.acked.add(msg.room)
         for room, handle in list(self.transfers.items()):
             state = self.ep.backend.status(handle)
             if state is not TransferStatus.PENDING:
@@ -100,8 +113,18 @@ class PrefillSide:
                 del self.transfers[room]
                 self._transfer_ended(self.held[room], state is TransferStatus.DONE)
         now = time.monotonic()
-        for req in [r for r in self.held.values() if now > r.deadline]:
-            self._expire(req)
+        rooms = sorted(self.held)
+        facts = self.agreement.facts([r in self.acked for r in rooms] + [r in self.problems for r in rooms],
+                                     [now > self.held[r].deadline for r in rooms])
+        for i, room in enumerate(rooms):
+            req = self.held[room]
+            if facts.some(len(rooms) + i):
+                self._finish(req, self.problems.get(room, "the KV transfer failed on another tensor-parallel rank"),
+                             failed=True)
+            elif facts.every(i):
+                self._finish(req, None)
+            elif facts.leader[i]:
+                self._expire(req)
         for room in [r for r, until in self.early_until.items() if now > until]:
             del self.early_until[room], self.kv_requests[room]
         self._poll_drains(now)
@@ -123,21 +146,21 @@ class PrefillSide:
             problems.append(f"the decode server's prompt ({len(msg.slots)} tokens) is not this server's "
                             f"({n} tokens): both must get the same request")
         if problems:
-            self._finish(req, "prefill and decode servers do not match: " + "; ".join(problems), failed=True)
+            self.problems[msg.room] = "prefill and decode servers do not match: " + "; ".join(problems)
             return
         try:
             peer = self.ep.backend.add_peer(msg.metadata)
             src, dst = self.ep.rows_to(msg.bases, self.sched.kv.slots(req, n), msg.slots)
             self.transfers[msg.room] = self.ep.backend.write(peer, src, dst)
         except (TransferError, ValueError) as exc:
-            self._finish(req, f"cannot start the KV transfer to the decode server: {exc}", failed=True)
+            self.problems[msg.room] = f"cannot start the KV transfer to the decode server: {exc}"
             return
         self._enter(req, ReqState.TRANSFERRING)
 
     def _transfer_ended(self, req: Req, ok: bool) -> None:
         msg = self.kv_requests[req.bootstrap.room]
         if not ok:
-            self._finish(req, "the KV transfer to the decode server failed", failed=True)
+            self.problems[msg.room] = "the KV transfer to the decode server failed"
             return
         logprob = req.unsent_logprobs[0] if req.return_logprob and req.unsent_logprobs else None
         top = req.unsent_top_logprobs[0] if req.top_logprobs_num and req.unsent_top_logprobs else []
@@ -168,6 +191,8 @@ class PrefillSide:
         room = req.bootstrap.room
         if self.held.get(room) is req:
             del self.held[room]
+            self.acked.discard(room)
+            self.problems.pop(room, None)
         msg = self.kv_requests.pop(room, None)
         handle = self.transfers.pop(room, None)
         if failed and msg is not None:

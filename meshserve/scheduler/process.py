@@ -96,7 +96,7 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
                            timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
         scheduler = _build_scheduler(args, device, tp)
         if args.disagg.disaggregation_mode != "null":
-            scheduler.pd = _pd_side(args, scheduler, rank, tp.size)
+            scheduler.pd = _pd_side(args, scheduler, rank, tp)
         if link is not None:
             link.send(SchedulerReady(
                 max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
@@ -133,23 +133,27 @@ def _build_scheduler(args: ServerArgs, device: torch.device, tp: TensorParallelG
     return Scheduler(args, model_config, runner, tokenizer)
 
 
-def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp_size: int) -> PrefillSide | DecodeSide:
+def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: TensorParallelGroup) -> PrefillSide | DecodeSide:
     """This rank's end of prefill-decode disaggregation: its KV pool registered with the transfer
     backend; a prefill rank also registers at the bootstrap server on its node 0."""
+    from meshserve.disagg.agreement import Agreement
     from meshserve.disagg.bootstrap_client import register_rank
     from meshserve.disagg.decode_side import DecodeSide
     from meshserve.disagg.kv_endpoint import KVEndpoint, reachable_host
     from meshserve.disagg.prefill_side import PrefillSide
     from meshserve.disagg.protocol import Registration
 
-    endpoint = KVEndpoint.open(args, scheduler.model_config, scheduler.pool, tp_rank=rank, tp_size=tp_size)
+    endpoint = KVEndpoint.open(args, scheduler.model_config, scheduler.pool, tp_rank=rank, tp_size=tp.size)
     if args.disagg.disaggregation_mode == "decode":
-        return DecodeSide(scheduler, endpoint)
-    # With --tp 1 (all that PD runs with so far) rank 0 is on node 0, beside the bootstrap server.
-    register_rank(reachable_host(args.http.host), args.disagg.disaggregation_bootstrap_port, Registration(
+        return DecodeSide(scheduler, endpoint, Agreement(tp))
+    # The bootstrap server runs beside node 0's HTTP server; other nodes reach node 0 at the
+    # host of --dist-init-addr.
+    p = args.parallel
+    host = reachable_host(args.http.host) if p.node_rank == 0 else p.dist_init_addr.rpartition(":")[0].strip("[]")
+    register_rank(host, args.disagg.disaggregation_bootstrap_port, Registration(
         tp_rank=rank, endpoint=endpoint.control.endpoint, metadata=endpoint.backend.local_metadata(),
         layout=endpoint.layout))
-    return PrefillSide(scheduler, endpoint)
+    return PrefillSide(scheduler, endpoint, Agreement(tp))
 
 
 def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: TensorParallelGroup) -> None:
@@ -158,7 +162,7 @@ def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: TensorParallelGrou
     last_stats = 0.0
     while True:
         if link is not None:
-            wait = 0 if scheduler.has_compute else PD_POLL_MS if scheduler.has_work else IDLE_POLL_MS
+            wait = 0 if scheduler.has_compute else PD_POLL_MS if scheduler.awaits_peers else IDLE_POLL_MS
             messages = link.receive(wait)
             step = StepMessages(messages, stop=os.getppid() != parent)
             if tp.size > 1:

@@ -131,8 +131,15 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        """Anything at all to do: compute, or PD requests waiting for a peer or a transfer."""
+        """Anything at all to do: compute, or PD requests waiting for a peer or a transfer (the
+        same on every rank)."""
         return self.has_compute or (self.pd is not None and self.pd.busy)
+
+    @property
+    def awaits_peers(self) -> bool:
+        """PD work that only needs the control socket and transfers polled, this rank's own
+        included: the step loop must not sleep long meanwhile."""
+        return self.pd is not None and (self.pd.busy or self.pd.local_work)
 
     def add_request(self, msg: GenerateReq) -> None:
         req = Req.from_message(msg, self.model_config.context_length)

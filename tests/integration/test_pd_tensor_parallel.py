@@ -1,0 +1,61 @@
+"""Prefill-decode disaggregation with tensor parallelism (NIXL, tiny random Llama with 2 KV heads):
+prefill --tp 2 with decode --tp 2 (rank i writes into rank i) answers concurrent greedy requests
+exactly as a plain --tp 1 server, with both servers idle afterwards; a --tp 1 prefill in front of a
+--tp 2 decode (KV heads re-sharding is not built) is refused with the layout diff."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import SERVER_TEST_ARGS
+from tests.pd_cluster import Prefill, send_pd, start_decode, start_prefill, wait_idle
+from tests.server_process import ServerProcess, start_server
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory,
+            tiny_llama_dir) -> Iterator[tuple[ServerProcess, Prefill, Prefill, ServerProcess]]:
+    log_dir = tmp_path_factory.mktemp("pd_tp")
+    model = ("--model-path", str(tiny_llama_dir))
+    plain = start_server(log_dir, *SERVER_TEST_ARGS, *model)
+    prefill_tp2 = start_prefill(log_dir, *model, "--tp", "2")
+    prefill_tp1 = start_prefill(log_dir, *model, "--disaggregation-transfer-timeout", "5")
+    decode_tp2 = start_decode(log_dir, *model, "--tp", "2")
+    started = [plain, prefill_tp2.server, prefill_tp1.server, decode_tp2]
+    try:
+        for server in started:
+            server.wait_ready()
+        yield plain, prefill_tp2, prefill_tp1, decode_tp2
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _bodies(n: int) -> list[dict]:
+    return [{"input_ids": [(11 * i + j * 17) % 49000 + 1 for j in range(4 + 7 * i)],
+             "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}} for i in range(n)]
+
+
+def test_prefill_tp2_with_decode_tp2_equals_a_plain_server(servers) -> None:
+    plain, prefill, _, decode = servers
+    bodies = _bodies(12)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: send_pd(prefill, decode, "/generate", b), bodies))
+    want = [httpx.post(f"{plain.base_url}/generate", json=b, timeout=120).json()["output_ids"] for b in bodies]
+    assert [(p.status, d.status) for p, d in answers] == [(200, 200)] * len(bodies), answers
+    assert [d.body["output_ids"] for _, d in answers] == want
+    wait_idle(prefill.server, decode)
+
+
+def test_prefill_tp1_with_decode_tp2_is_refused_with_the_diff(servers) -> None:
+    _, _, prefill, decode = servers
+    prefill_answer, decode_answer = send_pd(prefill, decode, "/generate", _bodies(1)[0])
+    assert decode_answer.status == 500
+    for line in ("kv_heads: prefill has 2, decode has 1", "tp_size: prefill has 1, decode has 2"):
+        assert line in str(decode_answer.body), decode_answer.body
+    assert prefill_answer.status == 500  # its deadline: the decode never asked for the KV
+    wait_idle(prefill.server, decode)
