@@ -49,6 +49,8 @@ class Prefill:
     endpoint: str
     metadata: bytes
     problems: tuple[str, ...]
+    head_start: int = 0  # this decode rank's first KV head within the prefill rank's
+    fanout: int = 1  # decode ranks per prefill rank
 
 
 class PrefillDirectory:
@@ -81,17 +83,29 @@ class PrefillDirectory:
             del self._entries[(host, port)]
 
     def _lookup(self, host: str, port: int) -> Prefill:
-        url = _url(host, port, f"/route?tp_rank={self._tp_rank}")
+        """Prefill rank 0 tells the prefill's layout; decode rank j then pairs with prefill rank
+        j // fanout, which holds its KV heads."""
+        first = self._route(host, port, 0)
+        problems = first.layout.pairing_problems(self._layout)
+        if problems:
+            return Prefill(endpoint=first.endpoint, metadata=first.metadata, problems=tuple(problems))
+        fanout = first.layout.fanout(self._layout)
+        rank = self._tp_rank // fanout
+        reg = first if rank == 0 else self._route(host, port, rank)
+        return Prefill(endpoint=reg.endpoint, metadata=reg.metadata, problems=(),
+                       head_start=(self._tp_rank % fanout) * self._layout.kv_heads, fanout=fanout)
+
+    @staticmethod
+    def _route(host: str, port: int, rank: int) -> Registration:
+        url = _url(host, port, f"/route?tp_rank={rank}")
         try:
             with urllib.request.urlopen(url, timeout=LOOKUP_TIMEOUT_S) as response:
-                reg = msgspec.json.decode(response.read(), type=Registration)
+                return msgspec.json.decode(response.read(), type=Registration)
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"the PD bootstrap server at {host}:{port} answered {exc.code}: "
                                f"{exc.read().decode(errors='replace')}") from None
         except (urllib.error.URLError, OSError, msgspec.DecodeError) as exc:
             raise RuntimeError(f"cannot reach the PD bootstrap server at {host}:{port}: {exc}") from None
-        problems = reg.layout.diff(self._layout, mine="prefill", theirs="decode")
-        return Prefill(endpoint=reg.endpoint, metadata=reg.metadata, problems=tuple(problems))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -175,7 +175,8 @@ class DecodeSide:
         self.ep.control.send(prefill.endpoint, KVRequest(
             room=room, endpoint=self.ep.control.endpoint, metadata=self.ep.backend.local_metadata(),
             bases=self.ep.bases, item_bytes=self.ep.item_bytes, slots=slots.tolist(),
-            prompt_digest=prompt_digest(req.input_ids), layout=self.ep.layout))
+            prompt_digest=prompt_digest(req.input_ids), layout=self.ep.layout, head_start=prefill.head_start,
+            fanout=prefill.fanout))
         self.awaiting[room] = req
         self.prefills[room] = prefill
         req.state = ReqState.AWAITING_KV

@@ -15,7 +15,7 @@ from meshserve.cluster.fingerprint import ModelFiles
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.disagg.control import ControlChannel
-from meshserve.disagg.kv_ranges import paired_kv_ranges
+from meshserve.disagg.kv_ranges import HeadSlice, paired_head_ranges
 from meshserve.disagg.protocol import KVLayout
 from meshserve.disagg.transfer import MemoryRegion, TransferBackend, create_backend
 
@@ -64,11 +64,15 @@ class KVEndpoint:
                    layout=layout, bases=[t.data_ptr() for t in buffers], item_bytes=k.stride(0) * k.element_size(),
                    timeout_s=d.disaggregation_transfer_timeout, tp_rank=tp_rank)
 
-    def rows_to(self, peer_bases: list[int], src_slots: torch.Tensor,
-                dst_slots: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(address, length) rows copying our slot src_slots[i] onto the peer's dst_slots[i] in
-        every buffer; runs consecutive on both sides become one row."""
-        return paired_kv_ranges(self.bases, peer_bases, self.item_bytes, src_slots.numpy(), np.asarray(dst_slots))
+    def rows_to(self, peer_bases: list[int], src_slots: torch.Tensor, dst_slots: list[int], *,
+                head_start: int, heads: int) -> tuple[np.ndarray, np.ndarray]:
+        """(address, length) rows copying KV heads [head_start, head_start + heads) of our slot
+        src_slots[i] onto the peer's slot dst_slots[i] (which holds just those heads) in every
+        buffer; with all our heads, runs consecutive on both sides become one row."""
+        head_bytes = self.item_bytes // self.layout.kv_heads
+        return paired_head_ranges(self.bases, peer_bases, src_slots.numpy(), np.asarray(dst_slots),
+                                  HeadSlice(self.layout.kv_heads, head_bytes, head_start, head_start + heads),
+                                  HeadSlice(heads, head_bytes, 0, heads))
 
     def close(self) -> None:
         self.control.close()

@@ -51,12 +51,14 @@ class PrefillSide:
         self.ep = endpoint
         self.agreement = agreement
         self.held: dict[int, Req] = {}  # room -> request in a PD state
-        self.kv_requests: dict[int, KVRequest] = {}  # room -> the decode's request, once it came
-        self.early_until: dict[int, float] = {}  # room -> expiry of a KVRequest whose request is not held yet
-        self.transfers: dict[int, TransferHandle] = {}  # room -> write in flight
+        # room -> decode rank endpoint -> its KVRequest (one per decode rank sharing our heads)
+        self.kv_requests: dict[int, dict[str, KVRequest]] = {}
+        self.early_until: dict[int, float] = {}  # room -> expiry of KVRequests whose request is not held yet
+        self.transfers: dict[tuple[int, str], TransferHandle] = {}  # (room, decode endpoint) -> write in flight
+        self.written: dict[int, int] = {}  # room -> writes that ended well (KVDone sent)
         self.draining: list[_Drain] = []
         # This rank's facts about held rooms, combined over the ranks in `poll`:
-        self.acked: set[int] = set()  # its decode peer's KVAck came
+        self.acks: dict[int, int] = {}  # room -> KVAcks from its decode peers
         self.problems: dict[int, str] = {}  # its side failed, and why
 
     @property
@@ -92,7 +94,8 @@ class PrefillSide:
         self._enter(req, ReqState.AWAITING_KV)
         if room in self.kv_requests:
             del self.early_until[room]
-            self._start(req, self.kv_requests[room])
+            for msg in list(self.kv_requests[room].values()):
+                self._start(req, msg)
 
     # -- each step -------------------------------------------------------------------------
 
@@ -105,16 +108,16 @@ class PrefillSide:
             if isinstance(msg, KVRequest):
                 self._on_kv_request(msg)
             elif isinstance(msg, KVAck) and msg.room in self.held:
-                self.acked.add(msg.room)
-        for room, handle in list(self.transfers.items()):
+                self.acks[msg.room] = self.acks.get(msg.room, 0) + 1
+        for (room, endpoint), handle in list(self.transfers.items()):
             state = self.ep.backend.status(handle)
             if state is not TransferStatus.PENDING:
                 self.ep.backend.release(handle)
-                del self.transfers[room]
-                self._transfer_ended(self.held[room], state is TransferStatus.DONE)
+                del self.transfers[room, endpoint]
+                self._transfer_ended(self.held[room], self.kv_requests[room][endpoint], state is TransferStatus.DONE)
         now = time.monotonic()
         rooms = sorted(self.held)
-        facts = self.agreement.facts([r in self.acked for r in rooms] + [r in self.problems for r in rooms],
+        facts = self.agreement.facts([self._all_acked(r) for r in rooms] + [r in self.problems for r in rooms],
                                      [now > self.held[r].deadline for r in rooms])
         for i, room in enumerate(rooms):
             req = self.held[room]
@@ -129,19 +132,25 @@ class PrefillSide:
             del self.early_until[room], self.kv_requests[room]
         self._poll_drains(now)
 
+    def _all_acked(self, room: int) -> bool:
+        """Every decode rank that shares our heads for `room` acknowledged its KV."""
+        msgs = self.kv_requests.get(room)
+        return bool(msgs) and self.acks.get(room, 0) >= next(iter(msgs.values())).fanout
+
     def _on_kv_request(self, msg: KVRequest) -> None:
         req = self.held.get(msg.room)
-        if msg.room in self.kv_requests:
+        peers = self.kv_requests.setdefault(msg.room, {})
+        if msg.endpoint in peers:
             return  # a duplicate: the first one stands
-        self.kv_requests[msg.room] = msg
+        peers[msg.endpoint] = msg
         if req is None:  # not prefilled yet (or never arriving: it expires)
-            self.early_until[msg.room] = time.monotonic() + self.ep.timeout_s
-        elif req.state is ReqState.AWAITING_KV:
+            self.early_until.setdefault(msg.room, time.monotonic() + self.ep.timeout_s)
+        elif req.state is not ReqState.AWAITING_ACK:
             self._start(req, msg)
 
     def _start(self, req: Req, msg: KVRequest) -> None:
         n = len(req.input_ids)
-        problems = msg.layout.diff(self.ep.layout, mine="decode", theirs="prefill")
+        problems = self.ep.layout.pairing_problems(msg.layout)
         if len(msg.slots) != n or msg.prompt_digest != prompt_digest(req.input_ids):
             problems.append(f"the decode server's prompt ({len(msg.slots)} tokens) is not this server's "
                             f"({n} tokens): both must get the same request")
@@ -150,15 +159,15 @@ class PrefillSide:
             return
         try:
             peer = self.ep.backend.add_peer(msg.metadata)
-            src, dst = self.ep.rows_to(msg.bases, self.sched.kv.slots(req, n), msg.slots)
-            self.transfers[msg.room] = self.ep.backend.write(peer, src, dst)
+            src, dst = self.ep.rows_to(msg.bases, self.sched.kv.slots(req, n), msg.slots,
+                                       head_start=msg.head_start, heads=msg.layout.kv_heads)
+            self.transfers[msg.room, msg.endpoint] = self.ep.backend.write(peer, src, dst)
         except (TransferError, ValueError) as exc:
             self.problems[msg.room] = f"cannot start the KV transfer to the decode server: {exc}"
             return
         self._enter(req, ReqState.TRANSFERRING)
 
-    def _transfer_ended(self, req: Req, ok: bool) -> None:
-        msg = self.kv_requests[req.bootstrap.room]
+    def _transfer_ended(self, req: Req, msg: KVRequest, ok: bool) -> None:
         if not ok:
             self.problems[msg.room] = "the KV transfer to the decode server failed"
             return
@@ -166,7 +175,9 @@ class PrefillSide:
         top = req.unsent_top_logprobs[0] if req.top_logprobs_num and req.unsent_top_logprobs else []
         self.ep.control.send(msg.endpoint, KVDone(room=msg.room, token=req.output_ids[0], logprob=logprob,
                                                   top_logprobs=top))
-        self._enter(req, ReqState.AWAITING_ACK)
+        self.written[msg.room] = self.written.get(msg.room, 0) + 1
+        if self.written[msg.room] == msg.fanout:
+            self._enter(req, ReqState.AWAITING_ACK)
 
     def _expire(self, req: Req) -> None:
         what = {ReqState.AWAITING_KV: "the decode server did not ask for the KV",
@@ -191,16 +202,18 @@ class PrefillSide:
         room = req.bootstrap.room
         if self.held.get(room) is req:
             del self.held[room]
-            self.acked.discard(room)
+            self.acks.pop(room, None)
             self.problems.pop(room, None)
-        msg = self.kv_requests.pop(room, None)
-        handle = self.transfers.pop(room, None)
-        if failed and msg is not None:
-            if handle is not None:  # still writing: the decode hears once it has ended
-                self.draining.append(_Drain(handle, room, msg.endpoint, reason or "aborted",
+            self.written.pop(room, None)
+        for endpoint in self.kv_requests.pop(room, {}):
+            handle = self.transfers.pop((room, endpoint), None)
+            if not failed:
+                continue
+            if handle is not None:  # still writing: the decode rank hears once it has ended
+                self.draining.append(_Drain(handle, room, endpoint, reason or "aborted",
                                             time.monotonic() + self.ep.timeout_s))
             else:
-                self.ep.control.send(msg.endpoint, KVFailed(room, reason or "aborted"))
+                self.ep.control.send(endpoint, KVFailed(room, reason or "aborted"))
         if failed:
             logger.warning("PD request %s (room %d) failed: %s", req.rid, room, reason)
             req.finish = FinishReason("abort", message=reason)

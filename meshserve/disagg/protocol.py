@@ -30,10 +30,28 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int
     tp_size: int
 
-    def diff(self, other: KVLayout, *, mine: str, theirs: str) -> list[str]:
+    def diff(self, other: KVLayout, *, mine: str, theirs: str, fields: tuple[str, ...] | None = None) -> list[str]:
         """One line per field that differs, e.g. `dtype: prefill has bfloat16, decode has float32`."""
         return [f"{name}: {mine} has {getattr(self, name)}, {theirs} has {getattr(other, name)}"
-                for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
+                for name in fields or self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
+
+    def pairing_problems(self, decode: KVLayout) -> list[str]:
+        """Why this prefill layout cannot feed `decode`'s (empty when it can). The tensor-parallel
+        sizes may differ when the decode's is a multiple of the prefill's: each prefill rank's KV
+        heads are then split over `fanout(decode)` decode ranks (no replicated heads)."""
+        lines = self.diff(decode, mine="prefill", theirs="decode",
+                          fields=("model", "dtype", "num_layers", "head_dim", "page_size"))
+        if self.tp_size == decode.tp_size:
+            lines += self.diff(decode, mine="prefill", theirs="decode", fields=("kv_heads",))
+        elif decode.tp_size % self.tp_size or self.kv_heads != decode.kv_heads * (decode.tp_size // self.tp_size):
+            lines.append(f"tp_size: prefill has {self.tp_size} ({self.kv_heads} KV heads per rank), decode has "
+                         f"{decode.tp_size} ({decode.kv_heads} KV heads per rank); the decode's tp must be a "
+                         "multiple of the prefill's that splits each prefill rank's KV heads")
+        return lines
+
+    def fanout(self, decode: KVLayout) -> int:
+        """How many decode ranks share one prefill rank's KV heads."""
+        return decode.tp_size // self.tp_size
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +76,10 @@ class KVRequest(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     slots: list[int]
     prompt_digest: bytes
     layout: KVLayout
+    # Decode tp = fanout x prefill tp: this decode rank holds the prefill rank's KV heads
+    # [head_start, head_start + layout.kv_heads); `fanout` decode ranks ask this prefill rank.
+    head_start: int = 0
+    fanout: int = 1
 
 
 class KVDone(msgspec.Struct, tag=True, frozen=True, kw_only=True):

@@ -36,6 +36,20 @@ def test_layout_diff_names_every_field_that_differs() -> None:
     assert LAYOUT.diff(LAYOUT, mine="prefill", theirs="decode") == []
 
 
+def test_pairing_allows_a_decode_tp_that_splits_the_prefill_heads() -> None:
+    prefill = msgspec.structs.replace(LAYOUT, kv_heads=4, tp_size=1)
+    split = msgspec.structs.replace(LAYOUT, kv_heads=2, tp_size=2)
+    assert prefill.pairing_problems(split) == [] and prefill.fanout(split) == 2
+    assert prefill.pairing_problems(prefill) == []
+    # tp 1 -> 3 cannot split 4 heads; tp 2 -> 1 would need merging; replicated heads are not split
+    for decode in (msgspec.structs.replace(LAYOUT, kv_heads=1, tp_size=3), msgspec.structs.replace(LAYOUT, kv_heads=4),
+                   msgspec.structs.replace(LAYOUT, kv_heads=4, tp_size=8)):
+        [line] = msgspec.structs.replace(prefill, tp_size=2 if decode.tp_size == 1 else 1).pairing_problems(decode)
+        assert line.startswith("tp_size: prefill has"), line
+    assert msgspec.structs.replace(LAYOUT, kv_heads=2).pairing_problems(LAYOUT) == [
+        "kv_heads: prefill has 2, decode has 3"]
+
+
 def test_prompt_digest_tells_prompts_apart() -> None:
     assert prompt_digest([1, 2, 3]) == prompt_digest([1, 2, 3]) != prompt_digest([1, 2, 4])
 
