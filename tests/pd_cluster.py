@@ -29,8 +29,10 @@ class Prefill:
 
 
 def start_prefill(log_dir: Path, *args: str, backend: str = "nixl", env: dict[str, str] | None = None,
-                  wait: bool = False) -> Prefill:
-    port = free_port()
+                  wait: bool = False, bootstrap_port: int | None = None) -> Prefill:
+    """A prefill server (or one node of it: every node of a prefill server gets the same
+    bootstrap port, where its ranks register)."""
+    port = bootstrap_port or free_port()
     with _environment({**PD_ENV, **(env or {})}):
         server = start_server(log_dir, *SERVER_TEST_ARGS, "--disaggregation-mode", "prefill",
                               "--disaggregation-bootstrap-port", str(port),

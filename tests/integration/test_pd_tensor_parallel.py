@@ -1,7 +1,8 @@
 """Prefill-decode disaggregation with tensor parallelism (NIXL, tiny random Llama with 2 KV heads):
-prefill --tp 2 with decode --tp 2 (rank i writes into rank i), and prefill --tp 1 with decode
---tp 2 (the prefill's two KV heads split over the decode's ranks), answer concurrent greedy
-requests exactly as a plain --tp 1 server, with the servers idle afterwards."""
+prefill --tp 2 with decode --tp 2, each on two nodes (--nnodes 2; rank i writes into rank i),
+and a prefill --tp 1 with that decode (the prefill's two KV heads split over the decode's
+ranks), answer concurrent greedy requests exactly as a plain --tp 1 server, with the servers
+idle afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.conftest import SERVER_TEST_ARGS
 from tests.pd_cluster import Prefill, send_pd, start_decode, start_prefill, wait_idle
+from tests.cluster_nodes import base_port, cluster_args
 from tests.server_process import ServerProcess, start_server
 
 
@@ -22,10 +24,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory,
     log_dir = tmp_path_factory.mktemp("pd_tp")
     model = ("--model-path", str(tiny_llama_dir))
     plain = start_server(log_dir, *SERVER_TEST_ARGS, *model)
-    prefill_tp2 = start_prefill(log_dir, *model, "--tp", "2")
+    first = base_port()
+    second = next(p for p in iter(base_port, None) if abs(p - first) > 2)  # two clusters, disjoint port plans
+    prefill_cluster, decode_cluster = cluster_args(tiny_llama_dir, first), cluster_args(tiny_llama_dir, second)
+    prefill_tp2 = start_prefill(log_dir, *prefill_cluster, "--node-rank", "0")
+    prefill_node1 = start_prefill(log_dir, *prefill_cluster, "--node-rank", "1", bootstrap_port=prefill_tp2.bootstrap_port)
+    decode_tp2 = start_decode(log_dir, *decode_cluster, "--node-rank", "0")
+    decode_node1 = start_decode(log_dir, *decode_cluster, "--node-rank", "1")
     prefill_tp1 = start_prefill(log_dir, *model)
-    decode_tp2 = start_decode(log_dir, *model, "--tp", "2")
-    started = [plain, prefill_tp2.server, prefill_tp1.server, decode_tp2]
+    started = [plain, prefill_tp2.server, prefill_node1.server, decode_tp2, decode_node1, prefill_tp1.server]
     try:
         for server in started:
             server.wait_ready()
@@ -50,7 +57,7 @@ def _check_against_plain(plain: ServerProcess, prefill: Prefill, decode: ServerP
     wait_idle(prefill.server, decode)
 
 
-def test_prefill_tp2_with_decode_tp2_equals_a_plain_server(servers) -> None:
+def test_two_node_prefill_tp2_with_two_node_decode_tp2_equals_a_plain_server(servers) -> None:
     plain, prefill, _, decode = servers
     _check_against_plain(plain, prefill, decode)
 
