@@ -53,13 +53,13 @@ class KVEndpoint:
         devices = d.disaggregation_ib_device.split(",") if d.disaggregation_ib_device else None
         backend = create_backend(d.disaggregation_transfer_backend, host=host, ib_devices=devices,
                                  agent_name=f"meshserve-{d.disaggregation_mode}-{tp_rank}-{uuid.uuid4().hex[:8]}")
-        buffers = [t for layer in zip(pool.k, pool.v) for t in layer]
+        buffers = pool.layer_buffers()
         device = buffers[0].device
         backend.register([MemoryRegion(t.data_ptr(), t.nbytes, device.type, device.index or 0) for t in buffers])
         k = pool.k[0]
         layout = KVLayout(model=model_identity(model_config), dtype=str(k.dtype).removeprefix("torch."),
                           num_layers=len(pool.k), kv_heads=k.shape[1], head_dim=k.shape[2],
-                          page_size=args.cache.page_size, tp_size=tp_size)
+                          page_size=pool.page_size, tp_size=tp_size)
         return cls(backend=backend, control=ControlChannel(args.http.host, host),
                    layout=layout, bases=[t.data_ptr() for t in buffers], item_bytes=k.stride(0) * k.element_size(),
                    timeout_s=d.disaggregation_transfer_timeout, tp_rank=tp_rank)

@@ -56,7 +56,7 @@ class ModelRunner:
         self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
                               num_kv_heads=self._local_kv_heads, head_dim=model_config.head_dim,
-                              dtype=DTYPES[model_config.dtype], device=device)
+                              dtype=DTYPES[model_config.dtype], device=device, page_size=args.cache.page_size)
         # +1 column: a request may hold KV for every position below the context length.
         self.req_to_token = ReqToTokenPool(max_requests=self.max_running_requests,
                                            max_context=model_config.context_length + 1, device=device)

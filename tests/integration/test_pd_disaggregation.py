@@ -109,12 +109,12 @@ def test_pd_servers_refuse_requests_without_bootstrap_fields(pd: PD) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir) -> Iterator[tuple[ServerProcess, PD]]:
-    """A plain server and a PD pair (NIXL) on the tiny random Llama: no router, the test sends
-    to both halves itself."""
+    """A plain server and a PD pair (NIXL, KV pages of 4 tokens: a transfer moves page runs) on
+    the tiny random Llama: no router, the test sends to both halves itself."""
     log_dir = tmp_path_factory.mktemp("pd_tiny")
     model = ("--model-path", str(tiny_llama_dir))
     plain = start_server(log_dir, *SERVER_TEST_ARGS, *model, wait=False)
-    prefill, decode = start_prefill(log_dir, *model), start_decode(log_dir, *model)
+    prefill, decode = start_prefill(log_dir, *model, "--page-size", "4"), start_decode(log_dir, *model, "--page-size", "4")
     try:
         for server in (plain, prefill.server, decode):
             server.wait_ready()
@@ -124,7 +124,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir) -> Iterator[t
             server.stop()
 
 
-def test_a_tiny_random_model_equals_a_plain_server(tiny: tuple[ServerProcess, PD]) -> None:
+def test_a_tiny_random_model_with_pages_equals_a_plain_server(tiny: tuple[ServerProcess, PD]) -> None:
     plain, pd = tiny
     bodies = [{"input_ids": [(7 * i + j * 13) % 49000 + 1 for j in range(5 + 9 * i)],
                "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}} for i in range(8)]

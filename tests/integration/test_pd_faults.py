@@ -92,6 +92,18 @@ def test_transfers_delayed_past_the_deadline_end_as_errors(servers: Servers) -> 
     wait_idle(servers.slow.server, servers.decode, timeout=QUARANTINE_S)
 
 
+def test_a_prefill_of_another_page_size_is_refused_with_a_diff(servers: Servers) -> None:
+    other = start_prefill(servers.log_dir, *PD_ARGS, "--page-size", "4", wait=True)
+    try:
+        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
+        assert decode.status == 500 and "does not match this decode server" in str(decode.body)
+        assert "page_size: prefill has 4, decode has 1" in str(decode.body) and "model:" not in str(decode.body)
+        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
+        wait_idle(other.server, servers.decode)
+    finally:
+        other.server.stop()
+
+
 def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, tiny_llama_dir: Path) -> None:
     other = start_prefill(servers.log_dir, *PD_ARGS, "--model-path", str(tiny_llama_dir), wait=True)
     try:
