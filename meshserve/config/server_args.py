@@ -356,7 +356,7 @@ class CacheArgs(_ConcernMixin):
         "size the cache with --max-total-tokens.")
     max_total_tokens: int | None = _arg(
         None, "KV cache capacity in tokens (overrides the memory-fraction sizing).")
-    page_size: int = _arg(1, "Tokens per KV cache page (only 1 is supported for now).")
+    page_size: int = _arg(1, "Tokens per KV cache page: KV is allocated, shared by the prefix cache and transferred (PD) in whole pages.")
     disable_radix_cache: bool = _arg(False, "Disable radix-tree prefix caching.")
 
 
