@@ -26,9 +26,10 @@ from fastapi.responses import Response
 from meshserve.router.bootstrap import with_bootstrap
 from meshserve.router.proxy import CLIENT_GONE_STATUS
 from meshserve.router.request_body import RequestBody
-from meshserve.router.upstream import (AttemptFailed, ClientGone, RelayedStream, Upstream, error_response,
-                                       passthrough, until_disconnect)
+from meshserve.router.upstream import (AttemptFailed, RelayedStream, Upstream, error_response,
+                                       passthrough)
 from meshserve.router.worker import Role, Worker
+from meshserve.server.disconnect import ClientGone, until_disconnect
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from meshserve.router.request_body import RequestBody
-from meshserve.router.upstream import (AttemptFailed, ClientGone, Upstream, error_response, passthrough,
-                                       until_disconnect)
+from meshserve.router.upstream import AttemptFailed, Upstream, error_response, passthrough
 from meshserve.router.worker import Role, Worker
+from meshserve.server.disconnect import ClientGone, until_disconnect
 
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"; nobody reads it
 

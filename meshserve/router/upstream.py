@@ -14,12 +14,9 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import httpx
 import msgspec
@@ -33,9 +30,6 @@ from meshserve.server import openai_api as oai
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
 class AttemptFailed(Exception):
     """The worker failed before anything reached the client; another worker may be tried."""
 
@@ -45,37 +39,9 @@ class AttemptFailed(Exception):
         self.reason = reason
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer started."""
-
-
 def error_response(status: int, message: str, code: str | None = None) -> Response:
     body = oai.APIError(status, message, code=code).body()
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read already, so receive() blocks until the client goes away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (its exchanges close, so the
-    worker aborts) and raise ClientGone."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientGone
-    finally:
-        watcher.cancel()
-        task.cancel()
 
 
 @dataclass

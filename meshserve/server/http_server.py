@@ -41,6 +41,7 @@ from meshserve.cluster.node import ClusterNode
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.sampling_params import SamplingParams
+from meshserve.server import disconnect
 from meshserve.server import openai_api as oai
 from meshserve.server.generation import (
     GenerateError,
@@ -136,29 +137,14 @@ class ApiKeyMiddleware:
 # ---- disconnects and streams ---------------------------------------------------------------
 
 
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read already, so receive() blocks until the client goes away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     """Await `work`, cancelling it (so its requests are aborted) if the client disconnects
     first; then returns None, and nothing can reach the client anyway."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
+        return await disconnect.until_disconnect(request, work)
+    except disconnect.ClientGone:
         log.info("client disconnected; aborting its request")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         return None
-    finally:
-        watcher.cancel()
-        task.cancel()
 
 
 async def event_stream(
