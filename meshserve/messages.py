@@ -103,6 +103,8 @@ class SchedulerReady(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     context_length: int
     vocab_size: int
     device: str
+    # Why structured output (grammar/) is off on this server; None when it is on.
+    grammar_off: str | None = None
 
 
 class SchedulerFailed(msgspec.Struct, tag=True, frozen=True):

@@ -46,6 +46,21 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Structured output (meshserve/grammar/): at most one of a JSON schema (JSON text), a regular
+    # expression or an EBNF grammar (xgrammar's dialect) that every output must match in full.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the output's grammar, kind one of json_schema, regex, ebnf; None for
+        free text. The pair is also the key of the compiled-grammar cache."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
 
     @property
     def is_greedy(self) -> bool:
@@ -91,6 +106,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                 raise bad("stop", f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
             if (problem := text_problem(stop)) is not None:
                 raise bad("stop", problem)
+        given = [kind for kind in ("json_schema", "regex", "ebnf") if getattr(self, kind) is not None]
+        if len(given) > 1:
+            raise bad(given[1], f"give at most one of json_schema, regex, ebnf (got {', '.join(given)})")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         high = MAX_TOKEN_ID + 1 if vocab_size is None else vocab_size

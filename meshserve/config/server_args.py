@@ -394,8 +394,8 @@ class SchedulerArgs(_ConcernMixin):
     random_seed: int | None = _arg(None, "Random seed; default picked at start-up.")
     stream_interval: int = _arg(1, "Stream a chunk every this many generated tokens.")
     grammar_backend: str = _arg(
-        "xgrammar", "Structured-output (JSON schema, regex) backend. Structured-output requests "
-        "are refused with a 400 (not supported yet) until it is built.",
+        "xgrammar", "Structured-output backend (JSON schema, regex, EBNF, forced tool calls; "
+        "docs/structured-output.md). With none, structured requests are refused with a 400.",
         choices=("xgrammar", "none"))
     enable_deterministic_check: bool = _arg(
         False, "Debug: check every step that all ranks scheduled the same batch (hash "

@@ -4,6 +4,7 @@ Pipeline, per row (all rows at once, as [B, V] tensor ops):
 
     raw logits ──► repetition / frequency / presence penalties (over OUTPUT tokens only, counted
                    on the device by the scheduler's PenaltyCounts)
+               ──► grammar mask (structured output: tokens the row's grammar forbids set to -inf)
                ──► min_new_tokens ban (EOS and stop_token_ids set to -inf)
                ──► greedy rows: argmax, done
                ──► / temperature ──► top-k ──► top-p ──► min-p ──► draw (exponential race)
@@ -50,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import xgrammar
 
 from meshserve.executor.host_copy import to_device_async
 from meshserve.sampling_params import SamplingParams
@@ -157,6 +159,11 @@ class SamplingBatch:
     seeded_rows: tuple[int, ...] = ()
     seeded_keys: tuple[int, ...] = ()
 
+    # Structured output: [B, ceil(vocab_size / 32)] int32 bitmask of the allowed next tokens
+    # (bit t % 32 of word t // 32; all ones for free rows), on `device`; None when no row has a
+    # grammar. Built on the host from the rows' matchers (grammar/backend.py).
+    token_bitmask: torch.Tensor | None = None
+
     @property
     def fast_greedy(self) -> bool:
         """True when `sample` may return a plain argmax of the logits (all rows greedy, no
@@ -174,6 +181,7 @@ class SamplingBatch:
         top_logprobs_nums: Sequence[int],
         return_logprob: Sequence[bool],
         penalty_counts: torch.Tensor | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Collect the per-row values on the host and ship them to `device` in a few async copies.
 
@@ -183,6 +191,7 @@ class SamplingBatch:
         the P rows with a penalty, in row order (PenaltyCounts keeps them); required when P > 0.
         `vocab_size` is the real vocabulary: logits columns beyond it (lm_head padding) are
         ignored by the sampler. `top_logprobs_nums[i]` only counts when `return_logprob[i]` is set.
+        `token_bitmask`: the host bitmask of the rows' grammars (see the field), or None.
         """
         batch = len(params)
         if not (len(generated) == len(top_logprobs_nums) == len(return_logprob) == batch):
@@ -264,6 +273,8 @@ class SamplingBatch:
             seeded_rows=tuple(seeded_rows),
             seeded_keys=tuple(seeded_keys),
         )
+        if token_bitmask is not None:
+            out.token_bitmask = to_device_async(token_bitmask, torch.int32, device)
         if pen_rows:
             if penalty_counts is None or penalty_counts.shape != (len(pen_rows), vocab_size):
                 raise ValueError(f"{len(pen_rows)} penalised rows need [{len(pen_rows)}, {vocab_size}] penalty_counts")
@@ -302,12 +313,18 @@ class Sampler:
             raise ValueError(f"logits have {logits.shape[1]} columns < vocab_size={batch.vocab_size}")
         # Columns past the real vocabulary are lm_head padding: never sampled, never in logprobs.
         raw = logits[:, : batch.vocab_size].float()
+        allowed = raw
+        if batch.token_bitmask is not None:
+            # Out of place (`raw` stays the model's distribution for logprobs); on the device, with
+            # xgrammar's kernel, so the host never waits for the logits.
+            allowed = raw.clone()
+            xgrammar.apply_token_bitmask_inplace(allowed, batch.token_bitmask, vocab_size=batch.vocab_size)
 
         if batch.fast_greedy:
-            return SampleOutput(token_ids=first_argmax(raw))
+            return SampleOutput(token_ids=first_argmax(allowed))
         assert batch.is_greedy is not None  # built for every batch that is not fast-greedy
 
-        adjusted = self._apply_penalties(raw, batch)
+        adjusted = self._apply_penalties(allowed, batch)
         if batch.ban_rows is not None:
             # Out of place: `raw` must stay untouched for logprobs.
             # The value is made on the device (new_full), not copied from the host.

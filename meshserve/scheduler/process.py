@@ -101,7 +101,7 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
             link.send(SchedulerReady(
                 max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
                 context_length=scheduler.model_config.context_length, vocab_size=scheduler.model_config.vocab_size,
-                device=str(device)))
+                device=str(device), grammar_off=scheduler.grammar.off_reason))
         try:
             _serve(scheduler, link, tp)
         finally:

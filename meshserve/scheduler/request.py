@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshserve.cache.radix_cache import RadixNode
 from meshserve.messages import Bootstrap, FinishReason, GenerateReq, TopLogprob
 from meshserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 
 class ReqState(enum.Enum):
@@ -51,6 +55,9 @@ class Req:
     prefix_node: RadixNode | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     finish: FinishReason | None = None
+    # Structured output: the grammar's state after every token in output_ids (None for free text,
+    # and while the grammar compiles); advanced by the host as each token is read.
+    grammar: GrammarMatcher | None = None
 
     # what has not been sent to the TokenizerManager yet
     unsent_from: int = 0  # index into output_ids

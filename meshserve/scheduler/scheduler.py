@@ -23,7 +23,10 @@ from meshserve.config.server_args import ServerArgs
 from meshserve.executor.forward_batch import ForwardMode
 from meshserve.executor.model_runner import ModelRunner, StepInput
 from meshserve.executor.penalty_counts import PenaltyCounts
+from meshserve.disagg.agreement import Agreement
 from meshserve.executor.sampler import SampleOutput, Sampler, SamplingBatch
+from meshserve.grammar.backend import GrammarBackend
+from meshserve.grammar.queue import NO_TOKENIZER_MESSAGE, OFF_MESSAGE, GrammarQueue
 from meshserve.messages import FinishReason, GenerateReq, ReqOutput, SchedulerStats, TopLogprob
 from meshserve.scheduler.finish import FinishChecker
 from meshserve.scheduler.kv_ledger import KVLedger
@@ -118,6 +121,11 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
+        # Structured requests wait here, not in `waiting`, while their grammar compiles.
+        off = (OFF_MESSAGE if args.scheduler.grammar_backend == "none"
+               else NO_TOKENIZER_MESSAGE if tokenizer is None else None)
+        backend = None if off else GrammarBackend(tokenizer, model_config.vocab_size, model_config.eos_token_ids)
+        self.grammar = GrammarQueue(backend, Agreement(runner.tp), off)
         # Prefill-decode disaggregation (--disaggregation-mode): set by the scheduler process.
         self.pd: PrefillSide | DecodeSide | None = None
         self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
@@ -132,14 +140,14 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         """Anything at all to do: compute, or PD requests waiting for a peer or a transfer (the
-        same on every rank)."""
-        return self.has_compute or (self.pd is not None and self.pd.busy)
+        same on every rank), or grammars being compiled."""
+        return self.has_compute or self.grammar.busy or (self.pd is not None and self.pd.busy)
 
     @property
     def awaits_peers(self) -> bool:
         """PD work that only needs the control socket and transfers polled, this rank's own
-        included: the step loop must not sleep long meanwhile."""
-        return self.pd is not None and (self.pd.busy or self.pd.local_work)
+        included, or grammars being compiled: the step loop must not sleep long meanwhile."""
+        return self.grammar.busy or (self.pd is not None and (self.pd.busy or self.pd.local_work))
 
     def add_request(self, msg: GenerateReq) -> None:
         req = Req.from_message(msg, self.model_config.context_length)
@@ -150,7 +158,12 @@ class Scheduler:
         elif req.output_limit == 0:
             req.finish = FinishReason("length")
             self._emit(req)
-        elif self.pd is None or req.bootstrap is None or not self.pd.admit(req):
+        elif self.pd is not None and req.bootstrap is not None and self.pd.admit(req):
+            if req.sampling.grammar is not None:
+                self.grammar.compile(req)  # its matcher is made when its first token arrives
+        elif req.sampling.grammar is not None:
+            self.grammar.add(req)  # joins `waiting` once compiled
+        else:
             self.waiting.append(req)
 
     def _invalid(self, req: Req) -> str | None:
@@ -163,9 +176,17 @@ class Scheduler:
             return f"token ids must be in [0, {self.model_config.vocab_size})"
         if len(req.input_ids) + 1 > self.pool.size:
             return f"the prompt needs more KV cache ({len(req.input_ids) + 1} tokens) than exists ({self.pool.size})"
+        if req.sampling.grammar is not None and self.grammar.off_reason is not None:
+            return self.grammar.off_reason
         return None
 
     def abort(self, rid: str, message: str) -> None:
+        compiling = self.grammar.find(rid)
+        if compiling is not None:
+            self.grammar.remove(compiling)
+            compiling.finish = FinishReason("abort", message=message)
+            self._emit(compiling)
+            return
         for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
             if req.rid == rid and not req.finished:
                 req.finish = FinishReason("abort", message=message)
@@ -199,6 +220,12 @@ class Scheduler:
     def step(self) -> None:
         if self.pd is not None:
             self.pd.poll()  # control messages, transfers, deadlines; may add running requests
+        for req, problem in self.grammar.poll():
+            if problem is None:
+                self.waiting.append(req)
+            else:
+                req.finish = FinishReason("abort", message=problem)
+                self._emit(req)
         if self.waiting or self.chunked is not None:
             if not self._in_flight_reqs.isdisjoint(self.waiting):
                 # A request retracted while its token was in flight is admitted with that token.
@@ -353,6 +380,11 @@ class Scheduler:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for req in reqs:
             req.kv_len += 1
+        if any(req.grammar is not None for req in in_flight):
+            # A grammar's mask for this step needs the in-flight token: read it now (the device
+            # meanwhile runs this step's forward), then sample. Batches without grammars overlap
+            # as before. Rows that token finished sample unmasked and are discarded by _advance.
+            self._complete_in_flight()
         launched = self._sample(logits, reqs)
         self._complete_in_flight()  # the previous step's tokens, read while this step runs
         if self.overlap:
@@ -404,11 +436,17 @@ class Scheduler:
         in_flight = self._in_flight_reqs
         penalised = [r for r in reqs if r.sampling.has_penalty]
         count_rows = self.penalty_counts.rows(penalised) if penalised else None
+        bitmask = None
+        if self.grammar.backend is not None and any(r.grammar is not None for r in reqs):
+            # In flight there is never a structured row here (_run_decode read it first).
+            bitmask = self.grammar.backend.token_bitmask(
+                [None if r.finished or r.grammar is None else (r.grammar, r.sampling.grammar[0]) for r in reqs])
         batch = SamplingBatch.build(
             [r.sampling for r in reqs], [len(r.output_ids) + (r in in_flight) for r in reqs],
             self.model_config.eos_token_ids, self.model_config.vocab_size, logits.device,
             top_logprobs_nums=[r.top_logprobs_num for r in reqs], return_logprob=[r.wants_logprobs for r in reqs],
-            penalty_counts=self.penalty_counts.counts(count_rows) if count_rows is not None else None)
+            penalty_counts=self.penalty_counts.counts(count_rows) if count_rows is not None else None,
+            token_bitmask=bitmask)
         out = self.sampler.sample(logits, batch)
         # Rank 0's choice is everyone's: unseeded noise differs between ranks.
         out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)
@@ -432,6 +470,7 @@ class Scheduler:
                 continue  # aborted while its step was in flight
             req.output_ids.append(token)
             self.stats["generation_tokens"] += 1
+            grammar_finish = self._accept_grammar(req, token)
             if req.wants_logprobs and logprobs is not None:
                 req.unsent_logprobs.append(logprobs[i])
                 if req.top_logprobs_num and top_ids is not None:
@@ -441,17 +480,37 @@ class Scheduler:
             if self.pd is not None and self.pd.takes(req):
                 self.pd.hold(req)  # a prefill server's first token: the KV goes to the decode server
                 continue
-            req.finish = self.finish_checker.check(req)
+            req.finish = grammar_finish or self.finish_checker.check(req)
             if req.finished:
                 self.retire(req)
             else:
                 self._emit(req)
+
+    @staticmethod
+    def _accept_grammar(req: Req, token: int) -> FinishReason | None:
+        """Advance `req`'s grammar by its new token; a finish when the grammar ended (it accepted
+        a stop token, which ends the output even with ignore_eos) or — never under the mask —
+        refused the token."""
+        if req.grammar is None:
+            return None
+        if not req.grammar.accept_token(token):
+            return FinishReason("abort", message=f"token {token} does not match the request's grammar")
+        if req.grammar.is_terminated():
+            return FinishReason("stop", matched=token)
+        return None
 
     def join_running(self, req: Req) -> None:
         """A request whose prompt KV (kv_len) and first token arrived from elsewhere (a PD
         decode server's transfer) continues as if it had been prefilled here."""
         token = req.output_ids[-1]
         self.runner.set_last_token(req.row, token)
+        if req.sampling.grammar is not None:
+            # The prefill server sampled the first token under the same grammar: replay it.
+            problem = self.grammar.matcher_now(req)
+            req.finish = FinishReason("abort", message=problem) if problem else self._accept_grammar(req, token)
+            if req.finished:
+                self.retire(req)
+                return
         if req.sampling.has_penalty:
             self.penalty_counts.add(self.penalty_counts.rows([req]),
                                     torch.tensor([token], dtype=torch.int64, device=self.runner.device))

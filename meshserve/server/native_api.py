@@ -11,6 +11,7 @@ Unknown fields are refused (400), so a feature meshserve lacks is never silently
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,11 @@ class NativeSamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
     sampling_seed: int | None = None  # SGLang's newer name for seed
+    # Structured output (docs/structured-output.md): a JSON schema (JSON text, as SGLang takes it,
+    # or the object itself), a regular expression, or an EBNF grammar.
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def to_sampling(self) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -62,6 +68,9 @@ class NativeSamplingParams(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            json_schema=json.dumps(self.json_schema) if isinstance(self.json_schema, dict) else self.json_schema,
+            regex=self.regex,
+            ebnf=self.ebnf,
         )
 
 

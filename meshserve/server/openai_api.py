@@ -8,6 +8,7 @@ meshserve does not implement is refused with a 400 naming it, never silently ign
 
 from __future__ import annotations
 
+import json
 import time
 import types
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from meshserve.grammar.spec import JSON_OBJECT_SCHEMA
 from meshserve.messages import TopLogprob
 from meshserve.sampling_params import MAX_N, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
 from meshserve.server.generation import (GenerateError, GenerateRequest, SequenceOutput, SequenceResult,
@@ -78,6 +80,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def grammar(self) -> dict[str, str]:
+        """The SamplingParams grammar field this format asks for (none for text)."""
+        if self.type == "json_object":
+            return {"json_schema": JSON_OBJECT_SCHEMA}
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            return {"json_schema": json.dumps(self.json_schema.schema_)}
+        return {}
+
+
 class _RequestBase(BaseModel):
     """Fields common to chat and text completions. Unknown fields are ignored (clients send
     extras such as `store` or `metadata`); known but unimplemented ones are refused."""
@@ -104,6 +134,10 @@ class _RequestBase(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # structured output (docs/structured-output.md): OpenAI's response_format, SGLang's regex / ebnf
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
     # prefill-decode disaggregation (SGLang): set by a PD router, never by end users
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
@@ -114,13 +148,23 @@ class _RequestBase(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _generate_request(self, max_tokens: int | None, fit: bool, sampling_defaults: Mapping[str, float],
-                          **fields: Any) -> GenerateRequest:
+                          extra_grammar: dict[str, str] | None = None, **fields: Any) -> GenerateRequest:
         """`max_tokens` None means "as many as fit"; `fit` lets a default shrink to fit;
         `sampling_defaults`: the model's sampling (ModelConfig.sampling_defaults) for the fields
         the request leaves out; `fields`: the prompt and the logprob fields of GenerateRequest."""
         if self.logit_bias:
             raise APIError.not_supported("logit_bias")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        sources = [(name, grammar) for name, grammar in (
+            ("response_format", self.response_format.grammar() if self.response_format else None),
+            ("regex", {"regex": self.regex} if self.regex is not None else None),
+            ("ebnf", {"ebnf": self.ebnf} if self.ebnf is not None else None),
+            ("tool_choice", extra_grammar),
+        ) if grammar]
+        if len(sources) > 1:
+            names = ", ".join(name for name, _ in sources)
+            raise APIError(400, f"at most one output constraint per request, got {names}", param=sources[1][0])
+        grammar = sources[0][1] if sources else {}
         optional = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -138,6 +182,7 @@ class _RequestBase(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            **grammar,
             **{**sampling_defaults, **{name: value for name, value in optional.items() if value is not None}},
         )
         bootstrap = bootstrap_from_fields(self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
@@ -174,12 +219,6 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionRequest(_RequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -191,8 +230,6 @@ class ChatCompletionRequest(_RequestBase):
     tool_choice: str | dict[str, Any] | None = None
 
     def to_generate_request(self, sampling_defaults: Mapping[str, float] = NO_SAMPLING_DEFAULTS) -> GenerateRequest:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise APIError.not_supported("response_format", f" of type {self.response_format.type!r}")
         if self.tools:
             raise APIError.not_supported("tools")
         if self.tool_choice not in (None, "none", "auto"):

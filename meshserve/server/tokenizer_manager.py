@@ -34,6 +34,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from meshserve.grammar.spec import GrammarError, GrammarSpec
 from meshserve.messages import (
     AbortReq,
     BatchOut,
@@ -429,6 +430,13 @@ class TokenizerManager:
             sampling.validate(info.vocab_size)
         except SamplingParamsError as err:
             raise InvalidRequest(str(err), param=str(err).split(":", 1)[0]) from None
+        if sampling.grammar is not None:
+            if info.grammar_off is not None:
+                raise InvalidRequest(info.grammar_off, param=sampling.grammar[0])
+            try:
+                GrammarSpec(*sampling.grammar).check()
+            except GrammarError as err:
+                raise InvalidRequest(str(err), param=err.kind) from None
         return sampling
 
     def _detokenizer(self, prepared: PreparedRequest) -> SequenceDetokenizer | None:

@@ -57,7 +57,7 @@ def test_invalid(body):
 
 @pytest.mark.parametrize(
     "body",
-    [{"text": "a", "sampling_params": {"regex": "x"}}, {"text": "a", "image_data": "x"},
+    [{"text": "a", "sampling_params": {"structural_tag": "x"}}, {"text": "a", "image_data": "x"},
      {"text": "a", "top_logprobs_num": 21}, {"input_ids": ["a"]}],
 )
 def test_unknown_or_bad_fields_are_refused(body):

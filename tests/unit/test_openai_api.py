@@ -61,7 +61,8 @@ class TestChatRequest:
     @pytest.mark.parametrize(
         ("body", "param"),
         [
-            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"response_format": {"type": "json_schema"}}, "response_format"),
+            ({"response_format": {"type": "json_object"}, "regex": "a"}, "regex"),
             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
             ({"tool_choice": "required"}, "tool_choice"),
             ({"logit_bias": {"1": 5}}, "logit_bias"),

@@ -1,0 +1,1 @@
+"""Structured output: outputs constrained by a JSON schema, a regex or an EBNF grammar (xgrammar)."""
