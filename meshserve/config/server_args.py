@@ -444,6 +444,10 @@ class HttpArgs(_ConcernMixin):
     enable_metrics: bool = _arg(
         False, "Accepted for SGLang compatibility: meshserve always serves Prometheus "
         "metrics on /metrics.")
+    tool_call_parser: str | None = _arg(
+        None, "How the model writes tool calls in its output (docs/structured-output.md); default: "
+        "from the model's architecture (qwen25 for Qwen2/3, llama3 for Llama).",
+        choices=("hermes", "qwen", "qwen25", "llama3"))
 
 
 @dataclass(frozen=True)

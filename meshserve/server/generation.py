@@ -79,6 +79,7 @@ class GenerateRequest:
     text: str | None = None
     input_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None  # OpenAI chat messages, content already text
+    tools: list[dict[str, Any]] | None = None  # OpenAI tools, for the chat template
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # True when the client did not choose max_new_tokens: the default is then lowered to what
     # fits in the context (SGLang/vLLM behaviour) instead of refused.

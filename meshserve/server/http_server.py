@@ -55,6 +55,7 @@ from meshserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshserve.server.metrics import ServerMetrics
 from meshserve.server.native_api import GenerateReqInput, native_response
 from meshserve.server.tokenizer_manager import PreparedRequest, TokenizerManager
+from meshserve.server.tool_calls import ToolCallStream, default_tool_call_parser
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -196,6 +197,7 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
     app = FastAPI(title="meshserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     tm, model_config = ctx.tm, ctx.model_config
     served_name = model_config.served_model_name
+    tool_call_parser = ctx.args.http.tool_call_parser or default_tool_call_parser(model_config.architecture)
 
     # -- errors --
 
@@ -235,19 +237,21 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, oai.ChatCompletionRequest)
         oai.check_model(body.model, served_name, model_config.model_path)
-        prepared = await tm.prepare(body.to_generate_request(model_config.sampling_defaults))
+        tools = body.tool_request(tool_call_parser)
+        prepared = await tm.prepare(body.to_generate_request(model_config.sampling_defaults, tools))
         rctx = response_context("chatcmpl", prepared)
         include_usage = body.include_usage
         if body.stream:
+            streams = {i: ToolCallStream(tools.format) if tools.format else None for i in range(prepared.n)}
             return sse_response(event_stream(
                 tm, prepared,
-                render=lambda out, _: oai.sse(oai.chat_delta_chunk(rctx, out, include_usage)),
+                render=lambda out, _: oai.sse(oai.chat_delta_chunk(rctx, out, include_usage, streams[out.index])),
                 prologue=[oai.sse(oai.chat_role_chunk(rctx, i, include_usage)) for i in range(prepared.n)],
                 epilogue=lambda results: [oai.sse(oai.usage_chunk(rctx, "chat.completion.chunk", results))]
                 if include_usage else [],
             ))
         results = await until_disconnect(request, tm.collect(prepared))
-        return json_response(oai.chat_completion_response(rctx, results) if results else None)
+        return json_response(oai.chat_completion_response(rctx, results, tools.format) if results else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

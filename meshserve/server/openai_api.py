@@ -8,6 +8,7 @@ meshserve does not implement is refused with a 400 naming it, never silently ign
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import types
@@ -24,6 +25,7 @@ from meshserve.messages import TopLogprob
 from meshserve.sampling_params import MAX_N, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
 from meshserve.server.generation import (GenerateError, GenerateRequest, SequenceOutput, SequenceResult,
                                          bootstrap_from_fields)
+from meshserve.server.tool_calls import ToolCallError, ToolCallFormat, ToolCallStream, ToolRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # JSON has no -inf; a token the model rules out completely gets this logprob (vLLM does the same).
@@ -88,6 +90,16 @@ class JSONSchemaFormat(BaseModel):
     # `schema` would shadow a BaseModel attribute, hence the alias.
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            raise APIError(400, "tool_calls: arguments must be a JSON object text", param="messages") from None
+    return {**call, "function": function}
 
 
 class ResponseFormat(BaseModel):
@@ -203,6 +215,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, `developer` read as `system`."""
@@ -216,6 +230,11 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            # Chat templates (Qwen's, Llama 3's) read the arguments as a mapping.
+            message["tool_calls"] = [_template_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -229,11 +248,19 @@ class ChatCompletionRequest(_RequestBase):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    def to_generate_request(self, sampling_defaults: Mapping[str, float] = NO_SAMPLING_DEFAULTS) -> GenerateRequest:
-        if self.tools:
-            raise APIError.not_supported("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError.not_supported("tool_choice")
+    def tool_request(self, parser: str | None) -> ToolRequest:
+        """What the request asks of tools, with `parser` (--tool-call-parser or the model's
+        default) as the format."""
+        try:
+            return ToolRequest.from_fields(self.tools, self.tool_choice, parser)
+        except ToolCallError as err:
+            raise APIError(400, str(err), param=err.param) from None
+
+    def to_generate_request(self, sampling_defaults: Mapping[str, float] = NO_SAMPLING_DEFAULTS,
+                            tools: ToolRequest | None = None) -> GenerateRequest:
+        """`tools`: tool_request()'s answer (None: the request's tools are not allowed)."""
+        if tools is None and (self.tools or self.tool_choice not in (None, "none", "auto")):
+            raise APIError.not_supported("tools" if self.tools else "tool_choice")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -241,7 +268,9 @@ class ChatCompletionRequest(_RequestBase):
             max_tokens,
             fit=False,
             sampling_defaults=sampling_defaults,
+            extra_grammar=tools.grammar if tools is not None else None,
             messages=[m.to_template() for m in self.messages],
+            tools=self.tools or None,
             return_logprob=self.logprobs,
             top_logprobs_num=self.top_logprobs or 0,
         )
@@ -356,16 +385,27 @@ def _completion_logprobs(ctx: ResponseContext, ids: list[int], logprobs: list[fl
     }
 
 
-def chat_completion_response(ctx: ResponseContext, results: Sequence[SequenceResult]) -> dict[str, Any]:
-    choices = [
-        {
-            "index": r.index,
-            "message": {"role": "assistant", "content": r.text},
-            "logprobs": _chat_logprobs(ctx, r.token_ids, r.logprobs, r.top_logprobs),
-            **_finish_reason(r),
-        }
-        for r in results
-    ]
+def _with_tool_calls(message: dict[str, Any], finish: dict[str, Any], calls: list) -> None:
+    """Put parsed calls into a message or delta: `tool_calls`, finish_reason tool_calls (when the
+    output ended by itself, not by a length limit)."""
+    if not calls:
+        return
+    message["tool_calls"] = [call.body(i) for i, call in enumerate(calls)]
+    if finish.get("finish_reason") == "stop":
+        finish["finish_reason"] = "tool_calls"
+
+
+def chat_completion_response(ctx: ResponseContext, results: Sequence[SequenceResult],
+                             tool_format: ToolCallFormat | None = None) -> dict[str, Any]:
+    """`tool_format`: parse tool calls out of the text in this format (None: plain text)."""
+    choices = []
+    for r in results:
+        content, calls = tool_format.parse(r.text) if tool_format is not None else (r.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+        finish = _finish_reason(r)
+        _with_tool_calls(message, finish, calls)
+        choices.append({"index": r.index, "message": message,
+                        "logprobs": _chat_logprobs(ctx, r.token_ids, r.logprobs, r.top_logprobs), **finish})
     return {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
             "choices": choices, "usage": usage(results)}
 
@@ -407,15 +447,27 @@ def _carries_anything(ctx: ResponseContext, out: SequenceOutput) -> bool:
                 or (ctx.include_token_ids and out.token_ids))
 
 
-def chat_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: bool) -> dict[str, Any] | None:
-    """The chunk for one output, or None when it would be empty."""
+def chat_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_usage: bool,
+                     tool_stream: ToolCallStream | None = None) -> dict[str, Any] | None:
+    """The chunk for one output, or None when it would be empty. `tool_stream`: this choice's
+    tool-call parsing (None: plain text); its calls go out with the output's finish."""
+    calls: list = []
+    if tool_stream is not None:
+        text = tool_stream.push(out.text)
+        if out.finish is not None:
+            rest, calls = tool_stream.finish()
+            text += rest
+        out = dataclasses.replace(out, text=text)
     if not _carries_anything(ctx, out):
         return None
+    delta: dict[str, Any] = {"content": out.text} if out.text else {}
+    finish = _finish_reason(out)
+    _with_tool_calls(delta, finish, calls)
     choice = {
         "index": out.index,
-        "delta": {"content": out.text} if out.text else {},
+        "delta": delta,
         "logprobs": _chat_logprobs(ctx, out.token_ids, out.logprobs, out.top_logprobs),
-        **_finish_reason(out),
+        **finish,
     }
     return _chunk(ctx, "chat.completion.chunk", [choice], include_usage)
 

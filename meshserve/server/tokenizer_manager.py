@@ -379,7 +379,7 @@ class TokenizerManager:
         elif self.tokenizer is None:
             raise InvalidRequest(SKIP_TOKENIZER_MESSAGE)
         elif req.messages is not None:
-            ids = self._chat_prompt_ids(req.messages)
+            ids = self._chat_prompt_ids(req.messages, req.tools)
         else:
             _check_text(req.text, "text")
             # An empty text would still tokenize to [BOS] with some tokenizers.
@@ -393,10 +393,11 @@ class TokenizerManager:
             )
         return ids
 
-    def _chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         assert self.tokenizer is not None
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except (ValueError, TypeError, jinja2.TemplateError) as err:
             raise InvalidRequest(f"cannot apply the model's chat template: {err}", param="messages") from None
         _check_text(text, "messages")

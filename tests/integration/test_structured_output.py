@@ -15,6 +15,7 @@ import pytest
 
 from meshserve.engine import Engine
 from meshserve.server.generation import InvalidRequest
+from meshserve.server.tool_calls import ToolRequest
 from tests.structured_cases import random_regex, random_schema
 
 NUM_SCHEMAS = 300
@@ -142,3 +143,23 @@ def test_tensor_parallel(tiny_llama_dir):
         _check_schemas(eng, [random_schema(rng) for _ in range(40)])
         _check_regexes(eng, [random_regex(rng) for _ in range(20)])
         _plain_unchanged_by_structured_neighbours(eng)
+
+
+@pytest.mark.parametrize("parser", ["llama3", "hermes"])
+def test_forced_tool_call_grammars(engine, parser):
+    """tool_choice required: each format's grammar yields one call that its parser reads back."""
+    params_schema = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8},
+                                                      "k": {"type": "integer", "minimum": 1, "maximum": 9}},
+                     "required": ["q"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "search", "parameters": params_schema}},
+             {"type": "function", "function": {"name": "noop"}}]
+    request = ToolRequest.from_fields(tools, "required", parser)
+    outs = engine.generate([f"Call {i}" for i in range(16)], [
+        {**request.grammar, "temperature": 1.0, "seed": i, "max_new_tokens": MAX_NEW_TOKENS} for i in range(16)])
+    _check_finished(outs)
+    for out in outs:
+        content, calls = request.format.parse(out["text"])
+        assert content == "" and len(calls) == 1, out["text"]
+        assert calls[0].name in ("search", "noop")
+        if calls[0].name == "search":
+            jsonschema.validate(json.loads(calls[0].arguments), params_schema)
