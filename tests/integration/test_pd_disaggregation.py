@@ -134,3 +134,30 @@ def test_a_tiny_random_model_with_pages_equals_a_plain_server(tiny: tuple[Server
     assert [decode.body.get("output_ids") for _, decode in answers] == want
     assert len(set(map(tuple, want))) == len(want)  # prompt-dependent outputs: a KV mix-up would show
     wait_idle(pd.prefill.server, pd.decode)
+
+
+def test_structured_output_across_the_pd_pair(tiny: tuple[ServerProcess, PD]) -> None:
+    """The prefill samples the first token under the grammar, the decode server replays it into
+    its own matcher and goes on: outputs equal a plain server's (greedy and seeded) and match."""
+    import json
+    import re
+
+    plain, pd = tiny
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+              "required": ["n", "tags"], "additionalProperties": False}
+    grammars = [{"json_schema": json.dumps(schema)}, {"regex": r"[a-f]{2,5}-\d{1,3}"}]
+    bodies = [{"text": f"Structured {i}:", "sampling_params": {**grammars[i % 2], "max_new_tokens": 64,
+                                                               "temperature": 1.0 if i % 4 > 1 else 0.0, "seed": i}}
+              for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: send_pd(pd.prefill, pd.decode, "/generate", b), bodies))
+    want = [httpx.post(f"{plain.base_url}/generate", json=b, timeout=120).json() for b in bodies]
+    assert [decode.body.get("output_ids") for _, decode in answers] == [w["output_ids"] for w in want]
+    for i, (_, decode) in enumerate(answers):
+        assert decode.body["meta_info"]["finish_reason"]["type"] == "stop"
+        if i % 2 == 0:
+            assert set(json.loads(decode.body["text"])) == {"n", "tags"}
+        else:
+            assert re.fullmatch(r"[a-f]{2,5}-\d{1,3}", decode.body["text"])
+    wait_idle(pd.prefill.server, pd.decode)

@@ -135,11 +135,12 @@ def test_grammar_backend_none_refuses(tiny_llama_dir):
         assert eng.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
-def test_tensor_parallel(tiny_llama_dir):
+def test_tensor_parallel_with_overlap(tiny_llama_dir):
     """tp 2: one mask decides (the leader samples and broadcasts), both ranks' matchers advance
-    alike, grammar readiness is agreed over the ranks."""
+    alike, grammar readiness is agreed over the ranks. Overlap scheduling is on (off by default
+    on the CPU), so a structured step reads its in-flight tokens before sampling."""
     rng = random.Random(2)
-    with _engine(tiny_llama_dir, tp_size=2) as eng:
+    with _engine(tiny_llama_dir, tp_size=2, enable_overlap_schedule=True) as eng:
         _check_schemas(eng, [random_schema(rng) for _ in range(40)])
         _check_regexes(eng, [random_regex(rng) for _ in range(20)])
         _plain_unchanged_by_structured_neighbours(eng)
