@@ -208,7 +208,7 @@ class Scheduler:
     def load(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running) + (self.chunked is not None),
-            num_waiting=len(self.waiting),
+            num_waiting=len(self.waiting) + len(self.grammar.pending),
             used_tokens=self.kv.used_tokens,
             max_total_tokens=self.pool.size,
             **self.stats,
