@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from fastapi.routing import APIRoute
 
+from meshserve.config.server_args import HttpArgs, ServerArgs
 from meshserve.server.http_server import OPEN_PATHS, AppContext, create_app
 
 # Answered without the key on purpose (probes and scraping): must stay exactly the server's list.
@@ -18,8 +19,10 @@ def build_app(api_key: str | None):
     """The real app over a stub context: nothing behind it, enough to route and to run the
     middleware (guarded requests never reach a handler)."""
     tm = SimpleNamespace(not_ready_reason="stub", ready=False, num_in_flight=0, last_output_at=0.0)
-    ctx = AppContext(tm=tm, args=SimpleNamespace(http=SimpleNamespace(api_key=api_key)),  # type: ignore[arg-type]
-                     model_config=SimpleNamespace(served_model_name="stub", model_path="stub"),  # type: ignore[arg-type]
+    # Real ServerArgs (not a stub) so a new flag the app reads cannot break these tests.
+    ctx = AppContext(tm=tm, args=ServerArgs(http=HttpArgs(api_key=api_key)),  # type: ignore[arg-type]
+                     model_config=SimpleNamespace(served_model_name="stub", model_path="stub",  # type: ignore[arg-type]
+                                                  architecture="LlamaForCausalLM"),
                      metrics=SimpleNamespace(render=lambda: b""))  # type: ignore[arg-type]
     return create_app(ctx)
 
