@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests import netns
+from tests.debian import ensure_packages
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 NODE_NAMES = ("msnode-a", "msnode-b")
@@ -46,17 +46,6 @@ class SlurmCluster:
 
     def logs(self) -> str:
         return "".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
-
-
-def _install() -> None:
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if out.returncode:
-            pytest.skip(f"SKIPPED, NOT TESTED: cannot install {' '.join(PACKAGES)}: {out.stderr[-500:]}")
 
 
 def _cgroup_plugin() -> str:
@@ -107,7 +96,7 @@ def _start(cmd: list[str], what: str, root: Path) -> None:
 def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         pytest.skip("SKIPPED, NOT TESTED: a SLURM cluster needs root (daemons, network namespaces)")
-    _install()
+    ensure_packages(PACKAGES, ("slurmctld", "slurmd", "sbatch", "munged"))
     with netns.two_namespaces() as (ns_a, ns_b):
         addrs = (f"{netns.SUBNET}.1", f"{netns.SUBNET}.2")
         (root / "state").mkdir()
