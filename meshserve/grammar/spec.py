@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import xgrammar
+import xgrammar
 
 # xgrammar's messages start with "[hh:mm:ss] /path/file.cc:line: "; the client needs the rest.
 _LOCATION = re.compile(r"^\[[0-9:]+\] \S+?:\d+: ")
@@ -40,10 +38,6 @@ class GrammarSpec:
 
     def grammar(self) -> xgrammar.Grammar:
         """The grammar, or GrammarError naming the problem."""
-        # Imported here, not at the top: xgrammar imports torch (through tvm_ffi), and the router
-        # reaches this module through the OpenAI request schema yet must stay torch-free.
-        import xgrammar
-
         try:
             if self.kind == "json_schema":
                 json.loads(self.text)  # its own, clearer message for text that is not JSON

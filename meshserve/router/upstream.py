@@ -26,7 +26,7 @@ from fastapi.responses import Response, StreamingResponse
 from meshserve.router.metrics import RouterMetrics
 from meshserve.router.pool import WorkerPool
 from meshserve.router.worker import Worker
-from meshserve.server import openai_api as oai
+from meshserve.server.api_wire import SSE_DONE, APIError, sse
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class AttemptFailed(Exception):
 
 
 def error_response(status: int, message: str, code: str | None = None) -> Response:
-    body = oai.APIError(status, message, code=code).body()
+    body = APIError(status, message, code=code).body()
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
@@ -142,8 +142,8 @@ class Upstream:
         except httpx.HTTPError as err:
             self._failed(exchange.worker, "interrupted", f"mid-stream: {type(err).__name__}: {err}")
             message = f"the worker {exchange.worker.url} failed mid-stream: {type(err).__name__}"
-            yield oai.sse(oai.APIError(502, message, code="worker_failed").body())
-            yield oai.SSE_DONE
+            yield sse(APIError(502, message, code="worker_failed").body())
+            yield SSE_DONE
         finally:
             await exchange.close()
 

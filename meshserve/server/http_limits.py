@@ -25,7 +25,7 @@ import h11
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshserve.server import openai_api as oai
+from meshserve.server.api_wire import APIError
 from meshserve.server.http_probes import H2ProbeTolerantProtocol
 
 # h11 buffers an incomplete request line + headers up to this size, then refuses (a 400).
@@ -39,7 +39,7 @@ class HttpLimits:
     max_body_size: int
 
 
-def _error_bytes(err: oai.APIError) -> bytes:
+def _error_bytes(err: APIError) -> bytes:
     return msgspec.json.encode(err.body())
 
 
@@ -48,7 +48,7 @@ def _error_headers(body: bytes) -> list[tuple[bytes, bytes]]:
             (b"connection", b"close")]
 
 
-async def _send_error(send: Send, err: oai.APIError) -> None:
+async def _send_error(send: Send, err: APIError) -> None:
     body = _error_bytes(err)
     await send({"type": "http.response.start", "status": err.status, "headers": _error_headers(body)})
     await send({"type": "http.response.body", "body": body})
@@ -74,7 +74,7 @@ class BodyLimitMiddleware:
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.limits.body_timeout)
         except TimeoutError:
-            await _send_error(send, oai.APIError(
+            await _send_error(send, APIError(
                 408, f"the request body did not arrive within {self.limits.body_timeout:g} s",
                 code="request_timeout"))
             return
@@ -94,16 +94,16 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    def _header_problem(self, headers: dict[bytes, bytes]) -> oai.APIError | None:
+    def _header_problem(self, headers: dict[bytes, bytes]) -> APIError | None:
         if b"transfer-encoding" in headers and b"content-length" in headers:
-            return oai.APIError(400, "a request must not carry both Transfer-Encoding and Content-Length")
+            return APIError(400, "a request must not carry both Transfer-Encoding and Content-Length")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_size:
             return self._too_large()
         return None
 
-    def _too_large(self) -> oai.APIError:
-        return oai.APIError(413, f"the request body is larger than {self.limits.max_body_size} bytes",
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.limits.max_body_size} bytes",
                             code="request_too_large")
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -168,7 +168,7 @@ class BoundedH11Protocol(H2ProbeTolerantProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # Written as bytes, not through h11: h11 refuses a response before a request was parsed.
-        body = _error_bytes(oai.APIError(400, f"malformed HTTP request: {msg}"))
+        body = _error_bytes(APIError(400, f"malformed HTTP request: {msg}"))
         head = b"".join(name + b": " + value + b"\r\n" for name, value in _error_headers(body))
         self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + body)
         self.transport.close()

@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from meshserve.grammar.spec import JSON_OBJECT_SCHEMA
 from meshserve.messages import TopLogprob
 from meshserve.sampling_params import MAX_N, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
+from meshserve.server.api_wire import SSE_DONE, APIError, sse
 from meshserve.server.generation import (GenerateError, GenerateRequest, SequenceOutput, SequenceResult,
                                          bootstrap_from_fields)
 from meshserve.server.tool_calls import ToolCallError, ToolCallFormat, ToolCallStream, ToolRequest
@@ -30,35 +30,6 @@ from meshserve.server.tool_calls import ToolCallError, ToolCallFormat, ToolCallS
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # JSON has no -inf; a token the model rules out completely gets this logprob (vLLM does the same).
 MIN_LOGPROB = -9999.0
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-# ---- errors ------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    @classmethod
-    def from_generate_error(cls, err: GenerateError) -> APIError:
-        code = "service_unavailable" if err.status == 503 else None
-        return cls(err.status, str(err), param=getattr(err, "param", None), code=code)
-
-    @classmethod
-    def not_supported(cls, field: str, what: str = "") -> APIError:
-        return cls(400, f"{field}{what} is not supported yet", param=field)
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 def check_model(requested: str | None, served_model_name: str, model_path: str) -> None:
@@ -492,11 +463,3 @@ def completion_delta_chunk(ctx: ResponseContext, out: SequenceOutput, include_us
 def usage_chunk(ctx: ResponseContext, obj: str, results: Sequence[SequenceResult]) -> dict[str, Any]:
     """The last chunk when stream_options.include_usage: no choices, the request's usage."""
     return {**_chunk(ctx, obj, [], include_usage=False), "usage": usage(results)}
-
-
-_json_encoder = msgspec.json.Encoder()
-
-
-def sse(body: dict[str, Any] | None) -> bytes:
-    """One server-sent event; b"" (nothing to send) for None."""
-    return b"" if body is None else b"data: " + _json_encoder.encode(body) + b"\n\n"

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import xgrammar
+
 from meshserve.grammar.spec import JSON_OPTIONS
 
 TOOL_CALL_PARSERS = ("hermes", "qwen", "qwen25", "llama3")
@@ -77,8 +79,6 @@ class ToolCallFormat:
         schema = json.dumps(self.call_schema(functions))
         if not self.start and not self.end:
             return {"json_schema": schema}
-        import xgrammar  # here, not at the top: it imports torch, and the router imports this module
-
         try:
             call = xgrammar.Grammar.from_json_schema(schema, **JSON_OPTIONS)
         except RuntimeError as err:
