@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -38,13 +40,15 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
     if rank == 0:
         Path(out_file).write_text(json.dumps([output_ids(outs[str(i)]) for i in range(len(prompts))]))
-    # Leave together, and tear the world down before exiting: a rank whose peer tore gloo down
-    # under it at interpreter exit was seen to abort ("terminate called without an active exception").
+    # Leave together, then skip the interpreter's teardown: with gloo's threads still alive, C++
+    # static destructors at exit were seen to abort a rank ("terminate called without an active
+    # exception", exit -6) even after destroy_process_group. A served rank leaves the same way
+    # (os._exit in launch_server). Rank 0's output is already on disk.
     if tp.cpu_group is not None:
         torch.distributed.barrier(group=tp.cpu_group)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
                 extra: tuple[str, ...] = (), device_type: str = "cpu") -> list[list[int]]:
