@@ -66,6 +66,27 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir=default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    from tests.models import make_tiny_mixtral
+
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny_mixtral"), tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    from tests.models import make_tiny_qwen2_moe
+
+    return make_tiny_qwen2_moe(tmp_path_factory.mktemp("tiny_qwen2_moe"), tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    from tests.models import make_tiny_qwen3_moe
+
+    return make_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_qwen3_moe"), tokenizer_dir=default_model_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # Real servers (python -m meshserve.launch_server --device cpu) for the HTTP integration tests
 # --------------------------------------------------------------------------------------------

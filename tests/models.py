@@ -25,9 +25,12 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
+    MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from meshserve.config.default_model import default_model_path
@@ -116,6 +119,36 @@ def make_tiny_qwen2(
     """Tiny Qwen2 (q/k/v projections carry a bias); separate lm_head by default."""
     config = Qwen2Config(**_common(num_layers, num_kv_heads, tie_word_embeddings))
     return _build(config, path, sharded=sharded, tokenizer_dir=tokenizer_dir)
+
+
+# Mixture-of-experts models: 2-3 layers, 4-8 experts of width 32, top-2, on the same attention
+# shapes as above. Dense layers are mixed in where the architecture allows it, and every routing
+# variant (renormalised or not, shared expert, ...) differs between the models.
+MOE_INTERMEDIATE = 32
+
+
+def make_tiny_mixtral(path: Path | str, *, tokenizer_dir: Path | None = None) -> Path:
+    """Tiny Mixtral: 2 sparse layers, 4 experts, top-2 renormalised."""
+    config = MixtralConfig(**{**_common(2, 2, False), "intermediate_size": MOE_INTERMEDIATE},
+                           num_local_experts=4, num_experts_per_tok=2)
+    return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
+
+
+def make_tiny_qwen2_moe(path: Path | str, *, tokenizer_dir: Path | None = None) -> Path:
+    """Tiny Qwen2-MoE: 3 layers, the first dense (mlp_only_layers), 8 experts top-2 not
+    renormalised, a shared expert behind its sigmoid gate."""
+    config = Qwen2MoeConfig(**_common(3, 2, False), num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=MOE_INTERMEDIATE, shared_expert_intermediate_size=48,
+                            norm_topk_prob=False, mlp_only_layers=[0], decoder_sparse_step=1)
+    return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
+
+
+def make_tiny_qwen3_moe(path: Path | str, *, tokenizer_dir: Path | None = None) -> Path:
+    """Tiny Qwen3-MoE: 2 layers (the second sparse: decoder_sparse_step 2), 8 experts top-2
+    renormalised, tied embeddings."""
+    config = Qwen3MoeConfig(**_common(2, 2, True), num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=MOE_INTERMEDIATE, norm_topk_prob=True, decoder_sparse_step=2)
+    return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
 
 
 def _build(

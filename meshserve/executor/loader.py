@@ -60,16 +60,15 @@ def load_model(model_config: ModelConfig, *, device: torch.device, tp: TensorPar
         target = model.checkpoint_name_to_param(ckpt_name)
         if target is None:
             continue
-        name, shard_id = target
+        name, shard_id, *expert_id = target  # expert_id: one expert's projection (MoE), else absent
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {model_cls.__name__}")
-        tensor = tensor.to(device=device, dtype=dtype)
+        # Each tensor takes its parameter's dtype: the model's, except parameters a model keeps in
+        # float32 whatever it runs in (DeepSeek-V3's e_score_correction_bias).
+        tensor = tensor.to(device=device, dtype=param.dtype)
         loader = getattr(param, "weight_loader", _replicated_weight_loader)
-        if shard_id is None:
-            loader(param, tensor)
-        else:
-            loader(param, tensor, shard_id)
+        loader(param, tensor, *([] if shard_id is None else [shard_id]), *expert_id)
         loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:

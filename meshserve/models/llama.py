@@ -17,19 +17,22 @@ from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.layer import AttentionLayer
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.moe.experts import expert_checkpoint_target
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallelGroup,
+                 intermediate_size: int | None = None) -> None:
+        """`intermediate_size` overrides the config's (MoE models' dense layers and shared experts)."""
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=bias, dtype=dtype, tp=tp)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype, tp=tp)
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=bias, dtype=dtype, tp=tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, dtype=dtype, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -77,9 +80,14 @@ class LlamaDecoderLayer(nn.Module):
                  dtype: torch.dtype, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, tp)
-        self.mlp = LlamaMLP(config, dtype, tp)
+        self.mlp = self.make_mlp(config, layer_id, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+        """The layer's MLP: dense here; MoE models choose per layer (models/moe.py)."""
+        return LlamaMLP(config, dtype, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,9 +137,18 @@ class LlamaForCausalLM(nn.Module):
         last = batch.last_token_index()
         return self.lm_head.logits(hidden if last is None else hidden[last])
 
-    def checkpoint_name_to_param(self, name: str) -> tuple[str, int | str | None] | None:
-        """Map a checkpoint tensor name to (our parameter name, shard id), or None to skip it."""
+    # checkpoint-name fragment -> our module-name fragment (e.g. Mixtral's block_sparse_moe -> mlp)
+    renamed_modules: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_name_to_param(self, name: str) -> tuple[str, int | str | None] | tuple[str, str, int] | None:
+        """Map a checkpoint tensor name to (our parameter name, shard id), or for one expert's
+        projection to (stacked parameter name, shard id, expert id); None to skip it."""
         name = name.removeprefix("model.")
+        for fragment, ours in self.renamed_modules:
+            name = name.replace(f".{fragment}.", f".{ours}.")
+        expert = expert_checkpoint_target(name)
+        if expert is not None:
+            return expert
         if "rotary_emb.inv_freq" in name:
             return None
         if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):

@@ -1,0 +1,94 @@
+"""The routed experts of one MoE block: every expert's gated MLP (silu(x W1^T) * (x W3^T)) W2^T,
+stacked into two tensors so that one kernel can run them all.
+
+    w13: [local experts, 2 * I_local, hidden]   rows [0, I_local) gate (w1), then up (w3)
+    w2:  [local experts, hidden, I_local]
+
+Expert tensor parallelism (moe_tp) splits the intermediate size I over ranks as a dense MLP's
+is (each rank's partial outputs are summed by the block's all-reduce). The checkpoint holds one
+tensor per expert and projection; `weight_loader(param, loaded, shard_id, expert_id)` places it
+(shard_id: "w1" gate, "w3" up, "w2" down), so model code never does rank arithmetic.
+
+Compute: plain PyTorch, one matmul pair per expert that received tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.layers.activation import silu_and_mul
+
+# Checkpoint names of per-expert projections: Mixtral's w1/w3/w2, and gate/up/down elsewhere.
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)"
+                          r"\.weight$")
+_SHARD_OF = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
+
+
+def expert_checkpoint_target(name: str) -> tuple[str, str, int] | None:
+    """`...experts.<e>.<proj>.weight` -> (stacked parameter name, shard id, expert id); None for
+    any other name."""
+    match = _EXPERT_NAME.match(name)
+    if match is None:
+        return None
+    shard = _SHARD_OF[match["proj"]]
+    return f"{match['prefix']}.{'w2' if shard == 'w2' else 'w13'}", shard, int(match["expert"])
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
+                 tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__()
+        self.tp = tp
+        self.num_experts = num_experts
+        _, self.intermediate_local = tp.shard(intermediate_size)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_local, hidden_size, dtype=dtype),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_local, dtype=dtype),
+                               requires_grad=False)
+        self.w13.weight_loader = self.weight_loader
+        self.w2.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"checkpoint has expert {expert_id}, the config says {self.num_experts} experts")
+        n = self.intermediate_local
+        start = self.tp.rank * n
+        if shard_id == "w2":
+            dst, src = param.data[expert_id], loaded.narrow(1, start, n)
+        else:
+            dst = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else n, n)
+            src = loaded.narrow(0, start, n)
+        if dst.shape != src.shape:
+            raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shard has shape {tuple(src.shape)}, "
+                             f"expected {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; weights, ids [T, top_k] -> sum over each token's experts of weight * expert(x),
+        [T, H] in x's dtype. With moe_tp each rank returns its partial sum (the caller reduces)."""
+        return experts_reference(x, self.w13, self.w2, weights, ids)
+
+
+def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: the (token, expert) pairs sorted by expert, one matmul pair per expert with
+    tokens, results weighted and summed into their tokens in expert order."""
+    top_k = ids.shape[1]
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    tokens = order // top_k
+    pair_weights = weights.flatten()[order].to(x.dtype)
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = tokens[start : start + count]
+            h = silu_and_mul(x[rows] @ w13[expert].t()) @ w2[expert].t()
+            out.index_add_(0, rows, h * pair_weights[start : start + count, None])
+            start += count
+    return out

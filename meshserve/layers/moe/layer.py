@@ -1,0 +1,35 @@
+"""The sparse MoE block: route, run the routed experts, add the shared experts (DeepSeek's
+always-on experts; Qwen2-MoE's one shared expert behind a sigmoid gate), reduce over moe_tp."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.layers.moe.experts import FusedExperts
+from meshserve.layers.moe.router import Routing, TopKRouter
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, routing: Routing, *, dtype: torch.dtype,
+                 tp: TensorParallelGroup = SINGLE, shared: nn.Module | None = None,
+                 shared_gate: bool = False) -> None:
+        """`shared`: the shared experts as a dense (tensor-parallel, self-reducing) MLP; with
+        `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE)."""
+        super().__init__()
+        self.tp = tp
+        self.gate = TopKRouter(hidden_size, routing, dtype=dtype)
+        self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, dtype=dtype, tp=tp)
+        self.shared = shared
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, dtype=dtype) if shared_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.tp.all_reduce(self.experts(x, weights, ids))
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

@@ -1,0 +1,26 @@
+"""Mixtral: the Llama block with a sparse MoE MLP in every layer (softmax top-k, renormalised)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.layers.moe.layer import SparseMoeBlock
+from meshserve.layers.moe.router import Routing
+from meshserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+
+class MixtralDecoderLayer(LlamaDecoderLayer):
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+        if config.hidden_act != "silu":
+            raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
+        routing = Routing(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok, renormalize=True)
+        return SparseMoeBlock(config.hidden_size, config.intermediate_size, routing, dtype=dtype, tp=tp)
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    layer_cls = MixtralDecoderLayer
+    renamed_modules = (("block_sparse_moe", "mlp"),)

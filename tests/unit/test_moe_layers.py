@@ -1,0 +1,99 @@
+"""The MoE router and experts against transformers' own modules on the same weights: every
+routing variant (softmax top-k with and without renormalising, DeepSeek-V2's group-limited
+greedy, DeepSeek-V3's sigmoid with correction bias and grouped top-k) picks the same experts with
+the same weights, and the experts compute the same sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen2MoeConfig
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+from meshserve.layers.moe.experts import FusedExperts, expert_checkpoint_target
+from meshserve.layers.moe.router import Routing, TopKRouter
+
+HIDDEN, EXPERTS, TOKENS = 32, 16, 40
+
+
+def _same_choice(hf_router, routing: Routing, bias: torch.Tensor | None = None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        hf_router.weight.normal_(0, 0.5, generator=gen)
+        if bias is not None:
+            hf_router.e_score_correction_bias.copy_(bias)
+    ours = TopKRouter(HIDDEN, routing, dtype=torch.float32)
+    ours.weight.data.copy_(hf_router.weight)
+    if bias is not None:
+        ours.e_score_correction_bias.data.copy_(bias)
+    x = torch.randn(TOKENS, HIDDEN, generator=gen)
+    _, hf_weights, hf_ids = hf_router(x)
+    weights, ids = ours(x)
+    # Same set of experts per token (the order within a token's top-k is not part of the contract).
+    hf_order, order = hf_ids.argsort(dim=-1), ids.argsort(dim=-1)
+    assert torch.equal(hf_ids.gather(1, hf_order), ids.gather(1, order))
+    torch.testing.assert_close(weights.gather(1, order), hf_weights.float().gather(1, hf_order))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_top_k(renormalize):
+    if renormalize:
+        hf = MixtralTopKRouter(MixtralConfig(hidden_size=HIDDEN, num_local_experts=EXPERTS, num_experts_per_tok=3))
+    else:
+        hf = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=HIDDEN, num_experts=EXPERTS, num_experts_per_tok=3,
+                                               norm_topk_prob=False))
+    _same_choice(hf, Routing(num_experts=EXPERTS, top_k=3, renormalize=renormalize))
+
+
+def test_deepseek_v2_group_limited_greedy():
+    config = DeepseekV2Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, num_experts_per_tok=3, n_group=4,
+                              topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5)
+    routing = Routing(num_experts=EXPERTS, top_k=3, scaling_factor=1.5, num_groups=4, topk_groups=2,
+                      group_score="max")
+    _same_choice(DeepseekV2TopkRouter(config), routing)
+
+
+def test_deepseek_v3_sigmoid_grouped_with_correction_bias():
+    config = DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=EXPERTS, num_experts_per_tok=3, n_group=4,
+                              topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+    routing = Routing(num_experts=EXPERTS, top_k=3, scoring="sigmoid", renormalize=True, scaling_factor=2.5,
+                      num_groups=4, topk_groups=2, group_score="top2_sum", correction_bias=True)
+    bias = torch.randn(EXPERTS, generator=torch.Generator().manual_seed(1)) * 0.3
+    _same_choice(DeepseekV3TopkRouter(config), routing, bias)
+    # The bias matters here: it changes the choice of some tokens.
+    logits = torch.randn(TOKENS, EXPERTS, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(routing.select(logits, bias)[1].sort().values, routing.select(logits)[1].sort().values)
+
+
+def test_unsupported_routing_is_refused_by_name():
+    with pytest.raises(ValueError, match="scoring function 'sqrtsoftplus'"):
+        Routing(num_experts=8, top_k=2, scoring="sqrtsoftplus")
+    with pytest.raises(ValueError, match="not a valid grouping"):
+        Routing(num_experts=8, top_k=2, num_groups=3)
+
+
+def test_experts_load_per_expert_and_match_transformers():
+    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=24, num_local_experts=EXPERTS)
+    hf = MixtralExperts(config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        hf.gate_up_proj.normal_(0, 0.3, generator=gen)
+        hf.down_proj.normal_(0, 0.3, generator=gen)
+    ours = FusedExperts(EXPERTS, HIDDEN, 24, dtype=torch.float32)
+    for e in range(EXPERTS):  # through the checkpoint names and (param, shard_id, expert_id)
+        gate, up = hf.gate_up_proj[e].chunk(2, dim=0)
+        for proj, tensor in (("w1", gate), ("w3", up), ("w2", hf.down_proj[e])):
+            name, shard, expert = expert_checkpoint_target(f"layers.0.block_sparse_moe.experts.{e}.{proj}.weight")
+            assert (name, expert) == ("layers.0.block_sparse_moe.experts." + ("w2" if proj == "w2" else "w13"), e)
+            param = getattr(ours, name.rsplit(".", 1)[1])
+            param.weight_loader(param, tensor, shard, expert)
+    x = torch.randn(TOKENS, HIDDEN, generator=gen)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:3] for _ in range(TOKENS)])
+    ids[:5] = torch.tensor([0, 1, 2])  # some experts get many tokens, some none
+    weights = torch.rand(TOKENS, 3, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, weights, ids), hf(x, ids, weights))
+    assert expert_checkpoint_target("layers.0.mlp.shared_experts.gate_proj.weight") is None
