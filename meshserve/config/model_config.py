@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, PretrainedConfig
 
 from meshserve.config.preflight import SUPPORTED_ARCHITECTURES
+from meshserve.config.quantization import Fp8Scheme, QuantizationError, resolve_quantization
 
 if TYPE_CHECKING:
     from meshserve.config.server_args import ServerArgs
@@ -37,6 +38,8 @@ class ModelConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     hf_config: PretrainedConfig = field(compare=False, repr=False)
+    # FP8 linear layers: from config.json's quantization_config, or --quantization fp8.
+    quantization: Fp8Scheme | None = None
     # The model's recommended sampling (generation_config.json), the default for OpenAI requests
     # that leave those fields out -- as vLLM (--generation-config auto) and SGLang
     # (--sampling-defaults model) do. Only the keys of GENERATION_CONFIG_SAMPLING_KEYS.
@@ -83,6 +86,11 @@ class ModelConfig:
             raise ModelConfigError(
                 f"architecture {architectures} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        try:
+            quantization = resolve_quantization(getattr(hf_config, "quantization_config", None),
+                                                model_args.quantization)
+        except QuantizationError as err:
+            raise ModelConfigError(str(err)) from None
         return cls(
             model_path=model_path,
             tokenizer_path=None if model_args.skip_tokenizer_init else (model_args.tokenizer_path or model_path),
@@ -94,6 +102,7 @@ class ModelConfig:
             eos_token_ids=_eos_token_ids(path, hf_config),
             hf_config=hf_config,
             sampling_defaults=_sampling_defaults(path),
+            quantization=quantization,
         )
 
 

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from meshserve.config.quantization import SERVED_QUANTIZATION
+
 __all__ = [
     "ATTENTION_BACKENDS",
     "CPU_CHUNKED_PREFILL_SIZE",
@@ -85,6 +87,13 @@ DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
 #: Choices for ``--attention-backend``: the names of ``meshserve.layers.attention.ATTENTION_BACKENDS``
 #: (repeated here so that parsing flags does not import torch; a unit test keeps them equal).
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "triton")
+
+#: ``--quantization`` values: SGLang's, so its command lines parse; those outside
+#: ``meshserve.config.quantization.SERVED_QUANTIZATION`` are refused by name (REFUSALS).
+QUANTIZATION_CHOICES: tuple[str, ...] = (
+    "fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq", "marlin", "gptq_marlin", "awq_marlin",
+    "bitsandbytes", "gguf", "modelopt", "modelopt_fp4", "petit_nvfp4", "w8a8_int8", "w8a8_fp8", "moe_wna16",
+    "qoq", "w4afp8", "mxfp4")
 
 #: Chunk size used when ``--chunked-prefill-size`` is not given (SGLang's usual default).
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
@@ -287,6 +296,11 @@ class ModelArgs(_ConcernMixin):
     )
     context_length: int | None = _arg(
         None, "Maximum context length; defaults to the model config's.")
+    quantization: str | None = _arg(
+        None, "Weight quantization. fp8: quantize a bf16/fp32 checkpoint at load (per-channel FP8 "
+        "weights, per-token activation scales). FP8 checkpoints (fbgemm_fp8, compressed-tensors, "
+        "DeepSeek block-wise fp8) are detected from config.json without it (docs/models.md).",
+        choices=QUANTIZATION_CHOICES)
     trust_remote_code: bool = _arg(
         False, "Accept a config.json that declares custom code (auto_map) and read it as the "
         "plain config of its model_type. meshserve never runs code from the model directory "
@@ -523,6 +537,8 @@ REFUSALS: tuple[Refusal, ...] = (
             "MoE all-to-all backends are not built yet; only 'none'"),
     Refusal("ep_num_redundant_experts", lambda a: a.parallel.ep_num_redundant_experts != 0,
             "redundant experts need expert parallelism, which is not built yet"),
+    Refusal("quantization", lambda a: a.model.quantization not in (None, *SERVED_QUANTIZATION),
+            f"only {', '.join(SERVED_QUANTIZATION)} quantization is built"),
     Refusal("base_gpu_id",
             lambda a: a.parallel.base_gpu_id != 0 and a.resolved_device() == "cpu",
             "there are no GPU ids on cpu; use 0"),

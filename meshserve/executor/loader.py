@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from torch import nn
 
 from meshserve.cluster.comm import TensorParallelGroup
 from meshserve.config.model_config import ModelConfig
+from meshserve.config.quantization import Fp8Scheme
+from meshserve.layers.fp8 import FP8
+from meshserve.layers.linear import ParallelLinear
 from meshserve.models.registry import MODEL_REGISTRY
 
 logger = logging.getLogger("meshserve")
@@ -49,30 +53,65 @@ def _replicated_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -
     param.data.copy_(loaded)
 
 
+# Checkpoint spellings of a layer's FP8 tensors -> meshserve's parameter names (DeepSeek calls its
+# block scales `weight_scale_inv`; they multiply the weight like every other scale).
+_SCALE_ALIASES = {".weight_scale_inv": ".weight_scale"}
+
+
 def load_model(model_config: ModelConfig, *, device: torch.device, tp: TensorParallelGroup) -> nn.Module:
     dtype = DTYPES[model_config.dtype]
     model_cls = MODEL_REGISTRY[model_config.architecture]
+    quant = model_config.quantization
     with torch.device(device):
-        model = model_cls(model_config.hf_config, dtype=dtype, tp=tp, max_positions=model_config.context_length)
+        model = model_cls(model_config.hf_config, dtype=dtype, tp=tp, max_positions=model_config.context_length,
+                          quant=quant)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for ckpt_name, tensor in iter_checkpoint(model_config.model_path):
+        for alias, name in _SCALE_ALIASES.items():
+            if ckpt_name.endswith(alias):
+                ckpt_name = ckpt_name.removesuffix(alias) + name
         target = model.checkpoint_name_to_param(ckpt_name)
         if target is None:
             continue
         name, shard_id, *expert_id = target  # expert_id: one expert's projection (MoE), else absent
         param = params.get(name)
         if param is None:
-            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {model_cls.__name__}")
+            hint = " (a quantization tensor of a layer the quantization config keeps in high precision?)" \
+                if quant is not None and "_scale" in ckpt_name else ""
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {model_cls.__name__}{hint}")
+        if (tensor.dtype == FP8) != (param.dtype == FP8):
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} is {tensor.dtype} but its layer holds {param.dtype}: "
+                             "the checkpoint's quantization_config does not describe it")
         # Each tensor takes its parameter's dtype: the model's, except parameters a model keeps in
-        # float32 whatever it runs in (DeepSeek-V3's e_score_correction_bias).
+        # float32 whatever it runs in (DeepSeek-V3's e_score_correction_bias, FP8 weights' scales).
         tensor = tensor.to(device=device, dtype=param.dtype)
         loader = getattr(param, "weight_loader", _replicated_weight_loader)
-        loader(param, tensor, *([] if shard_id is None else [shard_id]), *expert_id)
+        try:
+            loader(param, tensor, *([] if shard_id is None else [shard_id]), *expert_id)
+        except ValueError as err:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r}: {err}") from None
         loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint {model_config.model_path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            module.finish_loading()
     logger.info("loaded %s (%s, %s) on %s", model_config.architecture, model_config.model_path, model_config.dtype, device)
+    if quant is not None:
+        _log_fp8(model, quant, dtype)
     return model.eval()
+
+
+def _log_fp8(model: nn.Module, quant: Fp8Scheme, dtype: torch.dtype) -> None:
+    """Which layers are FP8 and which GEMM path they run (layers/fp8.py describes the paths)."""
+    linears = [m for m in model.modules() if isinstance(m, ParallelLinear)]
+    paths = Counter(m.gemm_path for m in linears if m.fp8 is not None)
+    kept = sum(m.fp8 is None for m in linears)
+    logger.info("FP8: %s; %s; %d linear layers kept in high precision", quant.describe(),
+                ", ".join(f"{n} layers on the {path} GEMM path" for path, n in sorted(paths.items())), kept)
+    if "dequant" in paths and any(p.device.type == "cuda" for p in model.parameters()):
+        logger.warning("FP8 on CUDA through dequantize + %s GEMM: correct but slow (block-wise weights, a GPU "
+                       "without FP8 tensor cores, or a model that is not bfloat16)", dtype)

@@ -6,25 +6,117 @@ Shapes follow torch: weight is [out_features_local, in_features_local].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.config.quantization import Fp8Scheme
+from meshserve.layers.fp8 import FP8, fp8_linear, gemm_path, quantize_per_channel
 
 
-class _ParallelLinear(nn.Module):
-    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+@dataclass(frozen=True)
+class _Cut:
+    """Where a rank's part of one checkpoint tensor goes: along `dim` (0: output rows, 1: input
+    columns), [src, src + length) of the checkpoint tensor fills [dst, dst + length) of the local
+    weight. Every parameter of the layer (bias, scales) is cut consistently from it."""
+
+    dim: int
+    dst: int
+    src: int
+    length: int
+
+
+def layer_fp8(quant: Fp8Scheme | None, module_names: list[str]) -> Fp8Scheme | None:
+    """The FP8 scheme of the linear layer holding checkpoint modules `module_names`, or None
+    when it stays in high precision."""
+    return quant if quant is not None and quant.applies_to(module_names) else None
+
+
+class ParallelLinear(nn.Module):
+    """A weight [out_local, in_local] (+ bias) and, when FP8, its scales.
+
+    FP8 parameters: `weight` float8_e4m3fn; `weight_scale` float32, one per output row
+    ([out_local, 1], per-tensor checkpoint scales widened to their rows) or one per block;
+    `input_scale` (a static activation scale) when the checkpoint has one. With online
+    quantization (`--quantization fp8`) the weight loads in high precision and
+    `finish_loading` quantizes it per row."""
+
+    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, tp: TensorParallelGroup,
+                 fp8: Fp8Scheme | None) -> None:
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
+        self.fp8 = fp8
+        stored = FP8 if fp8 is not None and not fp8.online else dtype
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=stored), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False) if bias else None
-        self.weight.weight_loader = self.weight_loader
-        if self.bias is not None:
-            self.bias.weight_loader = self.weight_loader
+        self.weight_scale: nn.Parameter | None = None
+        self.input_scale: nn.Parameter | None = None
+        self.block = fp8.block if fp8 is not None else None
+        if fp8 is not None and not fp8.online:
+            rows, cols = (-(-out_local // self.block[0]), -(-in_local // self.block[1])) if self.block else (out_local, 1)
+            self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=torch.float32), requires_grad=False)
+            if fp8.static_input_scale:  # fused parts keep the largest (zeros: nothing loaded yet)
+                self.input_scale = nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=False)
+        self.gemm_path = gemm_path(self.weight.device, block=self.block, dtype=dtype) if fp8 is not None else None
+        for param in self.parameters():
+            param.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, cut: _Cut, what: str) -> None:
+        if param is self.weight:
+            _copy(param.data.narrow(cut.dim, cut.dst, cut.length), loaded.narrow(cut.dim, cut.src, cut.length), what)
+        elif param is self.bias:  # along the output rows; whole when the cut is along the input
+            rows = _Cut(0, 0, 0, loaded.shape[0]) if cut.dim == 1 else cut
+            _copy(param.data.narrow(0, rows.dst, rows.length), loaded.narrow(0, rows.src, rows.length), f"{what} bias")
+        elif param is self.input_scale:
+            param.data.copy_(torch.maximum(param.data, loaded.reshape(())))
+        elif self.block is not None:
+            self._load_block_scale(param.data, loaded, cut, what)
+        elif loaded.numel() == 1:  # a per-tensor scale: every row of this part gets it
+            rows = param.data if cut.dim == 1 else param.data.narrow(0, cut.dst, cut.length)
+            rows.fill_(loaded.reshape(()).item())
+        else:  # per channel: the rows of the weight's rows
+            loaded = loaded.reshape(-1, 1)
+            if cut.dim == 1:
+                _copy(param.data, loaded, f"{what} weight_scale")
+            else:
+                _copy(param.data.narrow(0, cut.dst, cut.length), loaded.narrow(0, cut.src, cut.length),
+                      f"{what} weight_scale")
+
+    def _load_block_scale(self, scale: torch.Tensor, loaded: torch.Tensor, cut: _Cut, what: str) -> None:
+        """Block scales follow the weight's cut in whole blocks: a cut must start on a block
+        boundary and cover whole blocks, except that a tensor's last, partial block may end it
+        (on one rank, or on the last rank when both the checkpoint and the local weight end there)."""
+        b = self.block[cut.dim]
+        first, count = cut.dst // b, -(-cut.length // b)
+        src_first = cut.src // b
+        ends_both = src_first + count == loaded.shape[cut.dim] and cut.dst + cut.length == self.weight.shape[cut.dim]
+        if cut.dst % b or cut.src % b or (cut.length % b and not ends_both):
+            side = "output rows" if cut.dim == 0 else "input columns"
+            raise ValueError(
+                f"{what}: FP8 blocks of {self.block[0]}x{self.block[1]} do not divide this rank's {side} "
+                f"[{cut.src}, {cut.src + cut.length}) under tensor parallelism {self.tp.size}; use a tp size whose "
+                f"shards are multiples of {b}")
+        _copy(scale.narrow(cut.dim, first, count), loaded.narrow(cut.dim, src_first, count), f"{what} block scales")
+
+    def finish_loading(self) -> None:
+        """After every checkpoint tensor is in: quantize an online-FP8 weight per output row."""
+        if self.fp8 is None or not self.fp8.online:
+            return
+        w8, scale = quantize_per_channel(self.weight.data)
+        self.weight = nn.Parameter(w8, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fp8 is None:
+            return F.linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, path=self.gemm_path, bias=bias, block=self.block,
+                          input_scale=self.input_scale, activation_ub=self.fp8.activation_scale_ub)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -33,20 +125,21 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src)
 
 
-class ColumnParallelLinear(_ParallelLinear):
+class ColumnParallelLinear(ParallelLinear):
     """Output features split over ranks; the output stays sharded (no communication)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE) -> None:
-        _, out_local = tp.shard(out_features)
-        super().__init__(in_features, out_local, bias, dtype, tp)
+                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 fp8: Fp8Scheme | None = None) -> None:
+        self.out_start, out_local = tp.shard(out_features)
+        super().__init__(in_features, out_local, bias, dtype, tp, fp8)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        start, length = self.tp.shard(loaded.shape[0])
-        _copy(param.data, loaded.narrow(0, start, length), "column-parallel weight")
+        length = self.weight.shape[0]
+        self._load(param, loaded, _Cut(0, 0, self.out_start, length), "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -54,15 +147,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     Each rank holds its shard of every part, parts concatenated in order."""
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE) -> None:
-        super().__init__(in_features, sum(output_sizes), bias=bias, dtype=dtype, tp=tp)
+                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 fp8: Fp8Scheme | None = None) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias, dtype=dtype, tp=tp, fp8=fp8)
         self.local_sizes = [tp.shard(size)[1] for size in output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:  # type: ignore[override]
-        offset = sum(self.local_sizes[:shard_id])
         length = self.local_sizes[shard_id]
-        start = self.tp.rank * length
-        _copy(param.data.narrow(0, offset, length), loaded.narrow(0, start, length), f"merged part {shard_id}")
+        cut = _Cut(0, sum(self.local_sizes[:shard_id]), self.tp.rank * length, length)
+        self._load(param, loaded, cut, f"merged part {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -72,7 +165,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     consecutive ranks (rank r holds KV head r * num_kv_heads // tp)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, *,
-                 bias: bool = False, dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE) -> None:
+                 bias: bool = False, dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 fp8: Fp8Scheme | None = None) -> None:
         if num_heads % tp.size:
             raise ValueError(f"{num_heads} attention heads do not divide over tensor-parallel size {tp.size}")
         if num_kv_heads >= tp.size and num_kv_heads % tp.size:
@@ -85,7 +179,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.total_kv_heads = num_kv_heads
         q_size = self.num_heads * head_dim
         kv_size = self.num_kv_heads * head_dim
-        _ParallelLinear.__init__(self, hidden_size, q_size + 2 * kv_size, bias, dtype, tp)
+        ParallelLinear.__init__(self, hidden_size, q_size + 2 * kv_size, bias, dtype, tp, fp8)
         self.q_size, self.kv_size = q_size, kv_size
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:  # type: ignore[override]
@@ -97,25 +191,22 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_head = self.tp.rank * self.total_kv_heads // self.tp.size if self.total_kv_heads < self.tp.size \
                 else self.tp.rank * self.num_kv_heads
             start = kv_head * self.head_dim
-        _copy(param.data.narrow(0, offset, length), loaded.narrow(0, start, length), f"qkv part {shard_id}")
+        self._load(param, loaded, _Cut(0, offset, start, length), f"qkv part {shard_id}")
 
 
-class RowParallelLinear(_ParallelLinear):
+class RowParallelLinear(ParallelLinear):
     """Input features split over ranks; partial outputs are summed with one all-reduce.
     The bias is added once, after the reduction."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE) -> None:
-        _, in_local = tp.shard(in_features)
-        super().__init__(in_local, out_features, bias, dtype, tp)
+                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 fp8: Fp8Scheme | None = None) -> None:
+        self.in_start, in_local = tp.shard(in_features)
+        super().__init__(in_local, out_features, bias, dtype, tp, fp8)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if param is self.bias:
-            _copy(param.data, loaded, "row-parallel bias")
-            return
-        start, length = self.tp.shard(loaded.shape[1])
-        _copy(param.data, loaded.narrow(1, start, length), "row-parallel weight")
+        self._load(param, loaded, _Cut(1, 0, self.in_start, self.weight.shape[1]), "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self._matmul(x, None))
         return out if self.bias is None else out + self.bias

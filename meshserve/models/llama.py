@@ -12,11 +12,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.layer import AttentionLayer
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, layer_fp8
 from meshserve.layers.moe.experts import expert_checkpoint_target
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
@@ -24,15 +25,19 @@ from meshserve.layers.rotary import RotaryEmbedding
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallelGroup,
-                 intermediate_size: int | None = None) -> None:
-        """`intermediate_size` overrides the config's (MoE models' dense layers and shared experts)."""
+                 intermediate_size: int | None = None, *, quant: Fp8Scheme | None = None, prefix: str = "") -> None:
+        """`intermediate_size` overrides the config's (MoE models' dense layers and shared experts);
+        `prefix` is the checkpoint module name (`model.layers.3.mlp`), which FP8 skip lists name."""
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
         bias = getattr(config, "mlp_bias", False)
         size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=bias, dtype=dtype, tp=tp)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, dtype=dtype, tp=tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size] * 2, bias=bias, dtype=dtype, tp=tp,
+            fp8=layer_fp8(quant, [f"{prefix}.gate_proj", f"{prefix}.up_proj"]))
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, dtype=dtype, tp=tp,
+                                           fp8=layer_fp8(quant, [f"{prefix}.down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -40,14 +45,17 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
+        prefix = f"model.layers.{layer_id}.self_attn"  # checkpoint module names, which FP8 skip lists name
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads, num_kv_heads,
-                                          bias=self.qkv_bias(config), dtype=dtype, tp=tp)
+                                          bias=self.qkv_bias(config), dtype=dtype, tp=tp,
+                                          fp8=layer_fp8(quant, [f"{prefix}.{p}_proj" for p in "qkv"]))
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=self.o_bias(config), dtype=dtype, tp=tp)
+                                        bias=self.o_bias(config), dtype=dtype, tp=tp,
+                                        fp8=layer_fp8(quant, [f"{prefix}.o_proj"]))
         self.attn = AttentionLayer(layer_id, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                                    scaling=head_dim**-0.5, rotary=rotary)
         self.head_dim = head_dim
@@ -77,10 +85,11 @@ class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, tp)
-        self.mlp = self.make_mlp(config, layer_id, dtype, tp)
+        self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, tp, quant)
+        self.mlp = self.make_mlp(config, layer_id, dtype, tp) if quant is None \
+            else self.make_fp8_mlp(config, layer_id, dtype, tp, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
@@ -88,6 +97,13 @@ class LlamaDecoderLayer(nn.Module):
     def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
         """The layer's MLP: dense here; MoE models choose per layer (models/moe.py)."""
         return LlamaMLP(config, dtype, tp)
+
+    def make_fp8_mlp(self, config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup,
+                     quant: Fp8Scheme) -> nn.Module:
+        """The layer's MLP with FP8 weights: dense models only (FP8 MoE experts are not built)."""
+        if type(self).make_mlp is not LlamaDecoderLayer.make_mlp:
+            raise ValueError(f"FP8 weights in {type(self).__name__}'s MoE layers are not supported yet")
+        return LlamaMLP(config, dtype, tp, quant=quant, prefix=f"model.layers.{layer_id}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,14 +130,14 @@ class LlamaForCausalLM(nn.Module):
     )
 
     def __init__(self, config: PretrainedConfig, *, dtype: torch.dtype, tp: TensorParallelGroup,
-                 max_positions: int) -> None:
+                 max_positions: int, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(config, head_dim, max_positions)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
         self.layers = nn.ModuleList(
-            self.layer_cls(config, i, rotary, dtype, tp) for i in range(config.num_hidden_layers))
+            self.layer_cls(config, i, rotary, dtype, tp, quant) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
         if getattr(config, "tie_word_embeddings", False):

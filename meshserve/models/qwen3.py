@@ -6,6 +6,7 @@ import torch
 from transformers import PretrainedConfig
 
 from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
 from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
@@ -13,8 +14,8 @@ from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCa
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
-        super().__init__(config, layer_id, rotary, dtype, tp)
+                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
+        super().__init__(config, layer_id, rotary, dtype, tp, quant)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
 

@@ -1,0 +1,119 @@
+"""Tiny FP8 checkpoints of each layout meshserve reads, made from a tiny random model, and the
+same model with the FP8 weights dequantized written as a plain checkpoint (what transformers
+loads as the reference).
+
+The quantization here is written independently of meshserve.layers.fp8 (explicit loops over
+rows and blocks), so a bug in meshserve's dequantization or scale sharding cannot hide on both
+sides of a comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One checkpoint layout: how weights are scaled and what quantization_config says."""
+
+    name: str
+    granularity: str  # "tensor" | "channel" | "block"
+    quantization_config: dict
+    block: tuple[int, int] | None = None
+    scale_name: str = "weight_scale"
+    static_input_scale: bool = False
+    keep: tuple[str, ...] = field(default=())  # module names written in high precision
+
+
+def _fbgemm() -> Layout:
+    # As Llama-3.1-405B-Instruct-FP8: per-channel weights; layer 0's attention kept in bf16.
+    keep = tuple(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return Layout("fbgemm_fp8", "channel", {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                            "modules_to_not_convert": [*keep, "lm_head"]}, keep=keep)
+
+
+def _compressed_tensors(strategy: str) -> Layout:
+    static = strategy == "tensor"
+    inputs = ({"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor"} if static
+              else {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"})
+    config = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+              "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": inputs,
+                                            "weights": {"num_bits": 8, "type": "float", "symmetric": True,
+                                                        "dynamic": False, "strategy": strategy}}},
+              "ignore": ["lm_head", r"re:model\.layers\.1\.mlp\.down_proj"]}
+    return Layout(f"compressed-tensors-{strategy}", strategy, config, static_input_scale=static,
+                  keep=("model.layers.1.mlp.down_proj",))
+
+
+def _block(size: int) -> Layout:
+    # DeepSeek-V3's layout with a block small enough for the tiny model's 16-wide shards.
+    return Layout(f"block-{size}", "block", {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [size, size]},
+                  block=(size, size), scale_name="weight_scale_inv")
+
+
+LAYOUTS = {layout.name: layout for layout in
+           (_fbgemm(), _compressed_tensors("tensor"), _compressed_tensors("channel"), _block(16))}
+
+
+def _quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp8 weight, scale as the checkpoint stores it, dequantized float32 weight)."""
+    out, inp = w.shape
+    if layout.granularity == "tensor":
+        scales = torch.full((out, inp), float(w.abs().max()) / FP8_MAX)
+        stored = scales[:1, 0].clone()  # shape [1]
+    elif layout.granularity == "channel":
+        scales = torch.empty(out, inp)
+        for r in range(out):
+            scales[r] = float(w[r].abs().max()) / FP8_MAX
+        stored = scales[:, :1].clone()  # [out, 1]
+    else:
+        bn, bk = layout.block
+        stored = torch.empty(-(-out // bn), -(-inp // bk))
+        scales = torch.empty(out, inp)
+        for i in range(stored.shape[0]):
+            for j in range(stored.shape[1]):
+                tile = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+                stored[i, j] = float(tile.abs().max()) / FP8_MAX
+                scales[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = stored[i, j]
+    w8 = (w / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w8, stored.float(), w8.float() * scales
+
+
+def make_fp8_checkpoint(src: Path, fp8_dir: Path, dequant_dir: Path, layout: Layout) -> tuple[Path, Path]:
+    """From the float32 model in `src`: `fp8_dir` (FP8 linears + quantization_config) and
+    `dequant_dir` (the same model with those weights dequantized, no quantization_config)."""
+    for d in (fp8_dir, dequant_dir):
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    fp8_tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module.split(".")[-1] in LINEARS and module not in layout.keep:
+                    w8, scale, dequant = _quantize(tensor, layout)
+                    fp8_tensors[name], fp8_tensors[f"{module}.{layout.scale_name}"] = w8, scale
+                    if layout.static_input_scale:  # any positive scale: the CPU path does not use it
+                        fp8_tensors[f"{module}.input_scale"] = torch.tensor([0.05 + 0.01 * len(fp8_tensors)])
+                    plain[name] = dequant
+                else:
+                    fp8_tensors[name] = plain[name] = tensor
+    save_file(fp8_tensors, str(fp8_dir / "model.safetensors"))
+    save_file(plain, str(dequant_dir / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = layout.quantization_config
+    (fp8_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return fp8_dir, dequant_dir
