@@ -87,6 +87,20 @@ def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, default_model_d
     return make_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_qwen3_moe"), tokenizer_dir=default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_deepseek_v2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    from tests.models import make_tiny_deepseek_v2
+
+    return make_tiny_deepseek_v2(tmp_path_factory.mktemp("tiny_deepseek_v2"), tokenizer_dir=default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v3_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    from tests.models import make_tiny_deepseek_v3
+
+    return make_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny_deepseek_v3"), tokenizer_dir=default_model_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # Real servers (python -m meshserve.launch_server --device cpu) for the HTTP integration tests
 # --------------------------------------------------------------------------------------------

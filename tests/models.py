@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
     GenerationConfig,
     LlamaConfig,
     MixtralConfig,
@@ -151,6 +153,32 @@ def make_tiny_qwen3_moe(path: Path | str, *, tokenizer_dir: Path | None = None) 
     return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
 
 
+def _mla(num_layers: int) -> dict:
+    """MLA and routed-expert shapes shared by the DeepSeek configs: 4 heads, latent 32, rope 8
+    (head_dim is the rope part, as transformers sets it)."""
+    return dict(**{**_common(num_layers, 4, False), "head_dim": 8}, kv_lora_rank=32, qk_rope_head_dim=8,
+                qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=MOE_INTERMEDIATE, first_k_dense_replace=1,
+                n_shared_experts=1, num_experts_per_tok=2)
+
+
+def make_tiny_deepseek_v3(path: Path | str, *, tokenizer_dir: Path | None = None) -> Path:
+    """Tiny DeepSeek-V3: 3 layers (the first dense), MLA with q_lora_rank, YaRN rope, 8 experts
+    in 4 groups (top-2 groups, top-2 experts, sigmoid + correction bias), one shared expert."""
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 512,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    config = DeepseekV3Config(**_mla(3), q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2,
+                              routed_scaling_factor=2.5, norm_topk_prob=True, rope_parameters=yarn)
+    return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
+
+
+def make_tiny_deepseek_v2(path: Path | str, *, tokenizer_dir: Path | None = None) -> Path:
+    """Tiny DeepSeek-V2: 2 layers (the first dense), MLA without q_lora_rank, 8 experts in 4
+    groups (group-limited greedy softmax), one shared expert, default rope."""
+    config = DeepseekV2Config(**_mla(2), q_lora_rank=None, n_routed_experts=8, n_group=4, topk_group=2,
+                              topk_method="group_limited_greedy", routed_scaling_factor=1.5)
+    return _build(config, path, sharded=False, tokenizer_dir=tokenizer_dir)
+
+
 def _build(
     config: PretrainedConfig, path: Path | str, *, sharded: bool, tokenizer_dir: Path | None
 ) -> Path:
@@ -176,6 +204,9 @@ def _randomize_small_params(model: torch.nn.Module) -> None:
     transformers initialises RMSNorm weights to 1 and biases to 0, which would let an engine that
     ignores them (e.g. forgets q_norm or the qkv bias) still match the reference.
     """
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: zero would hide an ignored bias
+            buffer.normal_(0.0, 0.1)
     for name, param in model.named_parameters():
         if param.ndim == 1:
             if name.endswith("bias"):

@@ -10,6 +10,11 @@ page: it fills its last page before taking a new one, and prefix caches share wh
 
 Page 0 is never handed out; slot 0 is the write target for padding entries (a CUDA-graph batch
 padded to a captured size), so padding can never overwrite a live request's cache.
+
+Two layouts per token and layer: K and V of `num_kv_heads` heads of `head_dim` each (two buffers),
+or MLA's latent layout (`latent_v_dim`): one buffer of one head holding [c_kv | k_rope] (head_dim =
+kv_lora_rank + qk_rope_head_dim), whose leading latent_v_dim (= kv_lora_rank) features are also
+the values — `v[layer]` is a view into `k[layer]`, with K's strides, and takes no memory.
 """
 
 from __future__ import annotations
@@ -20,29 +25,41 @@ import torch
 
 class KVPool:
     def __init__(self, *, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, page_size: int = 1) -> None:
-        """`size` tokens, rounded down to whole pages, plus the reserved page 0."""
+                 dtype: torch.dtype, device: torch.device, page_size: int = 1,
+                 latent_v_dim: int | None = None) -> None:
+        """`size` tokens, rounded down to whole pages, plus the reserved page 0. With
+        `latent_v_dim`, the MLA layout (see the module docstring)."""
         if size < page_size:
             raise ValueError(f"KV pool needs at least one page of {page_size} slots, got {size}")
         self.page_size = page_size
         self.num_pages = size // page_size  # allocatable pages: 1 .. num_pages
         self.size = self.num_pages * page_size  # allocatable slots, in tokens (the scheduler's unit)
         shape = ((self.num_pages + 1) * page_size, num_kv_heads, head_dim)
+        if latent_v_dim is not None and (num_kv_heads != 1 or not 0 < latent_v_dim <= head_dim):
+            raise ValueError(f"the latent KV layout has one head whose first {latent_v_dim} of {head_dim} "
+                             f"features are the values; got {num_kv_heads} heads")
+        self.latent_v_dim = latent_v_dim
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [k[..., :latent_v_dim] for k in self.k] if latent_v_dim is not None else \
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.bytes_per_slot = self.bytes_per_token(num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                                   head_dim=head_dim, dtype=dtype)
+                                                   head_dim=head_dim, dtype=dtype, latent=latent_v_dim is not None)
         self.device = device
         self._offsets = torch.arange(page_size, dtype=torch.int64)
         self.clear()
 
     @staticmethod
-    def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        latent: bool = False) -> int:
+        buffers = 1 if latent else 2
+        return buffers * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def layer_buffers(self) -> list[torch.Tensor]:
-        """Every KV buffer, K then V of each layer: [num_slots, kv heads, head_dim] each, slot s
-        (of page s // page_size) at row s — what a KV transfer registers and addresses."""
+        """Every KV buffer, K then V of each layer (K alone in the latent layout, where V lies in
+        it): [num_slots, kv heads, head_dim] each, slot s (of page s // page_size) at row s — what a
+        KV transfer registers and addresses."""
+        if self.latent_v_dim is not None:
+            return list(self.k)
         return [t for layer in zip(self.k, self.v) for t in layer]
 
     @property
@@ -108,7 +125,8 @@ class KVPool:
         """Slot slots[i] of `layer` gets k[i] and v[i] ([T, kv heads, head_dim] each). On CUDA the
         attention layer writes with the rotary kernel instead (kernels/rotary.py)."""
         self.k[layer][slots] = k
-        self.v[layer][slots] = v
+        if self.latent_v_dim is None:  # latent layout: v is k's leading features, already written
+            self.v[layer][slots] = v
 
     def clear(self) -> None:
         """Forget every allocation (flush). Only valid when no request holds slots."""

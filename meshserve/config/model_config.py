@@ -62,6 +62,29 @@ class ModelConfig:
         explicit = getattr(self.hf_config, "head_dim", None)
         return explicit or self.hf_config.hidden_size // self.num_heads
 
+    # The KV cache per token and layer. Multi-head latent attention (DeepSeek-V2/V3: the config
+    # has kv_lora_rank) caches one latent "head" [c_kv | k_rope], the same on every rank, and
+    # reads its values out of c_kv (KVPool's latent layout); other models cache K and V of
+    # their KV heads, split over the attention-TP ranks (each replicated when fewer than ranks).
+
+    @property
+    def is_mla(self) -> bool:
+        return getattr(self.hf_config, "kv_lora_rank", None) is not None
+
+    def kv_heads_per_rank(self, attn_tp_size: int) -> int:
+        return 1 if self.is_mla else max(1, self.num_kv_heads // attn_tp_size)
+
+    @property
+    def kv_head_dim(self) -> int:
+        if self.is_mla:
+            return self.hf_config.kv_lora_rank + self.hf_config.qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def kv_latent_v_dim(self) -> int | None:
+        """MLA: the values are the first kv_lora_rank features of the cached key."""
+        return self.hf_config.kv_lora_rank if self.is_mla else None
+
     @classmethod
     def from_server_args(cls, args: ServerArgs) -> ModelConfig:
         from meshserve.config.default_model import DEFAULT_MODEL_NAME, default_model_path

@@ -17,7 +17,8 @@ from pathlib import Path
 # the list lives here, torch-free, so the check above needs no torch (a unit test keeps the two equal).
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
 

@@ -16,6 +16,7 @@ from meshserve.executor.forward_batch import ForwardBatch, ForwardMode, HostLens
 from meshserve.executor.host_copy import to_device_async
 from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
+from meshserve.layers.attention.base import AttentionBackend
 
 logger = logging.getLogger("meshserve")
 
@@ -55,13 +56,13 @@ class ModelRunner:
         self.max_total_tokens = tp.min_over_ranks(self._kv_capacity(args))
         self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
-                              num_kv_heads=self._local_kv_heads, head_dim=model_config.head_dim,
-                              dtype=DTYPES[model_config.dtype], device=device, page_size=args.cache.page_size)
+                              num_kv_heads=self._local_kv_heads, head_dim=model_config.kv_head_dim,
+                              dtype=DTYPES[model_config.dtype], device=device, page_size=args.cache.page_size,
+                              latent_v_dim=model_config.kv_latent_v_dim)
         # +1 column: a request may hold KV for every position below the context length.
         self.req_to_token = ReqToTokenPool(max_requests=self.max_running_requests,
                                            max_context=model_config.context_length + 1, device=device)
-        self.attn_backend = create_attention_backend(
-            args.scheduler.attention_backend or default_attention_backend(device.type))
+        self.attn_backend = self._attention_backend(args.scheduler.attention_backend, device)
         # Each request row's newest sampled token: the input of its next decode step.
         self.last_tokens = torch.zeros(self.max_running_requests, dtype=torch.int64, device=device)
         self._step_rows: torch.Tensor | None = None  # request rows of the last forward step (device)
@@ -74,13 +75,26 @@ class ModelRunner:
             logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
             self.graphs.capture()
 
+    def _attention_backend(self, requested: str | None, device: torch.device) -> AttentionBackend:
+        """--attention-backend, or the device's default; multi-head latent attention needs a
+        backend that reads the latent KV layout (the default falls back to torch_native)."""
+        backend = create_attention_backend(requested or default_attention_backend(device.type))
+        if self.model_config.is_mla and not backend.supports_latent_kv:
+            if requested is not None:
+                raise ValueError(f"--attention-backend {requested} cannot run multi-head latent attention "
+                                 f"({self.model_config.architecture}); use --attention-backend torch_native")
+            logger.info("multi-head latent attention: using the torch_native attention backend")
+            backend = create_attention_backend("torch_native")
+        return backend
+
     @property
     def _local_kv_heads(self) -> int:
-        return max(1, self.model_config.num_kv_heads // self.tp.size)
+        return self.model_config.kv_heads_per_rank(self.tp.size)
 
     def _kv_capacity(self, args: ServerArgs) -> int:
         per_token = KVPool.bytes_per_token(num_layers=self.model_config.num_layers, num_kv_heads=self._local_kv_heads,
-                                           head_dim=self.model_config.head_dim, dtype=DTYPES[self.model_config.dtype])
+                                           head_dim=self.model_config.kv_head_dim, dtype=DTYPES[self.model_config.dtype],
+                                           latent=self.model_config.is_mla)
         if args.cache.max_total_tokens is not None:
             return args.cache.max_total_tokens
         if self.device.type == "cpu":

@@ -210,3 +210,17 @@ class RowParallelLinear(ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tp.all_reduce(self._matmul(x, None))
         return out if self.bias is None else out + self.bias
+
+
+class ReplicatedLinear(nn.Module):
+    """A projection every rank holds whole and computes alike (MLA's down-projections): no
+    communication; the checkpoint tensor loads as it is."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

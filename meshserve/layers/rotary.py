@@ -13,12 +13,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 def _default_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    base = _rope_parameters(config).get("rope_theta", 10000.0)
+    base = rope_parameters(config).get("rope_theta", 10000.0)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
     return 1.0 / (base**exponents), 1.0
 
 
-def _rope_parameters(config: PretrainedConfig) -> dict:
+def rope_parameters(config: PretrainedConfig) -> dict:
+    """The config's rope settings (rope_parameters, or the older rope_scaling + rope_theta)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
         params = {**params, "rope_theta": config.rope_theta}
@@ -28,7 +29,7 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        rope_type = _rope_parameters(config).get("rope_type", "default")
+        rope_type = rope_parameters(config).get("rope_type", "default")
         if rope_type == "default":
             inv_freq, scaling = _default_inv_freq(config, head_dim)  # on the CPU
         elif rope_type in ROPE_INIT_FUNCTIONS:

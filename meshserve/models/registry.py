@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from meshserve.models.deepseek import DeepseekForCausalLM
 from meshserve.models.llama import LlamaForCausalLM
 from meshserve.models.mixtral import MixtralForCausalLM
 from meshserve.models.qwen2 import Qwen2ForCausalLM
@@ -18,4 +19,6 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,
 }

@@ -1,6 +1,7 @@
 """Mixture-of-experts models from Hugging Face directories: greedy output equal to transformers'
 own classes on the same tiny random weights, through the real scheduler (chunked prefill, the
-radix cache, pages)."""
+radix cache, pages). DeepSeek-V2/V3 run multi-head latent attention over the compressed (latent)
+KV cache."""
 
 from __future__ import annotations
 
@@ -28,9 +29,16 @@ def _generate(model_dir, prompts, *extra) -> list[list[int]]:
     return [output_ids(outs[str(i)]) for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
-@pytest.mark.parametrize("extra", [(), ("--chunked-prefill-size", "7", "--page-size", "4")],
-                         ids=["default", "chunked-7-page-4"])
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("mixtral", ()),
+    ("qwen2_moe", ()),
+    ("qwen3_moe", ("--chunked-prefill-size", "7", "--page-size", "4")),
+    ("deepseek_v2", ()),
+    ("deepseek_v3", ()),
+    # The latent cache read back across chunk and page boundaries, decodes riding in prefills.
+    ("deepseek_v3", ("--chunked-prefill-size", "7", "--page-size", "4", "--enable-mixed-chunk")),
+], ids=["mixtral", "qwen2_moe", "qwen3_moe-chunked-7-page-4", "deepseek_v2", "deepseek_v3",
+        "deepseek_v3-chunked-7-page-4-mixed"])
 def test_moe_models_match_transformers(request, arch, extra, prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     assert _generate(model_dir, prompts, *extra) == hf_greedy(model_dir, prompts, NEW_TOKENS)

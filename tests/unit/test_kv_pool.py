@@ -65,3 +65,19 @@ def test_host_copy_follows_the_table_through_extends_decodes_and_reuse():
     pool.assign(again, 0, torch.tensor([7, 8, 9]))
     assert again == row and pool.slots(again, 3).tolist() == [7, 8, 9]
     assert torch.equal(copy, prompt)  # slots() hands out copies: reuse of the row cannot change them
+
+
+def test_latent_layout_stores_one_buffer_whose_leading_features_are_the_values():
+    """MLA: one head of [c_kv | k_rope] per token and layer; V is a view of K's first features."""
+    pool = KVPool(size=8, num_layers=2, num_kv_heads=1, head_dim=6, dtype=torch.float32,
+                  device=torch.device("cpu"), latent_v_dim=4)
+    assert pool.bytes_per_slot == 2 * 6 * 4  # layers x head_dim x float32: no separate V
+    assert pool.layer_buffers() == pool.k
+    k = torch.arange(2 * 6, dtype=torch.float32).view(2, 1, 6)
+    slots = torch.tensor([3, 5])
+    pool.write(1, slots, k, k[..., :4])
+    assert torch.equal(pool.k[1][slots], k) and torch.equal(pool.v[1][slots], k[..., :4])
+    assert pool.v[1].data_ptr() == pool.k[1].data_ptr()
+    with pytest.raises(ValueError, match="one head"):
+        KVPool(size=8, num_layers=1, num_kv_heads=2, head_dim=6, dtype=torch.float32, device=torch.device("cpu"),
+               latent_v_dim=4)

@@ -21,6 +21,9 @@ class AttentionBackend(ABC):
     # True when decode() reads only device tensors of the ForwardBatch (never `batch.host`), so a
     # decode step can be captured once in a CUDA graph and replayed.
     supports_cuda_graph = False
+    # True when the backend accepts values narrower than keys (AttentionLayer.v_head_dim) read
+    # from KVPool's latent layout: multi-head latent attention.
+    supports_latent_kv = False
 
     def forward(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -28,10 +28,11 @@ QUERY_BLOCK = 1024  # bounds the causal mask of a prompt to [QUERY_BLOCK, keys] 
 
 
 class TorchNativeBackend(AttentionBackend):
+    supports_latent_kv = True
     def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
         assert batch.host is not None
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:2], layer.v_head_dim)
         self._attend_single_tokens(layer, q, batch, out)
         k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         start = 0
@@ -50,7 +51,7 @@ class TorchNativeBackend(AttentionBackend):
     def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, _ = layer.store_new_tokens(positions, q, k, v, batch)
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:2], layer.v_head_dim)
         self._attend_single_tokens(layer, q, batch, out)
         return out
 
