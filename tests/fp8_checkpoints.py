@@ -117,3 +117,7 @@ def make_fp8_checkpoint(src: Path, fp8_dir: Path, dequant_dir: Path, layout: Lay
     config["quantization_config"] = layout.quantization_config
     (fp8_dir / "config.json").write_text(json.dumps(config, indent=2))
     return fp8_dir, dequant_dir
+
+
+# What `--quantization fp8` does to a plain checkpoint on one rank: every linear layer per channel.
+ONLINE = Layout("online-fp8", "channel", {"quant_method": "fbgemm_fp8"})
