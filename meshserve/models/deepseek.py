@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.attention.layer import AttentionLayer
 from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -66,8 +67,10 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 class DeepseekMLA(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup) -> None:
+                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
+        if quant is not None:
+            raise ValueError("FP8 weights in DeepSeek's latent attention are not supported yet")
         if config.num_attention_heads % tp.size:
             raise ValueError(f"{config.num_attention_heads} attention heads do not divide over "
                              f"tensor-parallel size {tp.size}")

@@ -95,7 +95,7 @@ class LlamaDecoderLayer(nn.Module):
 
     @staticmethod
     def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
-        """The layer's MLP: dense here; MoE models choose per layer (models/moe.py)."""
+        """The layer's MLP: dense here; MoE models choose per layer (mixtral.py, qwen_moe.py, deepseek.py)."""
         return LlamaMLP(config, dtype, tp)
 
     def make_fp8_mlp(self, config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup,
