@@ -9,7 +9,9 @@ is (each rank's partial outputs are summed by the block's all-reduce). The check
 tensor per expert and projection; `weight_loader(param, loaded, shard_id, expert_id)` places it
 (shard_id: "w1" gate, "w3" up, "w2" down), so model code never does rank arithmetic.
 
-Compute: plain PyTorch, one matmul pair per expert that received tokens.
+Compute: on CUDA two grouped-GEMM Triton kernels over the (token, expert) pairs sorted by expert
+(grouped_gemm.py; no host synchronisation, so decode steps run in CUDA graphs); elsewhere plain
+PyTorch, one matmul pair per expert that received tokens (the reference).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, ids [T, top_k] -> sum over each token's experts of weight * expert(x),
         [T, H] in x's dtype. With moe_tp each rank returns its partial sum (the caller reduces)."""
+        if x.is_cuda:
+            from meshserve.layers.moe.grouped_gemm import fused_experts
+
+            return fused_experts(x, self.w13, self.w2, weights, ids)
         return experts_reference(x, self.w13, self.w2, weights, ids)
 
 

@@ -1,0 +1,107 @@
+"""The routed experts on the GPU: two grouped GEMMs in Triton over the (token, expert) pairs
+sorted by expert, with the activation between them.
+
+    pairs sorted by expert, each expert's run padded to whole BLOCK_M blocks
+    GEMM 1: h[pair]  = x[pair // top_k] @ w13[expert]^T          [pairs, 2I]
+            a[pair]  = silu(h_gate) * h_up                         [pairs, I]
+    GEMM 2: y[pair]  = weight[pair] * (a[pair] @ w2[expert]^T)     [pairs, H]
+    out[t]  = sum over t's top_k pairs of y                        [T, H]
+
+Each program computes one BLOCK_M × BLOCK_N tile of one block, which belongs to one expert, so
+it streams that expert's weights once for up to BLOCK_M tokens. No host value is read: the grid
+is sized for the worst padding (every expert's last block partly empty) and programs past the
+real number of blocks return at once, so a decode step stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from meshserve.layers.activation import silu_and_mul
+from meshserve.layers.attention.triton_paged import dot_precision
+
+BLOCK_M = 16  # decode batches give each expert a few tokens; small blocks waste little padding
+BLOCK_N = 64
+BLOCK_K = 64
+
+
+@triton.jit
+def _grouped_gemm(
+    A, W, C, SortedPairs, BlockExpert, NumBlocks, PairWeights,
+    num_pairs, N, K, stride_am, stride_we, stride_wn, stride_wk, stride_cm,
+    TOP_K: tl.constexpr, ROWS_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m >= tl.load(NumBlocks):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(SortedPairs + offs_m)  # padding entries hold num_pairs
+    valid = pairs < num_pairs
+    rows = pairs // TOP_K if ROWS_PER_TOKEN else pairs  # GEMM 1 reads the token's row, GEMM 2 the pair's
+    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    if WEIGHTED:
+        acc *= tl.load(PairWeights + pairs, mask=valid, other=0.0)[:, None]
+    tl.store(C + pairs[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
+             mask=valid[:, None] & mask_n[None, :])
+
+
+def sort_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, expert) pairs (pair p = token p // top_k's (p % top_k)-th choice) ordered by expert,
+    each expert's run padded to whole blocks of block_m. Returns (sorted_pairs [max_blocks *
+    block_m], padding = number of pairs; block_expert [max_blocks]; num_blocks [1]) — all on
+    the device, computed without reading anything back to the host."""
+    flat = ids.flatten()
+    pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m
+    block_end = blocks.cumsum(0)  # exclusive end block of each expert's run
+    max_blocks = pairs + num_experts  # at least sum(ceil(count / block_m)) for block_m >= 1
+    order = flat.argsort(stable=True)
+    expert_sorted = flat[order]
+    run_start = counts.cumsum(0) - counts
+    dest = (block_end - blocks)[expert_sorted] * block_m + torch.arange(pairs, device=ids.device) - run_start[expert_sorted]
+    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int64, device=ids.device)
+    sorted_pairs[dest] = order
+    block_expert = torch.searchsorted(block_end, torch.arange(max_blocks, device=ids.device), right=True)
+    return sorted_pairs, block_expert.clamp_(max=num_experts - 1), block_end[-1:]
+
+
+def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
+          num_blocks: torch.Tensor, pair_weights: torch.Tensor | None, top_k: int, rows_per_token: bool) -> None:
+    n, k = w.shape[1], w.shape[2]
+    grid = (block_expert.numel(), triton.cdiv(n, BLOCK_N))
+    _grouped_gemm[grid](
+        a, w, out, sorted_pairs, block_expert, num_blocks, out if pair_weights is None else pair_weights,
+        out.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
+        TOP_K=top_k, ROWS_PER_TOKEN=rows_per_token, WEIGHTED=pair_weights is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=dot_precision(a.dtype))
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """Same contract as experts.experts_reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
+    weights/ids [T, top_k] -> [T, H] in x's dtype."""
+    tokens, top_k = ids.shape
+    assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
+    sorted_pairs, block_expert, num_blocks = sort_pairs(ids, w13.shape[0], BLOCK_M)
+    h = torch.empty(tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
+    _gemm(x, w13, h, sorted_pairs, block_expert, num_blocks, None, top_k, rows_per_token=True)
+    a = silu_and_mul(h)
+    y = torch.empty(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
+    _gemm(a, w2, y, sorted_pairs, block_expert, num_blocks, weights.flatten().float().contiguous(), top_k,
+          rows_per_token=False)
+    return y.view(tokens, top_k, -1).sum(dim=1)
