@@ -65,10 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Before torch, transformers or any rank: a wrong --model-path or --tp is told in a second.
     from meshserve.config.default_model import DefaultModelUnavailable
+    from meshserve.cluster.topology import layout_from_args
     from meshserve.config.preflight import ModelDirError, check_model_dir
 
     try:
-        check_model_dir(model_dir(args), args.parallel.tp_size)
+        check_model_dir(model_dir(args), args.parallel.tp_size, layout_from_args(args).attn_tp_size)
     except (ModelDirError, DefaultModelUnavailable) as err:
         log.error("cannot start: %s", err)
         return 1
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.shutdown(clean=False, reason=str(err))
             return 1
         log.info("starting %d scheduler rank(s) on this node: each imports torch, loads its weights, sizes its "
-                 "KV cache", args.parallel.tp_size // args.parallel.nnodes)
+                 "KV cache", layout_from_args(args).world_size // args.parallel.nnodes)
         try:
             processes = launch_schedulers(args, cluster.rendezvous)
         except Exception as err:  # noqa: BLE001 - one line for the user, the traceback at debug level

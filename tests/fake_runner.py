@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
-from meshserve.cluster.comm import SINGLE
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.forward_batch import ForwardMode
@@ -43,7 +43,7 @@ def expected_output(prompt: list[int], max_new_tokens: int) -> list[int]:
 class FakeRunner:
     def __init__(self, max_total_tokens: int, max_running_requests: int, page_size: int) -> None:
         self.device = torch.device("cpu")
-        self.tp = SINGLE
+        self.groups = ParallelGroups.single()
         self.max_running_requests = max_running_requests
         self.kv_pool = KVPool(size=max_total_tokens, num_layers=1, num_kv_heads=1, head_dim=1,
                               dtype=torch.float32, device=self.device, page_size=page_size)

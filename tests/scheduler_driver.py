@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from meshserve.cluster.comm import SINGLE
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.model_runner import ModelRunner
@@ -30,7 +30,7 @@ def build_scheduler(model_dir: Path | str, *extra_args: str, device: str = "cpu"
     args = ServerArgs.parse_args(["--model-path", str(model_dir), "--device", device, *TEST_KV_ARGS,
                                   *extra_args]).validate()
     model_config = ModelConfig.from_server_args(args)
-    runner = ModelRunner(args, model_config, device=torch.device(device), tp=SINGLE)
+    runner = ModelRunner(args, model_config, device=torch.device(device), groups=ParallelGroups.single())
     assert runner.kv_pool.page_size == args.cache.page_size, "the runner's KV pool ignores --page-size"
     return track(Scheduler(args, model_config, runner))
 

@@ -21,7 +21,8 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[list[int]], new_tokens: int,
                extra: list[str], out_file: str, device_type: str) -> None:
-    from meshserve.cluster.distributed import init_tp_group
+    from meshserve.cluster.distributed import init_parallel_groups
+    from meshserve.cluster.topology import layout_from_args
     from meshserve.config.model_config import ModelConfig
     from meshserve.config.server_args import ServerArgs
     from meshserve.executor.model_runner import ModelRunner
@@ -34,9 +35,10 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
         torch.cuda.set_device(device)
     args = ServerArgs.parse_args(["--model-path", model_dir, "--device", device_type, "--tp", str(world),
                                   *TEST_KV_ARGS, *extra])
-    tp = init_tp_group(world_size=world, rank=rank, rendezvous=f"127.0.0.1:{port}", device=device, timeout_s=120)
+    groups = init_parallel_groups(layout=layout_from_args(args), rank=rank, rendezvous=f"127.0.0.1:{port}",
+                                  device=device, timeout_s=120)
     model_config = ModelConfig.from_server_args(args)
-    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=tp))
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, groups=groups))
     outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
     if rank == 0:
         Path(out_file).write_text(json.dumps([output_ids(outs[str(i)]) for i in range(len(prompts))]))
@@ -44,8 +46,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     # static destructors at exit were seen to abort a rank ("terminate called without an active
     # exception", exit -6) even after destroy_process_group. A served rank leaves the same way
     # (os._exit in launch_server). Rank 0's output is already on disk.
-    if tp.cpu_group is not None:
-        torch.distributed.barrier(group=tp.cpu_group)
+    if groups.world.cpu_group is not None:
+        torch.distributed.barrier(group=groups.world.cpu_group)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -42,7 +42,8 @@ class OneBatchResult:
 
 
 def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results: mp.Queue | None) -> None:
-    from meshserve.cluster.distributed import init_tp_group
+    from meshserve.cluster.distributed import init_parallel_groups
+    from meshserve.cluster.layout import GroupLayout
     from meshserve.config.model_config import ModelConfig
     from meshserve.executor.model_runner import ModelRunner
     from meshserve.scheduler.scheduler import Scheduler
@@ -60,9 +61,10 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
     if device.type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    tp = init_tp_group(world_size=ns.tp, rank=rank, rendezvous=rendezvous, device=device, timeout_s=600)
+    groups = init_parallel_groups(layout=GroupLayout(tp=ns.tp), rank=rank, rendezvous=rendezvous, device=device,
+                                  timeout_s=600)
     model_config = ModelConfig.from_server_args(args)
-    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=tp))
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, groups=groups))
     logging.info("model and KV cache ready in %.1f s", time.perf_counter() - started)
     gen = torch.Generator().manual_seed(0)
     rows = []

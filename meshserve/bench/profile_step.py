@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from meshserve.cluster.comm import SINGLE
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.model_runner import ModelRunner
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                                   *extra]).validate()
     model_config = ModelConfig.from_server_args(args)
     device = torch.device(args.resolved_device())
-    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, tp=SINGLE))
+    scheduler = Scheduler(args, model_config, ModelRunner(args, model_config, device=device, groups=ParallelGroups.single()))
     gen = torch.Generator().manual_seed(0)
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 

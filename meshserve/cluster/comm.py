@@ -1,9 +1,11 @@
-"""The tensor-parallel group: a rank, a size, the collectives the layers use (on the device
-group: NCCL on GPU, gloo on CPU) and the ones the schedulers use (on a gloo CPU group: bytes and
-small integers, never pickled objects).
+"""A rank group: some global ranks of the world (one of the named groups of
+meshserve.cluster.groups), this process's position in it, the collectives the layers use (on the
+device group: NCCL on GPU, gloo on CPU) and the ones the schedulers use (on a gloo CPU group:
+bytes and small integers, never pickled objects).
 
-Layers receive a TensorParallelGroup and never compute ranks themselves; with size 1 every
-collective is the identity, so single-GPU and CPU runs pay nothing for the parallel structure.
+Layers receive a RankGroup and never compute ranks themselves; with size 1 every collective is
+the identity, so single-GPU and CPU runs pay nothing for the parallel structure. Broadcasts come
+from the group's first member (`first_rank`, a global rank), which is the group's leader.
 """
 
 from __future__ import annotations
@@ -15,17 +17,26 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class TensorParallelGroup:
-    rank: int = 0
-    size: int = 1
+class RankGroup:
+    rank: int = 0  # this process's position in `ranks`
+    ranks: tuple[int, ...] = (0,)  # the members' global ranks, in group order
     group: dist.ProcessGroup | None = None  # device collectives; None only when size == 1
     cpu_group: dist.ProcessGroup | None = None  # host collectives (gloo); None only when size == 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
-            raise ValueError(f"tp rank {self.rank} out of range for size {self.size}")
+            raise ValueError(f"group rank {self.rank} out of range for size {self.size}")
         if self.size > 1 and (self.group is None or self.cpu_group is None):
-            raise ValueError("a tensor-parallel group of size > 1 needs device and CPU process groups")
+            raise ValueError("a rank group of size > 1 needs device and CPU process groups")
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def first_rank(self) -> int:
+        """Global rank of the group's leader (torch.distributed's `src` is a global rank)."""
+        return self.ranks[0]
 
     @property
     def is_leader(self) -> bool:
@@ -46,24 +57,24 @@ class TensorParallelGroup:
         return torch.cat(parts, dim=dim)
 
     def broadcast_from_leader(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank gets rank 0's `x` (same shape and dtype on all ranks) — e.g. sampled token ids,
+        """Every rank gets the leader's `x` (same shape and dtype on all ranks) — e.g. sampled token ids,
         so all ranks advance identically whatever their random state."""
         if self.size > 1:
-            dist.broadcast(x, src=0, group=self.group)
+            dist.broadcast(x, src=self.first_rank, group=self.group)
         return x
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
-        """Rank 0's `data` on every rank, over the CPU group (length first, then the bytes).
+        """The leader's `data` on every rank, over the CPU group (length first, then the bytes).
         Other ranks pass None."""
         if self.size == 1:
             assert data is not None
             return data
         length = torch.tensor([len(data) if self.is_leader else 0], dtype=torch.int64)
-        dist.broadcast(length, src=0, group=self.cpu_group)
+        dist.broadcast(length, src=self.first_rank, group=self.cpu_group)
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_leader \
             else torch.empty(int(length), dtype=torch.uint8)
         if int(length):
-            dist.broadcast(buf, src=0, group=self.cpu_group)
+            dist.broadcast(buf, src=self.first_rank, group=self.cpu_group)
         return buf.numpy().tobytes()
 
     def min_over_ranks(self, value: int) -> int:
@@ -83,14 +94,15 @@ class TensorParallelGroup:
         seen = [int(v) for v in values]
         if len(set(seen)) > 1:
             differ = [r for r, v in enumerate(seen) if v != seen[0]]
-            raise RuntimeError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")
+            raise RuntimeError(f"ranks diverged: {what} on rank(s) {[self.ranks[r] for r in differ]} differs "
+                               f"from rank {self.first_rank}'s")
 
     def shard(self, total: int) -> tuple[int, int]:
         """(start, length) of this rank's even share of `total`; `total` must divide evenly."""
         if total % self.size:
-            raise ValueError(f"{total} does not divide evenly over tensor-parallel size {self.size}")
+            raise ValueError(f"{total} does not divide evenly over a group of {self.size} ranks")
         length = total // self.size
         return self.rank * length, length
 
 
-SINGLE = TensorParallelGroup()
+SINGLE = RankGroup()

@@ -1,13 +1,16 @@
 """Topology: which ranks exist, where they run, and which one this process is.
 
-Global rank = node_rank * ranks_per_node + local_rank, ranks_per_node = tp / nnodes. Rank 0
-(node 0, local rank 0) is the leader: the only rank that talks to the TokenizerManager.
+World size comes from the group layout (tp, or tp × dp for plain data parallelism);
+global rank = node_rank * ranks_per_node + local_rank, ranks_per_node = world / nnodes. The
+first rank of each DP group (meshserve.cluster.layout) leads it: only the leaders talk to the
+main process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.cluster.layout import GroupLayout
 from meshserve.config.server_args import ServerArgs
 
 
@@ -17,30 +20,30 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True)
 class Topology:
-    tp_size: int
+    layout: GroupLayout
     nnodes: int
     node_rank: int
     base_gpu_id: int = 0
 
     def __post_init__(self) -> None:
-        if self.tp_size % self.nnodes:
-            raise TopologyError(f"--tp {self.tp_size} must be divisible by --nnodes {self.nnodes} "
-                                "(every node runs the same number of ranks)")
+        if self.world_size % self.nnodes:
+            raise TopologyError(f"{self.world_size} ranks (--tp × --dp-size without --enable-dp-attention, else --tp) "
+                                f"must be divisible by --nnodes {self.nnodes} (every node runs the same number of ranks)")
         if not 0 <= self.node_rank < self.nnodes:
             raise TopologyError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> Topology:
         p = args.parallel
-        return cls(tp_size=p.tp_size, nnodes=p.nnodes, node_rank=p.node_rank, base_gpu_id=p.base_gpu_id)
+        return cls(layout=layout_from_args(args), nnodes=p.nnodes, node_rank=p.node_rank, base_gpu_id=p.base_gpu_id)
 
     @property
     def world_size(self) -> int:
-        return self.tp_size
+        return self.layout.world_size
 
     @property
     def ranks_per_node(self) -> int:
-        return self.tp_size // self.nnodes
+        return self.world_size // self.nnodes
 
     @property
     def is_leader_node(self) -> bool:
@@ -60,3 +63,8 @@ class Topology:
             raise TopologyError(
                 f"node {self.node_rank} needs {self.ranks_per_node} GPUs from --base-gpu-id {self.base_gpu_id}, "
                 f"but {visible_gpus} are visible (CUDA_VISIBLE_DEVICES respected)")
+
+
+def layout_from_args(args: ServerArgs) -> GroupLayout:
+    p = args.parallel
+    return GroupLayout(tp=p.tp_size, dp=p.dp_size, ep=p.ep_size, dp_attention=p.enable_dp_attention)

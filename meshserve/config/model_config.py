@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, PretrainedConfig
 
+from meshserve.cluster.layout import KVHeadShare
 from meshserve.config.preflight import SUPPORTED_ARCHITECTURES
 from meshserve.config.quantization import Fp8Scheme, QuantizationError, resolve_quantization
 
@@ -72,7 +73,7 @@ class ModelConfig:
         return getattr(self.hf_config, "kv_lora_rank", None) is not None
 
     def kv_heads_per_rank(self, attn_tp_size: int) -> int:
-        return 1 if self.is_mla else max(1, self.num_kv_heads // attn_tp_size)
+        return 1 if self.is_mla else KVHeadShare(self.num_kv_heads, attn_tp_size).per_rank
 
     @property
     def kv_head_dim(self) -> int:

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshserve.cluster.layout import KVHeadShare
+
 # Architectures the executor can run. meshserve.models.registry maps each to its implementation;
 # the list lives here, torch-free, so the check above needs no torch (a unit test keeps the two equal).
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -35,22 +37,23 @@ class ModelShape:
     num_kv_heads: int
     intermediate_size: int
 
-    def tp_problems(self, tp: int) -> list[str]:
-        """Why the model cannot be split over ``tp`` ranks (empty when it can).
+    def tp_problems(self, tp: int, attn_tp: int | None = None) -> list[str]:
+        """Why the model cannot be split over ``tp`` ranks, with attention over ``attn_tp`` of
+        them (tp / dp under --enable-dp-attention; default tp) — empty when it can.
 
-        Query heads and the MLP's intermediate size are split evenly. KV heads are split when
-        there are at least ``tp`` of them, and replicated otherwise (DESIGN §4) -- which needs
-        every KV head to get the same number of ranks. The vocabulary never blocks: the
-        embedding and LM head pad it to a multiple of ``tp``.
+        Query heads split evenly over the attention-TP group; KV heads follow the one rule of
+        meshserve.cluster.layout.KVHeadShare (split, or replicated evenly when fewer). The
+        MLP's intermediate size is split evenly over tp. The vocabulary never blocks: the
+        embedding and LM head pad it to a multiple of their group's size.
         """
+        attn_tp = tp if attn_tp is None else attn_tp
+        over = f"--tp {tp}" if attn_tp == tp else f"the attention tensor-parallel size {attn_tp} (--tp / --dp-size)"
         problems = []
-        if self.num_heads % tp:
-            problems.append(f"{self.num_heads} attention heads do not divide over --tp {tp}")
-        if self.num_kv_heads >= tp and self.num_kv_heads % tp:
-            problems.append(f"{self.num_kv_heads} KV heads do not divide over --tp {tp}")
-        if self.num_kv_heads < tp and tp % self.num_kv_heads:
-            problems.append(f"--tp {tp} is not a multiple of the {self.num_kv_heads} KV heads "
-                            "(needed to replicate them evenly)")
+        if self.num_heads % attn_tp:
+            problems.append(f"{self.num_heads} attention heads do not divide over {over}")
+        kv_problem = KVHeadShare(self.num_kv_heads, attn_tp).problem(over)
+        if kv_problem is not None:
+            problems.append(kv_problem)
         if self.intermediate_size % tp:
             problems.append(f"MLP intermediate size {self.intermediate_size} does not divide over --tp {tp}")
         return problems
@@ -91,10 +94,10 @@ def read_model_shape(model_path: str) -> ModelShape:
         raise ModelDirError(f"{config_file} lacks a valid {err} for a {arch}") from None
 
 
-def check_model_dir(model_path: str, tp: int) -> ModelShape:
+def check_model_dir(model_path: str, tp: int, attn_tp: int | None = None) -> ModelShape:
     """:func:`read_model_shape`, then refuse a ``tp`` the model cannot be split over."""
     shape = read_model_shape(model_path)
-    problems = shape.tp_problems(tp)
+    problems = shape.tp_problems(tp, attn_tp)
     if problems:
         raise ModelDirError(f"{model_path} cannot run with --tp {tp}: " + "; ".join(problems))
     return shape

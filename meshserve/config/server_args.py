@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from meshserve.cluster.layout import GroupLayout, layout_problems
 from meshserve.config.quantization import SERVED_QUANTIZATION
 
 __all__ = [
@@ -748,9 +749,19 @@ class ServerArgs:
         if p.nnodes >= 1 and not 0 <= p.node_rank < p.nnodes:
             yield (f"{self.flag_spelling('node_rank')} must be in 0..{p.nnodes - 1} "
                    f"(--nnodes {p.nnodes}), got {p.node_rank}")
-        if p.nnodes >= 1 and p.tp_size >= 1 and p.tp_size % p.nnodes:
-            yield (f"{self.flag_spelling('tp_size')} {p.tp_size} must be divisible by "
-                   f"--nnodes {p.nnodes} (every node runs the same number of ranks)")
+        if min(p.tp_size, p.dp_size, p.ep_size, p.nnodes) >= 1:
+            problems = layout_problems(p.tp_size, p.dp_size, p.ep_size, p.enable_dp_attention)
+            yield from problems
+            layout = None if problems else GroupLayout(tp=p.tp_size, dp=p.dp_size, ep=p.ep_size,
+                                                       dp_attention=p.enable_dp_attention)
+            if layout is not None and layout.world_size % p.nnodes:
+                ranks = (f"{self.flag_spelling('tp_size')} {p.tp_size}" if layout.replicas == 1 else
+                         f"{layout.world_size} ranks ({self.flag_spelling('tp_size')} {p.tp_size} × "
+                         f"{self.flag_spelling('dp_size')} {p.dp_size})")
+                yield (f"{ranks} must be divisible by --nnodes {p.nnodes} "
+                       "(every node runs the same number of ranks)")
+        if p.enable_dp_lm_head and not p.enable_dp_attention:
+            yield "--enable-dp-lm-head needs --enable-dp-attention (it splits the LM head within each DP group)"
         if p.nnodes > 1 and p.dist_init_addr is None:
             yield "--dist-init-addr HOST:PORT (node 0's address) is required when --nnodes > 1"
         if p.dist_init_addr is not None and not _is_host_port(p.dist_init_addr):

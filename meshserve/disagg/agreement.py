@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.comm import RankGroup
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Facts:
 
 
 class Agreement:
-    def __init__(self, tp: TensorParallelGroup) -> None:
+    def __init__(self, tp: RankGroup) -> None:
         self.tp = tp
 
     def facts(self, flags: list[bool], leader_flags: list[bool]) -> Facts:

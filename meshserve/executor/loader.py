@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.fp8 import FP8
@@ -58,12 +58,12 @@ def _replicated_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -
 _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale"}
 
 
-def load_model(model_config: ModelConfig, *, device: torch.device, tp: TensorParallelGroup) -> nn.Module:
+def load_model(model_config: ModelConfig, *, device: torch.device, groups: ParallelGroups) -> nn.Module:
     dtype = DTYPES[model_config.dtype]
     model_cls = MODEL_REGISTRY[model_config.architecture]
     quant = model_config.quantization
     with torch.device(device):
-        model = model_cls(model_config.hf_config, dtype=dtype, tp=tp, max_positions=model_config.context_length,
+        model = model_cls(model_config.hf_config, dtype=dtype, groups=groups, max_positions=model_config.context_length,
                           quant=quant)
     params = dict(model.named_parameters())
     loaded: set[str] = set()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from meshserve.cache.kv_pool import KVPool, ReqToTokenPool
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.cuda_graph import DECODE_INPUT_ROWS, CudaGraphRunner
@@ -45,15 +45,16 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_config: ModelConfig, *, device: torch.device,
-                 tp: TensorParallelGroup) -> None:
+                 groups: ParallelGroups) -> None:
         self.model_config = model_config
         self.device = device
-        self.tp = tp
+        self.groups = groups
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
-        self.model = load_model(model_config, device=device, tp=tp)
-        # Every rank holds its share of every token's KV, so the pool is as large as the smallest rank allows.
-        self.max_total_tokens = tp.min_over_ranks(self._kv_capacity(args))
+        self.model = load_model(model_config, device=device, groups=groups)
+        # Every rank of a DP group holds its share of every token's KV, so the pool is as large as
+        # the smallest rank allows.
+        self.max_total_tokens = groups.attn_tp.min_over_ranks(self._kv_capacity(args))
         self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
                               num_kv_heads=self._local_kv_heads, head_dim=model_config.kv_head_dim,
@@ -89,7 +90,7 @@ class ModelRunner:
 
     @property
     def _local_kv_heads(self) -> int:
-        return self.model_config.kv_heads_per_rank(self.tp.size)
+        return self.model_config.kv_heads_per_rank(self.groups.attn_tp.size)
 
     def _kv_capacity(self, args: ServerArgs) -> int:
         per_token = KVPool.bytes_per_token(num_layers=self.model_config.num_layers, num_kv_heads=self._local_kv_heads,

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.cluster.comm import SINGLE, RankGroup
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype = torch.float32,
-                 tp: TensorParallelGroup = SINGLE) -> None:
+                 tp: RankGroup = SINGLE) -> None:
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
@@ -44,7 +44,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states to logits. Each rank computes its vocabulary range; ranges are gathered."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype = torch.float32,
-                 tp: TensorParallelGroup = SINGLE) -> None:
+                 tp: RankGroup = SINGLE) -> None:
         super().__init__(vocab_size, hidden_size, dtype=dtype, tp=tp)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:

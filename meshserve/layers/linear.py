@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.cluster.comm import SINGLE, RankGroup
+from meshserve.cluster.layout import KVHeadShare
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.fp8 import FP8, fp8_linear, gemm_path, quantize_per_channel
 
@@ -44,7 +45,7 @@ class ParallelLinear(nn.Module):
     quantization (`--quantization fp8`) the weight loads in high precision and
     `finish_loading` quantizes it per row."""
 
-    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, tp: TensorParallelGroup,
+    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, tp: RankGroup,
                  fp8: Fp8Scheme | None) -> None:
         super().__init__()
         self.tp = tp
@@ -129,7 +130,7 @@ class ColumnParallelLinear(ParallelLinear):
     """Output features split over ranks; the output stays sharded (no communication)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 dtype: torch.dtype = torch.float32, tp: RankGroup = SINGLE,
                  fp8: Fp8Scheme | None = None) -> None:
         self.out_start, out_local = tp.shard(out_features)
         super().__init__(in_features, out_local, bias, dtype, tp, fp8)
@@ -147,7 +148,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     Each rank holds its shard of every part, parts concatenated in order."""
 
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 dtype: torch.dtype = torch.float32, tp: RankGroup = SINGLE,
                  fp8: Fp8Scheme | None = None) -> None:
         super().__init__(in_features, sum(output_sizes), bias=bias, dtype=dtype, tp=tp, fp8=fp8)
         self.local_sizes = [tp.shard(size)[1] for size in output_sizes]
@@ -159,24 +160,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Query, key and value projections in one matrix, split by heads.
-
-    When there are fewer KV heads than ranks, each KV head is replicated on tp/num_kv_heads
-    consecutive ranks (rank r holds KV head r * num_kv_heads // tp)."""
+    """Query, key and value projections in one matrix, split by heads over the attention-TP
+    group; KV heads split or replicated by the one rule of meshserve.cluster.layout.KVHeadShare."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, *,
-                 bias: bool = False, dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, tp: RankGroup = SINGLE,
                  fp8: Fp8Scheme | None = None) -> None:
         if num_heads % tp.size:
             raise ValueError(f"{num_heads} attention heads do not divide over tensor-parallel size {tp.size}")
-        if num_kv_heads >= tp.size and num_kv_heads % tp.size:
-            raise ValueError(f"{num_kv_heads} KV heads do not divide over tensor-parallel size {tp.size}")
-        if num_kv_heads < tp.size and tp.size % num_kv_heads:
-            raise ValueError(f"tensor-parallel size {tp.size} is not a multiple of {num_kv_heads} KV heads")
+        self.kv_share = KVHeadShare(num_kv_heads, tp.size)
+        problem = self.kv_share.problem()
+        if problem is not None:
+            raise ValueError(problem)
         self.head_dim = head_dim
         self.num_heads = num_heads // tp.size
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
-        self.total_kv_heads = num_kv_heads
+        self.num_kv_heads = self.kv_share.per_rank
         q_size = self.num_heads * head_dim
         kv_size = self.num_kv_heads * head_dim
         ParallelLinear.__init__(self, hidden_size, q_size + 2 * kv_size, bias, dtype, tp, fp8)
@@ -188,9 +186,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             length = self.kv_size
-            kv_head = self.tp.rank * self.total_kv_heads // self.tp.size if self.total_kv_heads < self.tp.size \
-                else self.tp.rank * self.num_kv_heads
-            start = kv_head * self.head_dim
+            start = self.kv_share.first_head(self.tp.rank) * self.head_dim
         self._load(param, loaded, _Cut(0, offset, start, length), f"qkv part {shard_id}")
 
 
@@ -199,7 +195,7 @@ class RowParallelLinear(ParallelLinear):
     The bias is added once, after the reduction."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp: TensorParallelGroup = SINGLE,
+                 dtype: torch.dtype = torch.float32, tp: RankGroup = SINGLE,
                  fp8: Fp8Scheme | None = None) -> None:
         self.in_start, in_local = tp.shard(in_features)
         super().__init__(in_local, out_features, bias, dtype, tp, fp8)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.comm import RankGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.attention.layer import AttentionLayer
@@ -67,7 +68,7 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 class DeepseekMLA(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
+                 dtype: torch.dtype, tp: RankGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
         if quant is not None:
             raise ValueError("FP8 weights in DeepSeek's latent attention are not supported yet")
@@ -141,15 +142,15 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
     attention_cls = DeepseekMLA
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
         if getattr(config, "moe_layer_freq", 1) != 1:
             raise ValueError(f"moe_layer_freq {config.moe_layer_freq} is not supported (1)")
         if layer_id < (config.first_k_dense_replace or 0):
-            return LlamaMLP(config, dtype, tp)
-        shared = LlamaMLP(config, dtype, tp, intermediate_size=config.moe_intermediate_size * config.n_shared_experts) \
+            return LlamaMLP(config, dtype, groups.tp)
+        shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.moe_intermediate_size * config.n_shared_experts) \
             if config.n_shared_experts else None
         return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, deepseek_routing(config),
-                              dtype=dtype, tp=tp, shared=shared)
+                              dtype=dtype, tp=groups.moe_tp, shared=shared)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):

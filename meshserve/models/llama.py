@@ -1,6 +1,7 @@
 """Llama-family decoder (Llama 2/3/3.1, SmolLM2, Mistral; Qwen2 through `attention_bias`).
 
-The model is written against parallel layers only; the TensorParallelGroup decides the shards.
+The model is written against parallel layers only; the named groups of ParallelGroups decide
+the shards: attention and the embeddings over `attn_tp`, the dense MLP over `tp`.
 Checkpoint names map onto fused parameters through `stacked_params` (q/k/v -> qkv_proj,
 gate/up -> gate_up_proj).
 """
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.comm import RankGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.activation import silu_and_mul
@@ -24,7 +26,7 @@ from meshserve.layers.rotary import RotaryEmbedding
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallelGroup,
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: RankGroup,
                  intermediate_size: int | None = None, *, quant: Fp8Scheme | None = None, prefix: str = "") -> None:
         """`intermediate_size` overrides the config's (MoE models' dense layers and shared experts);
         `prefix` is the checkpoint module name (`model.layers.3.mlp`), which FP8 skip lists name."""
@@ -45,7 +47,7 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
+                 dtype: torch.dtype, tp: RankGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
         prefix = f"model.layers.{layer_id}.self_attn"  # checkpoint module names, which FP8 skip lists name
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -85,25 +87,26 @@ class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
+                 dtype: torch.dtype, groups: ParallelGroups, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, tp, quant)
-        self.mlp = self.make_mlp(config, layer_id, dtype, tp) if quant is None \
-            else self.make_fp8_mlp(config, layer_id, dtype, tp, quant)
+        self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, groups.attn_tp, quant)
+        self.mlp = self.make_mlp(config, layer_id, dtype, groups) if quant is None \
+            else self.make_fp8_mlp(config, layer_id, dtype, groups, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
-        """The layer's MLP: dense here; MoE models choose per layer (mixtral.py, qwen_moe.py, deepseek.py)."""
-        return LlamaMLP(config, dtype, tp)
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
+        """The layer's MLP: dense here (over groups.tp); MoE models choose per layer (mixtral.py,
+        qwen_moe.py, deepseek.py)."""
+        return LlamaMLP(config, dtype, groups.tp)
 
-    def make_fp8_mlp(self, config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup,
+    def make_fp8_mlp(self, config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
                      quant: Fp8Scheme) -> nn.Module:
         """The layer's MLP with FP8 weights: dense models only (FP8 MoE experts are not built)."""
         if type(self).make_mlp is not LlamaDecoderLayer.make_mlp:
             raise ValueError(f"FP8 weights in {type(self).__name__}'s MoE layers are not supported yet")
-        return LlamaMLP(config, dtype, tp, quant=quant, prefix=f"model.layers.{layer_id}.mlp")
+        return LlamaMLP(config, dtype, groups.tp, quant=quant, prefix=f"model.layers.{layer_id}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,17 +132,18 @@ class LlamaForCausalLM(nn.Module):
         ("up_proj", "gate_up_proj", 1),
     )
 
-    def __init__(self, config: PretrainedConfig, *, dtype: torch.dtype, tp: TensorParallelGroup,
+    def __init__(self, config: PretrainedConfig, *, dtype: torch.dtype, groups: ParallelGroups,
                  max_positions: int, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(config, head_dim, max_positions)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype,
+                                                   tp=groups.attn_tp)
         self.layers = nn.ModuleList(
-            self.layer_cls(config, i, rotary, dtype, tp, quant) for i in range(config.num_hidden_layers))
+            self.layer_cls(config, i, rotary, dtype, groups, quant) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, tp=tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, tp=groups.attn_tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.embed_tokens)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.layers.moe.layer import SparseMoeBlock
 from meshserve.layers.moe.router import Routing
 from meshserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -14,11 +14,11 @@ from meshserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
         if config.hidden_act != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
         routing = Routing(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok, renormalize=True)
-        return SparseMoeBlock(config.hidden_size, config.intermediate_size, routing, dtype=dtype, tp=tp)
+        return SparseMoeBlock(config.hidden_size, config.intermediate_size, routing, dtype=dtype, tp=groups.moe_tp)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

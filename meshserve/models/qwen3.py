@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.comm import RankGroup
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
@@ -14,7 +14,7 @@ from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCa
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, tp: TensorParallelGroup, quant: Fp8Scheme | None = None) -> None:
+                 dtype: torch.dtype, tp: RankGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__(config, layer_id, rotary, dtype, tp, quant)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.layers.moe.layer import SparseMoeBlock
 from meshserve.layers.moe.router import Routing
 from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
@@ -26,17 +26,17 @@ def _refuse_sliding_window(config: PretrainedConfig) -> None:
         raise ValueError("sliding-window attention (use_sliding_window) is not supported")
 
 
-def _moe_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup,
+def _moe_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
              shared_expert: bool) -> nn.Module:
     if not is_sparse_layer(config, layer_id):
-        return LlamaMLP(config, dtype, tp)
+        return LlamaMLP(config, dtype, groups.tp)
     if config.hidden_act != "silu":
         raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
     routing = Routing(num_experts=config.num_experts, top_k=config.num_experts_per_tok,
                       renormalize=bool(config.norm_topk_prob))
-    shared = LlamaMLP(config, dtype, tp, intermediate_size=config.shared_expert_intermediate_size) \
+    shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.shared_expert_intermediate_size) \
         if shared_expert else None
-    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, dtype=dtype, tp=tp,
+    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, dtype=dtype, tp=groups.moe_tp,
                           shared=shared, shared_gate=shared_expert)
 
 
@@ -54,9 +54,9 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen2MoeAttention
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
         _refuse_sliding_window(config)
-        return _moe_mlp(config, layer_id, dtype, tp, shared_expert=True)
+        return _moe_mlp(config, layer_id, dtype, groups, shared_expert=True)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
@@ -68,9 +68,9 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen3Attention
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, tp: TensorParallelGroup) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
         _refuse_sliding_window(config)
-        return _moe_mlp(config, layer_id, dtype, tp, shared_expert=False)
+        return _moe_mlp(config, layer_id, dtype, groups, shared_expert=False)
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

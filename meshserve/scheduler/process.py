@@ -20,8 +20,9 @@ import msgspec
 import torch
 import zmq
 
-from meshserve.cluster.comm import TensorParallelGroup
-from meshserve.cluster.distributed import init_tp_group
+from meshserve.cluster.comm import RankGroup
+from meshserve.cluster.distributed import init_parallel_groups
+from meshserve.cluster.groups import ParallelGroups
 from meshserve.cluster.endpoints import SchedulerEndpoints
 from meshserve.cluster.topology import Topology
 from meshserve.config.model_config import ModelConfig
@@ -92,9 +93,10 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
             device = torch.device("cuda", topology.gpu_id(local_rank))
             torch.cuda.set_device(device)
         logger.info("joining the process group of %d ranks", topology.world_size)
-        tp = init_tp_group(world_size=topology.world_size, rank=rank, rendezvous=rendezvous, device=device,
-                           timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
-        scheduler = _build_scheduler(args, device, tp)
+        groups = init_parallel_groups(layout=topology.layout, rank=rank, rendezvous=rendezvous, device=device,
+                                      timeout_s=args.parallel.dist_timeout or DEFAULT_COLLECTIVE_TIMEOUT_S)
+        scheduler = _build_scheduler(args, device, groups)
+        tp = groups.attn_tp
         if args.disagg.disaggregation_mode != "null":
             scheduler.pd = _pd_side(args, scheduler, rank, tp)
         if link is not None:
@@ -126,14 +128,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _build_scheduler(args: ServerArgs, device: torch.device, tp: TensorParallelGroup) -> Scheduler:
+def _build_scheduler(args: ServerArgs, device: torch.device, groups: ParallelGroups) -> Scheduler:
     model_config = ModelConfig.from_server_args(args)
-    runner = ModelRunner(args, model_config, device=device, tp=tp)
+    runner = ModelRunner(args, model_config, device=device, groups=groups)
     tokenizer = load_tokenizer(model_config.tokenizer_path)  # never runs model-directory code
     return Scheduler(args, model_config, runner, tokenizer)
 
 
-def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: TensorParallelGroup) -> PrefillSide | DecodeSide:
+def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: RankGroup) -> PrefillSide | DecodeSide:
     """This rank's end of prefill-decode disaggregation: its KV pool registered with the transfer
     backend; a prefill rank also registers at the bootstrap server on its node 0."""
     from meshserve.disagg.agreement import Agreement
@@ -156,7 +158,7 @@ def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: TensorParall
     return PrefillSide(scheduler, endpoint, Agreement(tp))
 
 
-def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: TensorParallelGroup) -> None:
+def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: RankGroup) -> None:
     parent = os.getppid()
     codec = step_messages_codec()
     last_stats = 0.0

@@ -3,7 +3,7 @@
 Each `step()` runs one forward pass: an EXTEND batch (new prompts, chunks of long prompts,
 re-admitted retracted requests) when any can be admitted, otherwise a DECODE batch of every
 running sequence. Everything here is deterministic given the order of incoming messages, which
-is what lets every tensor-parallel rank run the same decisions (DESIGN §2).
+is what lets every rank of a DP group (its attention-TP group) run the same decisions (DESIGN §2).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked: Req | None = None  # at most one request is mid-way through a chunked prefill
         self.stream_interval = args.scheduler.stream_interval
-        self.check_batches = args.scheduler.enable_deterministic_check and runner.tp.size > 1
+        self.check_batches = args.scheduler.enable_deterministic_check and runner.groups.attn_tp.size > 1
         # Overlap scheduling (default on CUDA): at most one decode step in flight whose tokens the
         # host has not read. While one is, each of its sequences has kv_len == seq_len (the
         # in-flight token has KV written by the step but is not in output_ids yet).
@@ -125,7 +125,7 @@ class Scheduler:
         off = (OFF_MESSAGE if args.scheduler.grammar_backend == "none"
                else NO_TOKENIZER_MESSAGE if tokenizer is None else None)
         backend = None if off else GrammarBackend(tokenizer, model_config.vocab_size, model_config.eos_token_ids)
-        self.grammar = GrammarQueue(backend, Agreement(runner.tp), off)
+        self.grammar = GrammarQueue(backend, Agreement(runner.groups.attn_tp), off)
         # Prefill-decode disaggregation (--disaggregation-mode): set by the scheduler process.
         self.pd: PrefillSide | DecodeSide | None = None
         self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
@@ -412,7 +412,7 @@ class Scheduler:
             # a divergence is reported here instead of as a hang or garbage in a collective.
             digest = hashlib.blake2b(repr((step.mode.value, step.req_rows, step.seq_lens, step.input_ids,
                                            step.positions)).encode(), digest_size=8).digest()
-            self.runner.tp.check_same(int.from_bytes(digest, "little", signed=True), "the scheduled batch")
+            self.runner.groups.attn_tp.check_same(int.from_bytes(digest, "little", signed=True), "the scheduled batch")
         return self.runner.forward(step)
 
     def _make_room_for_decode(self) -> None:
@@ -448,8 +448,8 @@ class Scheduler:
             penalty_counts=self.penalty_counts.counts(count_rows) if count_rows is not None else None,
             token_bitmask=bitmask)
         out = self.sampler.sample(logits, batch)
-        # Rank 0's choice is everyone's: unseeded noise differs between ranks.
-        out.token_ids = self.runner.tp.broadcast_from_leader(out.token_ids)
+        # The DP group leader's choice is everyone's: unseeded noise differs between ranks.
+        out.token_ids = self.runner.groups.attn_tp.broadcast_from_leader(out.token_ids)
         self.runner.record_tokens(out.token_ids, among)
         if count_rows is not None:  # counted now, on the device: the next step sees it even in flight
             assert batch.penalty_rows is not None

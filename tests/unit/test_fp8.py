@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshserve.cluster.comm import TensorParallelGroup
+from meshserve.cluster.comm import RankGroup
 from meshserve.config.quantization import Fp8Scheme, QuantizationError, resolve_quantization
 from meshserve.layers.fp8 import FP8, FP8_MAX, dequantize, quantize_blockwise, quantize_per_channel, quantize_per_token
 from meshserve.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 
-def _rank(rank: int, size: int) -> TensorParallelGroup:
+def _rank(rank: int, size: int) -> RankGroup:
     """A rank of a `size`-rank group for loading only: no collective is ever called on it."""
     if size == 1:
-        return TensorParallelGroup()
+        return RankGroup()
     sentinel = object()
-    return TensorParallelGroup(rank=rank, size=size, group=sentinel, cpu_group=sentinel)  # type: ignore[arg-type]
+    return RankGroup(rank=rank, ranks=tuple(range(size)), group=sentinel, cpu_group=sentinel)  # type: ignore[arg-type]
 
 
 def test_per_channel_round_trip_is_within_fp8_precision():

@@ -282,7 +282,7 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
-    problems = problems_of(["--port", "0", "--page-size", "0", "--dp-size", "2", "--ep", "2"])
+    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--dp-size", "2", "--ep", "2"])
     assert len(problems) == 4
     # value errors first, then refusals
     assert problems[0].startswith("--page-size") or problems[0].startswith("--port")
@@ -293,7 +293,7 @@ def test_from_cli_prints_every_problem_and_exits_2(
     on_cpu: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_cli(["--dp-size", "16", "--ep", "16"])
+        ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 2
@@ -364,7 +364,7 @@ def test_refusal_table_rows_name_real_fields() -> None:
 
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
-        ["--dp-size", "16", "--ep", "16"]).validate).value)
+        ["--tp", "16", "--dp-size", "16", "--ep", "16"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
     assert "--dp-size" in lines[0] and "--ep" in lines[1]

@@ -21,7 +21,7 @@ import re
 import torch
 from torch import nn
 
-from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.cluster.comm import SINGLE, RankGroup
 from meshserve.layers.activation import silu_and_mul
 
 # Checkpoint names of per-expert projections: Mixtral's w1/w3/w2, and gate/up/down elsewhere.
@@ -42,7 +42,7 @@ def expert_checkpoint_target(name: str) -> tuple[str, str, int] | None:
 
 class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
-                 tp: TensorParallelGroup = SINGLE) -> None:
+                 tp: RankGroup = SINGLE) -> None:
         super().__init__()
         self.tp = tp
         self.num_experts = num_experts

@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshserve.cluster.comm import SINGLE, TensorParallelGroup
+from meshserve.cluster.comm import SINGLE, RankGroup
 from meshserve.layers.moe.experts import FusedExperts
 from meshserve.layers.moe.router import Routing, TopKRouter
 
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, routing: Routing, *, dtype: torch.dtype,
-                 tp: TensorParallelGroup = SINGLE, shared: nn.Module | None = None,
+                 tp: RankGroup = SINGLE, shared: nn.Module | None = None,
                  shared_gate: bool = False) -> None:
         """`shared`: the shared experts as a dense (tensor-parallel, self-reducing) MLP; with
         `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE)."""
