@@ -121,3 +121,42 @@ def make_fp8_checkpoint(src: Path, fp8_dir: Path, dequant_dir: Path, layout: Lay
 
 # What `--quantization fp8` does to a plain checkpoint on one rank: every linear layer per channel.
 ONLINE = Layout("online-fp8", "channel", {"quant_method": "fbgemm_fp8"})
+
+
+def _round_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an FP8 KV cache gives back for x: fp8(clamp(x / scale)) * scale."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype) * scale
+
+
+def hf_greedy_fp8_kv(model_dir: Path, prompts: list[list[int]], new_tokens: int,
+                     scales: dict[int, tuple[float, float]] | None = None) -> list[list[int]]:
+    """transformers' greedy output with every key and value (after rotary) rounded as an FP8 KV
+    cache stores them, with per-layer (K, V) `scales` (default 1.0): an attention function that
+    rounds its keys and values, then runs transformers' own SDPA attention."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tests.hf_reference import _for_reference, greedy_generate
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        k_scale, v_scale = (scales or {}).get(module.layer_idx, (1.0, 1.0))
+        return sdpa_attention_forward(module, query, _round_kv(key, k_scale), _round_kv(value, v_scale),
+                                      attention_mask, **kwargs)
+
+    AttentionInterface.register("meshserve_fp8_kv", attention)
+    model = _for_reference(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                attn_implementation="meshserve_fp8_kv"))
+    return greedy_generate(model, prompts, new_tokens)
+
+
+def with_kv_scales(src: Path, dst: Path, scales: dict[int, tuple[float, float]]) -> Path:
+    """A copy of `src` whose checkpoint also carries per-layer `self_attn.k_proj.k_scale` /
+    `v_proj.v_scale` (compressed-tensors' kv_cache_scheme names)."""
+    shutil.copytree(src, dst)
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for layer, (k, v) in scales.items():
+        tensors[f"model.layers.{layer}.self_attn.k_proj.k_scale"] = torch.tensor(k)
+        tensors[f"model.layers.{layer}.self_attn.v_proj.v_scale"] = torch.tensor(v)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst

@@ -15,20 +15,47 @@ Two layouts per token and layer: K and V of `num_kv_heads` heads of `head_dim` e
 or MLA's latent layout (`latent_v_dim`): one buffer of one head holding [c_kv | k_rope] (head_dim =
 kv_lora_rank + qk_rope_head_dim), whose leading latent_v_dim (= kv_lora_rank) features are also
 the values — `v[layer]` is a view into `k[layer]`, with K's strides, and takes no memory.
+
+FP8 storage (`--kv-cache-dtype fp8_e4m3`): the buffers hold float8_e4m3fn and each layer has one
+scale for K and one for V (per tensor; 1.0 unless the checkpoint gives `k_scale`/`v_scale`): a
+stored value is round_fp8(clamp(x / scale)), read back as stored * scale. Every writer (`write`,
+the rotary store kernel, the fused decode kernel) and every reader (`gather`, the Triton
+kernels) applies them, so a token's K/V are the same rounded values whichever path touches them.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+_FP8_MAX = 448.0  # largest float8_e4m3fn; larger values are clamped before the cast (no NaN)
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x as an FP8 pool stores it (the torch path; the kernels do the same)."""
+    return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(dtype)
 
 
 class KVPool:
     def __init__(self, *, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, page_size: int = 1,
-                 latent_v_dim: int | None = None) -> None:
+                 latent_v_dim: int | None = None, scales: Sequence[tuple[float, float]] | None = None) -> None:
         """`size` tokens, rounded down to whole pages, plus the reserved page 0. With
-        `latent_v_dim`, the MLA layout (see the module docstring)."""
+        `latent_v_dim`, the MLA layout (see the module docstring). `dtype` is what the buffers
+        hold; an FP8 dtype takes per-layer (K, V) `scales` (default 1.0)."""
+        self.quantized = dtype in FP8_KV_DTYPES
+        if self.quantized and latent_v_dim is not None:
+            raise ValueError("an FP8 KV cache with the latent (MLA) layout is not supported yet")
+        scales = list(scales) if scales is not None else [(1.0, 1.0)] * num_layers
+        if len(scales) != num_layers or (not self.quantized and any(s != (1.0, 1.0) for s in scales)):
+            raise ValueError("KV scales: one (K, V) pair per layer, and only for an FP8 cache")
+        self.k_scale = [float(k) for k, _ in scales]
+        self.v_scale = [float(v) for _, v in scales]
+        self.dtype = dtype
         if size < page_size:
             raise ValueError(f"KV pool needs at least one page of {page_size} slots, got {size}")
         self.page_size = page_size
@@ -124,9 +151,26 @@ class KVPool:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Slot slots[i] of `layer` gets k[i] and v[i] ([T, kv heads, head_dim] each). On CUDA the
         attention layer writes with the rotary kernel instead (kernels/rotary.py)."""
+        if self.quantized:
+            k, v = quantize_kv(k, self.k_scale[layer], self.dtype), quantize_kv(v, self.v_scale[layer], self.dtype)
         self.k[layer][slots] = k
         if self.latent_v_dim is None:  # latent layout: v is k's leading features, already written
             self.v[layer][slots] = v
+
+    def scales_digest(self) -> str:
+        """What a KV transfer's peer must share for the bytes to mean the same values: "none" for
+        an unquantized pool, else a digest of every layer's K and V scale."""
+        if not self.quantized:
+            return "none"
+        values = ",".join(f"{k!r}/{v!r}" for k, v in zip(self.k_scale, self.v_scale))
+        return hashlib.sha256(values.encode()).hexdigest()[:16]
+
+    def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots` (any index shape) of `layer`, dequantized to `dtype` when FP8."""
+        k, v = self.k[layer][slots], self.v[layer][slots]
+        if not self.quantized:
+            return k, v
+        return (k.float() * self.k_scale[layer]).to(dtype), (v.float() * self.v_scale[layer]).to(dtype)
 
     def clear(self) -> None:
         """Forget every allocation (flush). Only valid when no request holds slots."""

@@ -41,7 +41,7 @@ GRAPH_SHAPING_ARGS: tuple[str, ...] = (
     # Device type decides the backend (NCCL vs gloo); both ends of a collective must agree.
     "device",
     # Tensor shapes and dtypes of every layer and collective (resolved from the model config).
-    "dtype", "context_length",
+    "dtype", "context_length", "quantization", "kv_cache_dtype",
     # KV pool geometry and scheduling inputs: every rank must take the same decisions.
     "page_size", "max_total_tokens", "mem_fraction_static", "disable_radix_cache",
     "max_running_requests", "max_prefill_tokens", "chunked_prefill_size", "schedule_policy",

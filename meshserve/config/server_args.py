@@ -96,6 +96,9 @@ QUANTIZATION_CHOICES: tuple[str, ...] = (
     "bitsandbytes", "gguf", "modelopt", "modelopt_fp4", "petit_nvfp4", "w8a8_int8", "w8a8_fp8", "moe_wna16",
     "qoq", "w4afp8", "mxfp4")
 
+#: ``--kv-cache-dtype`` values (SGLang's); all but auto and fp8_e4m3 are refused by name (REFUSALS).
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16", "fp4_e2m1")
+
 #: Chunk size used when ``--chunked-prefill-size`` is not given (SGLang's usual default).
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
 
@@ -371,6 +374,10 @@ class CacheArgs(_ConcernMixin):
         "size the cache with --max-total-tokens.")
     max_total_tokens: int | None = _arg(
         None, "KV cache capacity in tokens (overrides the memory-fraction sizing).")
+    kv_cache_dtype: str = _arg(
+        "auto", "KV cache storage: auto (the model's dtype) or fp8_e4m3 (half the bytes of bf16; one scale "
+        "per layer for K and one for V, from the checkpoint's k_scale/v_scale or 1.0).",
+        choices=KV_CACHE_DTYPES)
     page_size: int = _arg(1, "Tokens per KV cache page: KV is allocated, shared by the prefix cache and transferred (PD) in whole pages.")
     disable_radix_cache: bool = _arg(False, "Disable radix-tree prefix caching.")
 
@@ -540,6 +547,8 @@ REFUSALS: tuple[Refusal, ...] = (
             "redundant experts need expert parallelism, which is not built yet"),
     Refusal("quantization", lambda a: a.model.quantization not in (None, *SERVED_QUANTIZATION),
             f"only {', '.join(SERVED_QUANTIZATION)} quantization is built"),
+    Refusal("kv_cache_dtype", lambda a: a.cache.kv_cache_dtype not in ("auto", "fp8_e4m3"),
+            "only auto and fp8_e4m3 KV caches are built"),
     Refusal("base_gpu_id",
             lambda a: a.parallel.base_gpu_id != 0 and a.resolved_device() == "cpu",
             "there are no GPU ids on cpu; use 0"),

@@ -59,7 +59,7 @@ class KVEndpoint:
         k = pool.k[0]
         layout = KVLayout(model=model_identity(model_config), dtype=str(k.dtype).removeprefix("torch."),
                           num_layers=len(pool.k), kv_heads=k.shape[1], head_dim=k.shape[2],
-                          page_size=pool.page_size, tp_size=tp_size)
+                          page_size=pool.page_size, tp_size=tp_size, kv_scales=pool.scales_digest())
         return cls(backend=backend, control=ControlChannel(args.http.host, host),
                    layout=layout, bases=[t.data_ptr() for t in buffers], item_bytes=k.stride(0) * k.element_size(),
                    timeout_s=d.disaggregation_transfer_timeout, tp_rank=tp_rank)

@@ -29,6 +29,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     head_dim: int
     page_size: int
     tp_size: int
+    kv_scales: str = "none"  # an FP8 pool's per-layer K/V scales (KVPool.scales_digest): stored bytes * scale
+
 
     def diff(self, other: KVLayout, *, mine: str, theirs: str, fields: tuple[str, ...] | None = None) -> list[str]:
         """One line per field that differs, e.g. `dtype: prefill has bfloat16, decode has float32`."""
@@ -40,7 +42,7 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         sizes may differ when the decode's is a multiple of the prefill's: each prefill rank's KV
         heads are then split over `fanout(decode)` decode ranks (no replicated heads)."""
         lines = self.diff(decode, mine="prefill", theirs="decode",
-                          fields=("model", "dtype", "num_layers", "head_dim", "page_size"))
+                          fields=("model", "dtype", "kv_scales", "num_layers", "head_dim", "page_size"))
         if self.tp_size == decode.tp_size:
             lines += self.diff(decode, mine="prefill", theirs="decode", fields=("kv_heads",))
         elif decode.tp_size % self.tp_size or self.kv_heads != decode.kv_heads * (decode.tp_size // self.tp_size):

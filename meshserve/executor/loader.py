@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,9 @@ def _replicated_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -
 # Checkpoint spellings of a layer's FP8 tensors -> meshserve's parameter names (DeepSeek calls its
 # block scales `weight_scale_inv`; they multiply the weight like every other scale).
 _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale"}
+# Per-layer KV cache scales (compressed-tensors' kv_cache_scheme, ModelOpt, vLLM exports):
+# `model.layers.N.self_attn[.k_proj|.attn].k_scale` and v_scale. The KV pool uses them.
+_KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:[a-z_]+\.)?([kv])_scale$")
 
 
 def load_model(model_config: ModelConfig, *, device: torch.device, groups: ParallelGroups) -> nn.Module:
@@ -67,7 +71,12 @@ def load_model(model_config: ModelConfig, *, device: torch.device, groups: Paral
                           quant=quant)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    model.kv_scales = {}  # layer -> {"k": scale, "v": scale}, from the checkpoint (KVPool scales)
     for ckpt_name, tensor in iter_checkpoint(model_config.model_path):
+        kv_scale = _KV_SCALE.search(ckpt_name)
+        if kv_scale is not None:
+            model.kv_scales.setdefault(int(kv_scale.group(1)), {})[kv_scale.group(2)] = float(tensor.reshape(()))
+            continue
         for alias, name in _SCALE_ALIASES.items():
             if ckpt_name.endswith(alias):
                 ckpt_name = ckpt_name.removesuffix(alias) + name

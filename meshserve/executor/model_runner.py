@@ -58,8 +58,8 @@ class ModelRunner:
         self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
                               num_kv_heads=self._local_kv_heads, head_dim=model_config.kv_head_dim,
-                              dtype=DTYPES[model_config.dtype], device=device, page_size=args.cache.page_size,
-                              latent_v_dim=model_config.kv_latent_v_dim)
+                              dtype=self._kv_dtype(args), device=device, page_size=args.cache.page_size,
+                              latent_v_dim=model_config.kv_latent_v_dim, scales=self._kv_scales(args))
         # +1 column: a request may hold KV for every position below the context length.
         self.req_to_token = ReqToTokenPool(max_requests=self.max_running_requests,
                                            max_context=model_config.context_length + 1, device=device)
@@ -88,13 +88,29 @@ class ModelRunner:
             backend = create_attention_backend("torch_native")
         return backend
 
+    def _kv_dtype(self, args: ServerArgs) -> torch.dtype:
+        return torch.float8_e4m3fn if args.cache.kv_cache_dtype == "fp8_e4m3" else DTYPES[self.model_config.dtype]
+
+    def _kv_scales(self, args: ServerArgs) -> list[tuple[float, float]] | None:
+        """Per-layer (K, V) scales of an FP8 KV cache: the checkpoint's, else 1.0."""
+        found: dict[int, dict[str, float]] = self.model.kv_scales
+        if args.cache.kv_cache_dtype != "fp8_e4m3":
+            if found:
+                logger.info("the checkpoint's k_scale/v_scale are unused: the KV cache is not FP8")
+            return None
+        scales = [(found.get(i, {}).get("k", 1.0), found.get(i, {}).get("v", 1.0))
+                  for i in range(self.model_config.num_layers)]
+        logger.info("KV cache in fp8_e4m3 with %s", f"the checkpoint's scales for {len(found)} layers (1.0 elsewhere)"
+                    if found else "scale 1.0 (the checkpoint has no k_scale/v_scale)")
+        return scales
+
     @property
     def _local_kv_heads(self) -> int:
         return self.model_config.kv_heads_per_rank(self.groups.attn_tp.size)
 
     def _kv_capacity(self, args: ServerArgs) -> int:
         per_token = KVPool.bytes_per_token(num_layers=self.model_config.num_layers, num_kv_heads=self._local_kv_heads,
-                                           head_dim=self.model_config.kv_head_dim, dtype=DTYPES[self.model_config.dtype],
+                                           head_dim=self.model_config.kv_head_dim, dtype=self._kv_dtype(args),
                                            latent=self.model_config.is_mla)
         if args.cache.max_total_tokens is not None:
             return args.cache.max_total_tokens

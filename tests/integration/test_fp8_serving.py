@@ -2,7 +2,9 @@
 
 `--quantization fp8` quantizes the tiny Llama's linear layers per channel at load: its output
 equals transformers on the same model with every linear weight quantized per channel and
-dequantized (written by tests/fp8_checkpoints.py, independently of meshserve's code)."""
+dequantized (written by tests/fp8_checkpoints.py, independently of meshserve's code).
+`--kv-cache-dtype fp8_e4m3` equals transformers whose attention rounds every key and value to
+FP8 as the pool stores them (scale 1.0: the checkpoint has none)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import random
 
 import pytest
 
-from tests.fp8_checkpoints import ONLINE, make_fp8_checkpoint
+from tests.fp8_checkpoints import ONLINE, hf_greedy_fp8_kv, make_fp8_checkpoint
 from tests.hf_reference import hf_greedy
 from tests.server_process import start_server
 
@@ -48,3 +50,13 @@ def test_quantization_fp8_equals_the_per_channel_dequantized_model(online_server
     assert _served(online_server, prompts) == reference
     assert "FP8: fp8 (quantized at load" in online_server.log()  # the start-up log names the scheme and path
     assert "layers on the dequant GEMM path" in online_server.log()
+
+
+def test_kv_cache_dtype_fp8_e4m3_equals_transformers_with_rounded_kv(tiny_llama_dir, prompts, tmp_path):
+    server = start_server(tmp_path, "--model-path", str(tiny_llama_dir), "--kv-cache-dtype", "fp8_e4m3",
+                          "--max-total-tokens", "2048")
+    try:
+        assert _served(server, prompts) == hf_greedy_fp8_kv(tiny_llama_dir, prompts, NEW_TOKENS)
+        assert "KV cache in fp8_e4m3 with scale 1.0" in server.log()
+    finally:
+        server.stop()

@@ -49,7 +49,8 @@ class AttentionLayer(nn.Module):
             from meshserve.layers.kernels.rotary import rotate_and_store_
 
             rotate_and_store_(q, k, v, self.rotary.cos, self.rotary.sin, positions, pool.k[self.layer_id],
-                              pool.v[self.layer_id], batch.out_cache_loc)
+                              pool.v[self.layer_id], batch.out_cache_loc, pool.k_scale[self.layer_id],
+                              pool.v_scale[self.layer_id])
         else:
             q, k = self.rotary(positions, q, k)
             pool.write(self.layer_id, batch.out_cache_loc, k, v)

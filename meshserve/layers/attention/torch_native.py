@@ -34,16 +34,17 @@ class TorchNativeBackend(AttentionBackend):
         assert batch.host is not None
         out = q.new_empty(*q.shape[:2], layer.v_head_dim)
         self._attend_single_tokens(layer, q, batch, out)
-        k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
+        pool = batch.kv_pool
         start = 0
         host = batch.host
         for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
             if new > 1:
-                if new == total:  # no cached prefix: the new keys and values are the whole sequence
+                # Without a cached prefix the new keys and values are the whole sequence (an FP8
+                # pool's rounded copies are read instead, as every later step will read them).
+                if new == total and not pool.quantized:
                     ks, vs = k[start : start + new], v[start : start + new]
                 else:
-                    slots = batch.req_to_token.table[row, :total]
-                    ks, vs = k_cache[slots], v_cache[slots]
+                    ks, vs = pool.gather(layer.layer_id, batch.req_to_token.table[row, :total], q.dtype)
                 self._attend_new_tokens(layer, q[start : start + new], ks, vs, out[start : start + new])
             start += new
         return out
@@ -81,10 +82,9 @@ class TorchNativeBackend(AttentionBackend):
     def _attend_single_tokens(layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor) -> None:
         """Every sequence with one new token (already in the pool): its query row of q [T, Hq, D]
         attends to its whole K/V; the result goes to the same row of out."""
-        k_cache, v_cache = batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id]
         for group in batch.single_token_groups:
-            k = k_cache[group.slots].transpose(1, 2)  # [B, Hkv, L, D]
-            v = v_cache[group.slots].transpose(1, 2)
+            k, v = batch.kv_pool.gather(layer.layer_id, group.slots, q.dtype)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
             o = F.scaled_dot_product_attention(
                 q.index_select(0, group.tokens).unsqueeze(2), k, v, attn_mask=group.visible[:, None, None, :],
                 scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)

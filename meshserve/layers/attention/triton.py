@@ -24,9 +24,10 @@ class TritonBackend(AttentionBackend):
         from meshserve.layers.attention.triton_extend import extend_attention
 
         assert batch.host is not None
-        return extend_attention(q, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
-                                batch.req_to_token.table, batch.req_rows, batch.seq_lens, batch.extend_lens,
-                                batch.extend_starts, batch.host.max_extend_len, layer.scaling)
+        pool, i = batch.kv_pool, layer.layer_id
+        return extend_attention(q, pool.k[i], pool.v[i], batch.req_to_token.table, batch.req_rows, batch.seq_lens,
+                                batch.extend_lens, batch.extend_starts, batch.host.max_extend_len, layer.scaling,
+                                k_scale=pool.k_scale[i], v_scale=pool.v_scale[i])
 
     def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -37,5 +38,6 @@ class TritonBackend(AttentionBackend):
         else:
             q, _ = layer.store_new_tokens(positions, q, k, v, batch)
             new = None
-        return decode_attention(q, new, batch.kv_pool.k[layer.layer_id], batch.kv_pool.v[layer.layer_id],
-                                batch.req_to_token.table, batch.req_rows, batch.seq_lens, layer.scaling)
+        pool, i = batch.kv_pool, layer.layer_id
+        return decode_attention(q, new, pool.k[i], pool.v[i], batch.req_to_token.table, batch.req_rows,
+                                batch.seq_lens, layer.scaling, k_scale=pool.k_scale[i], v_scale=pool.v_scale[i])

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block, dot_precision
+from meshserve.layers.attention.triton_paged import attend_block, dot_precision, fp8_round_trip, is_fp8
 from meshserve.layers.kernels.rotary import load_rotated
 
 MAX_SPLITS = 16
@@ -38,9 +38,10 @@ def _decode_stage1(
     Q, K, V, NewK, NewV, Cos, Sin, Positions, Slots, Out, PartialOut, PartialLse, Table, Rows, SeqLens,
     stride_qb, stride_qh, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cos, stride_kt, stride_kh,
     stride_ob, stride_oh, stride_table, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    scale,
+    scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,7 +58,7 @@ def _decode_stage1(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-    dtype = K.dtype.element_ty
+    dtype = Q.dtype.element_ty  # the model's (K may be an FP8 pool)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -67,8 +68,8 @@ def _decode_stage1(
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         for start in range(begin, end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
-                                         BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
     else:
         # Every program rotates the query heads it needs and the new key of its KV head (a few
         # hundred values). The new key and value come from registers, never from their slot:
@@ -78,12 +79,18 @@ def _decode_stage1(
         new_k = load_rotated(NewK + b * stride_nkb + kv_head * stride_nkh + offs_d, offs_d, mask_d, Cos, Sin, pos,
                              stride_cos, HALF=HEAD_DIM // 2).to(dtype)
         new_v = tl.load(NewV + b * stride_nvb + kv_head * stride_nvh + offs_d, mask=mask_d, other=0.0)
+        if KV_FP8:  # attend to the rounded values later steps will read from the pool
+            stored_k, read_k = fp8_round_trip(new_k.to(tl.float32), k_scale, K.dtype.element_ty)
+            stored_v, read_v = fp8_round_trip(new_v.to(tl.float32), v_scale, K.dtype.element_ty)
+            new_k, new_v = read_k.to(dtype), read_v.to(dtype)
+        else:
+            stored_k, stored_v = new_k, new_v
         new_index = seq_len - 1
         cached_end = tl.minimum(end, new_index)
         for start in range(begin, cached_end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=False,
-                                         BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
         # The new token: folded into the state of the split that holds it, then stored in its
         # slot for later steps (no program reads that slot in this step).
         holds_new = (begin <= new_index) & (new_index < end)
@@ -95,8 +102,8 @@ def _decode_stage1(
         l_i = tl.where(holds_new, l_i * alpha + p_new, l_i)
         acc = tl.where(holds_new, acc * alpha[:, None] + p_new[:, None] * new_v.to(tl.float32)[None, :], acc)
         slot = tl.load(Slots + b)
-        tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, new_k, mask=mask_d & holds_new)
-        tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, new_v, mask=mask_d & holds_new)
+        tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, stored_k, mask=mask_d & holds_new)
+        tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, stored_v, mask=mask_d & holds_new)
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SPLITS == 1:
@@ -173,11 +180,12 @@ def fuses_new_token(batch: int) -> bool:
 
 def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache/v_cache: [slots, Hkv, D]; table: [rows, max_context] slot ids;
     rows, seq_lens: [B] (seq_lens >= 1, including the new token). With `new`, q is not yet
     rotated and the new tokens are not yet in the pool (see NewTokens); without it, both are
-    done. Returns [B, Hq, D]. `splits` overrides the automatic choice (a power of two)."""
+    done. Returns [B, Hq, D]. `splits` overrides the automatic choice (a power of two). An FP8
+    pool is read as stored * k_scale / v_scale (and the new token stored so)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -203,10 +211,11 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         q.stride(0), q.stride(1), nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        scale,
+        scale, k_scale, v_scale,
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=BLOCK_N, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
+        KV_FP8=is_fp8(k_cache.dtype),
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block, dot_precision
+from meshserve.layers.attention.triton_paged import attend_block, dot_precision, is_fp8
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -24,9 +24,9 @@ BLOCK_N = 64
 def _extend_kernel(
     Q, K, V, Out, Table, Rows, SeqLens, ExtendLens, QStarts,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_table,
-    scale,
+    scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     b = tl.program_id(1)
@@ -56,8 +56,8 @@ def _extend_kernel(
     # is finite after the first block and no -inf - -inf can appear.
     for start in range(0, end, BLOCK_N):
         m_i, l_i, acc = attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
-                                     stride_kt, stride_kh, scale, offs_d, mask_d, CAUSAL=True, BLOCK_N=BLOCK_N,
-                                     PRECISION=PRECISION)
+                                     stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale, CAUSAL=True,
+                                     BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -66,11 +66,12 @@ def _extend_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                      rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor, q_starts: torch.Tensor,
-                     max_extend_len: int, scale: float) -> torch.Tensor:
+                     max_extend_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D], the new tokens of every sequence, sequence after sequence; k_cache/v_cache:
     [slots, Hkv, D] holding every sequence's prefix and new tokens; table: [rows, max_context];
     rows, seq_lens (prefix + new), extend_lens, q_starts (offset of each sequence's first new
-    token in q): [B] device tensors; max_extend_len: the largest extend length (host).
+    token in q): [B] device tensors; max_extend_len: the largest extend length (host). An FP8
+    pool is read as stored * k_scale / v_scale.
     Returns [T, Hq, D]."""
     tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -80,9 +81,9 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _extend_kernel[grid](
         q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
-        table.stride(0), scale,
+        table.stride(0), scale, k_scale, v_scale,
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype), num_warps=4, num_stages=2,
     )
     return out

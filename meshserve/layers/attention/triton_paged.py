@@ -6,6 +6,20 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.rounding import to_fp8_e4m3
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """An FP8 KV pool (kv_pool.py): the kernels dequantize what they read and quantize what they store."""
+    return dtype == torch.float8_e4m3fn
+
+
+@triton.jit
+def fp8_round_trip(x, scale, FP8_TY: tl.constexpr):
+    """(stored, read back in float32) of float32 x in an FP8 pool: stored = fp8(clamp(x / scale))."""
+    stored = to_fp8_e4m3(x / scale, FP8_TY)
+    return stored, stored.to(tl.float32) * scale
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 models get true float32 products (Triton's default for float32 dots is tf32)."""
@@ -14,16 +28,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
-                 stride_table, stride_kt, stride_kh, scale, offs_d, mask_d,
-                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Fold keys [start, start + BLOCK_N) ∩ [0, end) of sequence `row` (slots read through the
     request-to-token table) into the online-softmax state (m_i, l_i, acc) of the query rows `q`.
-    With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. Returns the new state."""
+    With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. With KV_FP8 the pool
+    holds FP8, dequantized here with the layer's k_scale / v_scale. Returns the new state."""
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [rows, BLOCK_N]
     visible = mask_n[None, :]
     if CAUSAL:
@@ -34,5 +51,7 @@ def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
     return m_new, l_i, acc

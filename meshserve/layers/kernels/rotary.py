@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.kernels.rounding import round_to
+from meshserve.layers.kernels.rounding import round_to, to_fp8_e4m3
 
 
 @triton.jit
@@ -59,8 +59,8 @@ def load_rotated(ptr, offs_d, mask, Cos, Sin, pos, stride_table, HALF: tl.conste
 @triton.jit
 def _rotate_and_store_kernel(Q, K, V, Cos, Sin, Positions, KCache, VCache, Slots, stride_qt, stride_qh, stride_kt,
                              stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_table, n_q_heads,
-                             n_k_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                             BLOCK_HK: tl.constexpr):
+                             n_k_heads, k_scale, v_scale, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, KV_FP8: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(Positions + t)
     slot = tl.load(Slots + t)
@@ -77,20 +77,25 @@ def _rotate_and_store_kernel(Q, K, V, Cos, Sin, Positions, KCache, VCache, Slots
     k_mask = (k_heads < n_k_heads) & (offs < HALF)
     k1, k2 = _rotate(K + t * stride_kt + k_heads * stride_kh + offs, k_mask, c, s, HALF)
     dst = slot * stride_cs + k_heads * stride_ch + offs
+    v = V + t * stride_vt + k_heads * stride_vh + offs
+    v1, v2 = tl.load(v, mask=k_mask), tl.load(v + HALF, mask=k_mask)
+    if KV_FP8:  # the pool's rounding (kv_pool.quantize_kv)
+        cache_ty = KCache.dtype.element_ty
+        k1, k2 = to_fp8_e4m3(k1.to(tl.float32) / k_scale, cache_ty), to_fp8_e4m3(k2.to(tl.float32) / k_scale, cache_ty)
+        v1, v2 = to_fp8_e4m3(v1.to(tl.float32) / v_scale, cache_ty), to_fp8_e4m3(v2.to(tl.float32) / v_scale, cache_ty)
     tl.store(KCache + dst, k1, mask=k_mask)
     tl.store(KCache + dst + HALF, k2, mask=k_mask)
-    v = V + t * stride_vt + k_heads * stride_vh + offs
-    tl.store(VCache + dst, tl.load(v, mask=k_mask), mask=k_mask)
-    tl.store(VCache + dst + HALF, tl.load(v + HALF, mask=k_mask), mask=k_mask)
+    tl.store(VCache + dst, v1, mask=k_mask)
+    tl.store(VCache + dst + HALF, v2, mask=k_mask)
 
 
 def rotate_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slots: torch.Tensor) -> None:
+                      slots: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place, then k_cache[slots[t]] = k[t] and
     v_cache[slots[t]] = v[t] (v [T, Hk, D]; caches [S, Hk, D] with equal strides; each head's D
     values contiguous everywhere). cos, sin: float32 [max_positions, D] tables; positions and
-    slots: [T]."""
+    slots: [T]. An FP8 cache stores k / k_scale and v / v_scale, rounded (kv_pool.py)."""
     tokens, n_q, head_dim = q.shape
     n_k = k.shape[1]
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.stride(-1) == 1
@@ -99,6 +104,6 @@ def rotate_and_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if tokens:
         _rotate_and_store_kernel[(tokens,)](
             q, k, v, cos, sin, positions, k_cache, v_cache, slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), cos.stride(0), n_q, n_k,
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(n_q),
+            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), cos.stride(0), n_q, n_k, k_scale, v_scale,
+            KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(n_q),
             BLOCK_HK=triton.next_power_of_2(n_k), num_warps=4)
