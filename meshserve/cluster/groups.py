@@ -33,6 +33,8 @@ class ParallelGroups:
     moe_ep: RankGroup
     moe_tp: RankGroup
     dp: RankGroup
+    # How MoE layers reach experts on other moe_ep ranks (--moe-a2a-backend; layers/moe/dispatch.py).
+    moe_a2a_backend: str = "none"
 
     @classmethod
     def single(cls) -> ParallelGroups:

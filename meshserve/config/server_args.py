@@ -331,7 +331,7 @@ class ParallelArgs(_ConcernMixin):
         flags=("--tp", "--tensor-parallel-size"))
     dp_size: int = _arg(1, "Data parallel size.", flags=("--dp",))
     ep_size: int = _arg(
-        1, "Expert parallel size (MoE).", flags=("--ep", "--expert-parallel-size"))
+        1, "Expert parallel size (MoE).", flags=("--ep", "--ep-size", "--expert-parallel-size"))
     nnodes: int = _arg(1, "Number of nodes.")
     node_rank: int = _arg(0, "Rank of this node, 0 .. nnodes-1 (0 serves HTTP).")
     dist_init_addr: str | None = _arg(
@@ -535,14 +535,12 @@ class Refusal:
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("dp_size", lambda a: a.parallel.dp_size > 1,
             "data parallelism is not built yet"),
-    Refusal("ep_size", lambda a: a.parallel.ep_size > 1,
-            "expert parallelism is not built yet"),
     Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention,
             "data-parallel attention is not built yet"),
     Refusal("enable_dp_lm_head", lambda a: a.parallel.enable_dp_lm_head,
             "the data-parallel LM head is not built yet"),
-    Refusal("moe_a2a_backend", lambda a: a.parallel.moe_a2a_backend != "none",
-            "MoE all-to-all backends are not built yet; only 'none'"),
+    Refusal("moe_a2a_backend", lambda a: a.parallel.moe_a2a_backend not in ("none", "deepep"),
+            "only the 'none' and 'deepep' MoE all-to-all backends are built"),
     Refusal("ep_num_redundant_experts", lambda a: a.parallel.ep_num_redundant_experts != 0,
             "redundant experts need expert parallelism, which is not built yet"),
     Refusal("quantization", lambda a: a.model.quantization not in (None, *SERVED_QUANTIZATION),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from meshserve.executor.host_copy import to_device_async
 from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
 from meshserve.layers.attention.base import AttentionBackend
+from meshserve.layers.moe.dispatch import announce as announce_moe_dispatch
 
 logger = logging.getLogger("meshserve")
 
@@ -48,7 +50,9 @@ class ModelRunner:
                  groups: ParallelGroups) -> None:
         self.model_config = model_config
         self.device = device
+        groups = dataclasses.replace(groups, moe_a2a_backend=args.parallel.moe_a2a_backend)
         self.groups = groups
+        announce_moe_dispatch(groups.moe_a2a_backend, groups.moe_ep)
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
         self.model = load_model(model_config, device=device, groups=groups)

@@ -150,7 +150,7 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.moe_intermediate_size * config.n_shared_experts) \
             if config.n_shared_experts else None
         return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, deepseek_routing(config),
-                              dtype=dtype, tp=groups.moe_tp, shared=shared)
+                              dtype=dtype, groups=groups, shared=shared)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):

@@ -18,7 +18,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
         if config.hidden_act != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
         routing = Routing(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok, renormalize=True)
-        return SparseMoeBlock(config.hidden_size, config.intermediate_size, routing, dtype=dtype, tp=groups.moe_tp)
+        return SparseMoeBlock(config.hidden_size, config.intermediate_size, routing, dtype=dtype, groups=groups)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

@@ -36,7 +36,7 @@ def _moe_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups
                       renormalize=bool(config.norm_topk_prob))
     shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.shared_expert_intermediate_size) \
         if shared_expert else None
-    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, dtype=dtype, tp=groups.moe_tp,
+    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, dtype=dtype, groups=groups,
                           shared=shared, shared_gate=shared_expert)
 
 

@@ -282,7 +282,8 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
-    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--dp-size", "2", "--ep", "2"])
+    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--dp-size", "2", "--ep", "2",
+                            "--moe-a2a-backend", "mooncake"])
     assert len(problems) == 4
     # value errors first, then refusals
     assert problems[0].startswith("--page-size") or problems[0].startswith("--port")
@@ -296,10 +297,9 @@ def test_from_cli_prints_every_problem_and_exits_2(
         ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 2
+    assert len(err_lines) == 1  # --ep is built
     assert all("error: not supported yet: " in line for line in err_lines)
     assert "--dp-size 16" in err_lines[0]
-    assert "--ep 16" in err_lines[1]
 
 
 def test_validate_returns_self(on_cpu: None) -> None:
@@ -317,10 +317,9 @@ def test_validate_returns_self(on_cpu: None) -> None:
     [
         (["--dp-size", "2"], "not supported yet: --dp-size 2 ("),
         (["--dp", "2"], "not supported yet: --dp 2 ("),
-        (["--ep", "2"], "not supported yet: --ep 2 ("),
         (["--enable-dp-attention"], "not supported yet: --enable-dp-attention ("),
         (["--enable-dp-lm-head"], "not supported yet: --enable-dp-lm-head ("),
-        (["--moe-a2a-backend", "deepep"], "not supported yet: --moe-a2a-backend deepep ("),
+        (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
         (["--ep-num-redundant-experts", "32"], "not supported yet: --ep-num-redundant-experts 32"),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
     ],
@@ -364,10 +363,10 @@ def test_refusal_table_rows_name_real_fields() -> None:
 
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
-        ["--tp", "16", "--dp-size", "16", "--ep", "16"]).validate).value)
+        ["--tp", "16", "--dp-size", "16", "--ep", "16", "--moe-a2a-backend", "mooncake"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
-    assert "--dp-size" in lines[0] and "--ep" in lines[1]
+    assert "--dp-size" in lines[0] and "--moe-a2a-backend" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +497,8 @@ SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 # Flags whose feature is not built: a seed command line using them must be refused, naming
 # the flag as the user spelled it.
 UNBUILT_FLAGS = {
-    "--dp-size", "--ep",
-    "--enable-dp-attention", "--enable-dp-lm-head", "--moe-a2a-backend",
+    "--dp-size",
+    "--enable-dp-attention", "--enable-dp-lm-head",
 }
 
 

@@ -5,7 +5,9 @@ stacked into two tensors so that one kernel can run them all.
     w2:  [local experts, hidden, I_local]
 
 Expert tensor parallelism (moe_tp) splits the intermediate size I over ranks as a dense MLP's
-is (each rank's partial outputs are summed by the block's all-reduce). The checkpoint holds one
+is (each rank's partial outputs are summed by the block's all-reduce). Expert parallelism
+(moe_ep) gives each rank a contiguous range of the experts: rank k of E holds experts
+[k·n, (k+1)·n), n = num_experts / E; the other experts' checkpoint tensors are skipped. The checkpoint holds one
 tensor per expert and projection; `weight_loader(param, loaded, shard_id, expert_id)` places it
 (shard_id: "w1" gate, "w3" up, "w2" down), so model code never does rank arithmetic.
 
@@ -42,14 +44,15 @@ def expert_checkpoint_target(name: str) -> tuple[str, str, int] | None:
 
 class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
-                 tp: RankGroup = SINGLE) -> None:
+                 tp: RankGroup = SINGLE, ep: RankGroup = SINGLE) -> None:
         super().__init__()
         self.tp = tp
         self.num_experts = num_experts
+        self.first_expert, self.num_local = ep.shard(num_experts)
         _, self.intermediate_local = tp.shard(intermediate_size)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_local, hidden_size, dtype=dtype),
+        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * self.intermediate_local, hidden_size, dtype=dtype),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_local, dtype=dtype),
+        self.w2 = nn.Parameter(torch.empty(self.num_local, hidden_size, self.intermediate_local, dtype=dtype),
                                requires_grad=False)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
@@ -57,6 +60,9 @@ class FusedExperts(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert_id}, the config says {self.num_experts} experts")
+        expert_id -= self.first_expert
+        if not 0 <= expert_id < self.num_local:
+            return  # another expert-parallel rank's expert
         n = self.intermediate_local
         start = self.tp.rank * n
         if shard_id == "w2":
@@ -70,8 +76,9 @@ class FusedExperts(nn.Module):
         dst.copy_(src)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; weights, ids [T, top_k] -> sum over each token's experts of weight * expert(x),
-        [T, H] in x's dtype. With moe_tp each rank returns its partial sum (the caller reduces)."""
+        """x [T, H]; weights, local ids [T, top_k] (-1: not on this rank) -> sum over each token's
+        local experts of weight * expert(x), [T, H] in x's dtype: a partial sum whenever moe_tp or
+        moe_ep has more than one rank (the block reduces)."""
         if x.is_cuda:
             from meshserve.layers.moe.grouped_gemm import fused_experts
 
@@ -82,16 +89,17 @@ class FusedExperts(nn.Module):
 def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: the (token, expert) pairs sorted by expert, one matmul pair per expert with
-    tokens, results weighted and summed into their tokens in expert order."""
+    tokens, results weighted and summed into their tokens in expert order; pairs of expert -1
+    (held by another rank) are skipped."""
     top_k = ids.shape[1]
     flat = ids.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
     tokens = order // top_k
     pair_weights = weights.flatten()[order].to(x.dtype)
     out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
+    start = counts[0]
+    for expert, count in enumerate(counts[1:]):
         if count:
             rows = tokens[start : start + count]
             h = silu_and_mul(x[rows] @ w13[expert].t()) @ w2[expert].t()

@@ -61,10 +61,13 @@ def _grouped_gemm(
 
 def sort_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, expert) pairs (pair p = token p // top_k's (p % top_k)-th choice) ordered by expert,
-    each expert's run padded to whole blocks of block_m. Returns (sorted_pairs [max_blocks *
-    block_m], padding = number of pairs; block_expert [max_blocks]; num_blocks [1]) — all on
-    the device, computed without reading anything back to the host."""
+    each expert's run padded to whole blocks of block_m; pairs of expert -1 (another rank's) go
+    last, past num_blocks. Returns (sorted_pairs [max_blocks * block_m], padding = number of
+    pairs; block_expert [max_blocks]; num_blocks [1]) — all on the device, computed without
+    reading anything back to the host."""
     flat = ids.flatten()
+    flat = flat.masked_fill(flat < 0, num_experts)  # a virtual last expert, never computed
+    num_experts += 1
     pairs = flat.numel()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     blocks = (counts + block_m - 1) // block_m
@@ -77,7 +80,7 @@ def sort_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int64, device=ids.device)
     sorted_pairs[dest] = order
     block_expert = torch.searchsorted(block_end, torch.arange(max_blocks, device=ids.device), right=True)
-    return sorted_pairs, block_expert.clamp_(max=num_experts - 1), block_end[-1:]
+    return sorted_pairs, block_expert.clamp_(max=num_experts - 2), block_end[-2:-1]
 
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
@@ -101,7 +104,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     h = torch.empty(tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
     _gemm(x, w13, h, sorted_pairs, block_expert, num_blocks, None, top_k, rows_per_token=True)
     a = silu_and_mul(h)
-    y = torch.empty(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
+    y = torch.zeros(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)  # pairs of other ranks stay 0
     _gemm(a, w2, y, sorted_pairs, block_expert, num_blocks, weights.flatten().float().contiguous(), top_k,
           rows_per_token=False)
     return y.view(tokens, top_k, -1).sum(dim=1)

@@ -1,32 +1,36 @@
-"""The sparse MoE block: route, run the routed experts, add the shared experts (DeepSeek's
-always-on experts; Qwen2-MoE's one shared expert behind a sigmoid gate), reduce over moe_tp."""
+"""The sparse MoE block: route, run the routed experts (over expert-parallel ranks through the
+dispatcher, dispatch.py), add the shared experts (DeepSeek's always-on experts; Qwen2-MoE's one
+shared expert behind a sigmoid gate), and sum the partial outputs over the dispatcher's group."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from meshserve.cluster.comm import SINGLE, RankGroup
+from meshserve.cluster.groups import ParallelGroups
+from meshserve.layers.moe.dispatch import make_dispatch
 from meshserve.layers.moe.experts import FusedExperts
 from meshserve.layers.moe.router import Routing, TopKRouter
 
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, routing: Routing, *, dtype: torch.dtype,
-                 tp: RankGroup = SINGLE, shared: nn.Module | None = None,
-                 shared_gate: bool = False) -> None:
+                 groups: ParallelGroups, shared: nn.Module | None = None, shared_gate: bool = False) -> None:
         """`shared`: the shared experts as a dense (tensor-parallel, self-reducing) MLP; with
         `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE)."""
         super().__init__()
-        self.tp = tp
         self.gate = TopKRouter(hidden_size, routing, dtype=dtype)
-        self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, dtype=dtype, tp=tp)
+        self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, dtype=dtype,
+                                    tp=groups.moe_tp, ep=groups.moe_ep)
+        self.dispatch = make_dispatch(groups.moe_a2a_backend, tp=groups.tp, moe_ep=groups.moe_ep,
+                                      moe_tp=groups.moe_tp)
         self.shared = shared
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, dtype=dtype) if shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.tp.all_reduce(self.experts(x, weights, ids))
+        partial = self.dispatch.run(x, weights, ids, self.experts, self.experts.first_expert, self.experts.num_local)
+        out = self.dispatch.reduce_group.all_reduce(partial)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_expert_gate is not None:
