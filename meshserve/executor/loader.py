@@ -122,5 +122,6 @@ def _log_fp8(model: nn.Module, quant: Fp8Scheme, dtype: torch.dtype) -> None:
     logger.info("FP8: %s; %s; %d linear layers kept in high precision", quant.describe(),
                 ", ".join(f"{n} layers on the {path} GEMM path" for path, n in sorted(paths.items())), kept)
     if "dequant" in paths and any(p.device.type == "cuda" for p in model.parameters()):
-        logger.warning("FP8 on CUDA through dequantize + %s GEMM: correct but slow (block-wise weights, a GPU "
-                       "without FP8 tensor cores, or a model that is not bfloat16)", dtype)
+        logger.warning("FP8 on CUDA through dequantize + %s GEMM: correct but slow (a GPU without FP8 tensor "
+                       "cores, per-channel scales in a model that is not bfloat16, or block-wise layers whose "
+                       "input is not whole blocks)", dtype)

@@ -8,10 +8,14 @@ GEMM paths (one per layer, chosen at construction from the device, logged at sta
 * `scaled_mm`: CUDA with FP8 tensor cores (compute capability >= 8.9) and per-channel scales:
   activations are quantized per token at run time (or with the checkpoint's static scale) and
   `torch._scaled_mm` multiplies with row-wise scales, output in bfloat16.
+* `triton_block`: CUDA with FP8 tensor cores and block-wise scales (DeepSeek-V3): activations
+  quantized per (token, bk columns) group, then a Triton GEMM applying both scales per K block
+  (kernels/fp8_gemm.py). Needs in_features to be a multiple of bk.
 * `dequant`: the weight is dequantized to the activation dtype and multiplied by F.linear.
-  The CPU reference path (every CI test), and the stated fallback on CUDA for block-wise
-  weights, for GPUs without FP8, and for float16/float32 models (`_scaled_mm`'s row-wise
-  scaling gives bfloat16 only). On the CPU it is exactly the model with dequantized weights.
+  The CPU reference path (every CI test), and the stated fallback on CUDA for GPUs without FP8,
+  for float16/float32 models with per-channel scales (`_scaled_mm`'s row-wise scaling gives
+  bfloat16 only) and for block-wise layers whose input is not whole blocks. On the CPU it is
+  exactly the model with dequantized weights.
 """
 
 from __future__ import annotations
@@ -66,11 +70,13 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def gemm_path(device: torch.device, *, block: tuple[int, int] | None, dtype: torch.dtype) -> str:
+def gemm_path(device: torch.device, *, block: tuple[int, int] | None, dtype: torch.dtype, in_features: int) -> str:
     """The GEMM path of an FP8 layer on `device` (see the module docstring)."""
-    if block is None and dtype == torch.bfloat16 and fp8_supported(device):
-        return "scaled_mm"
-    return "dequant"
+    if not fp8_supported(device):
+        return "dequant"
+    if block is not None:
+        return "triton_block" if in_features % block[1] == 0 else "dequant"
+    return "scaled_mm" if dtype == torch.bfloat16 else "dequant"
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, path: str, bias: torch.Tensor | None,
@@ -79,6 +85,10 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, path: 
     """x [..., in] @ (the real weight).T (+ bias) -> [..., out] in x's dtype."""
     if path == "dequant":
         return F.linear(x, dequantize(w8, scale, block).to(x.dtype), bias)
+    if path == "triton_block":
+        from meshserve.layers.kernels.fp8_gemm import block_fp8_linear
+
+        return block_fp8_linear(x, w8, scale, block, bias, activation_ub)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if input_scale is None:
