@@ -73,7 +73,12 @@ class ModelRunner:
         self._step_rows: torch.Tensor | None = None  # request rows of the last forward step (device)
         logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
         self.graphs: CudaGraphRunner | None = None
-        if device.type == "cuda" and not args.scheduler.disable_cuda_graph and self.attn_backend.supports_cuda_graph:
+        # meshserve's all-to-all dispatcher reads its split sizes on the host: not capturable.
+        a2a = groups.moe_a2a_backend != "none" and groups.moe_ep.size > 1
+        if device.type == "cuda" and not args.scheduler.disable_cuda_graph and a2a:
+            logger.info("CUDA graphs off: the MoE all-to-all dispatcher sizes its exchanges on the host")
+        if device.type == "cuda" and not args.scheduler.disable_cuda_graph and self.attn_backend.supports_cuda_graph \
+                and not a2a:
             max_bs = min(args.scheduler.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, self.max_running_requests)
             self.graphs = CudaGraphRunner(forward=self._forward_inference, make_batch=self._make_batch,
                                           max_bs=max_bs, device=device)
