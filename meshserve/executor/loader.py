@@ -19,6 +19,7 @@ from meshserve.config.model_config import ModelConfig
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.fp8 import FP8
 from meshserve.layers.linear import ParallelLinear
+from meshserve.layers.moe.experts import FusedExperts
 from meshserve.models.registry import MODEL_REGISTRY
 
 logger = logging.getLogger("meshserve")
@@ -108,6 +109,8 @@ def load_model(model_config: ModelConfig, *, device: torch.device, groups: Paral
     for module in model.modules():
         if isinstance(module, ParallelLinear):
             module.finish_loading()
+        if isinstance(module, FusedExperts):
+            module.check_loaded()
     logger.info("loaded %s (%s, %s) on %s", model_config.architecture, model_config.model_path, model_config.dtype, device)
     if quant is not None:
         _log_fp8(model, quant, dtype)

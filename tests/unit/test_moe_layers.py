@@ -97,3 +97,14 @@ def test_experts_load_per_expert_and_match_transformers():
     with torch.no_grad():
         torch.testing.assert_close(ours(x, weights, ids), hf(x, ids, weights))
     assert expert_checkpoint_target("layers.0.mlp.shared_experts.gate_proj.weight") is None
+
+
+def test_a_missing_expert_projection_is_named():
+    experts = FusedExperts(4, HIDDEN, 8, dtype=torch.float32)
+    for e in range(4):
+        for shard, shape in (("w1", (8, HIDDEN)), ("w3", (8, HIDDEN)), ("w2", (HIDDEN, 8))):
+            if (e, shard) != (2, "w3"):
+                param = experts.w2 if shard == "w2" else experts.w13
+                param.weight_loader(param, torch.zeros(shape), shard, e)
+    with pytest.raises(ValueError, match=r"lacks projections of experts \[2\]"):
+        experts.check_loaded()

@@ -56,6 +56,7 @@ class FusedExperts(nn.Module):
                                requires_grad=False)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
+        self._loaded: set[tuple[str, int]] = set()  # (shard id, local expert) seen in the checkpoint
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         if not 0 <= expert_id < self.num_experts:
@@ -74,6 +75,16 @@ class FusedExperts(nn.Module):
             raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shard has shape {tuple(src.shape)}, "
                              f"expected {tuple(dst.shape)}")
         dst.copy_(src)
+        self._loaded.add((shard_id, expert_id))
+
+    def check_loaded(self) -> None:
+        """After loading: every local expert got its three projections (a checkpoint missing one
+        would otherwise serve uninitialised memory)."""
+        missing = sorted({self.first_expert + e for e in range(self.num_local) for s in ("w1", "w2", "w3")
+                          if (s, e) not in self._loaded})
+        if missing:
+            raise ValueError(f"the checkpoint lacks projections of experts {missing[:8]}"
+                             + (" ..." if len(missing) > 8 else ""))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, local ids [T, top_k] (-1: not on this rank) -> sum over each token's
