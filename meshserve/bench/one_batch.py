@@ -39,6 +39,7 @@ class OneBatchResult:
     decode_tok_s: float  # batch_size / median decode step
     graph_replay_ms: float  # the decode forward alone (one CUDA-graph replay); NaN without graphs
     first_output_ids: list[int]  # greedy output of the batch's first sequence (compare across tp)
+    output_ids: list[list[int]]  # every sequence's greedy output, in prompt order (prompts are seeded)
 
 
 def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results: mp.Queue | None) -> None:
@@ -76,6 +77,7 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
         prefill_ms, decode_ms = 0.0, []
         first_ids: list[int] = []
         first_rid = f"{batch_size}-0-{len(rows)}"
+        outputs_by_rid: dict[str, list[int]] = {}
         started_seqs: set[str] = set()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -94,10 +96,13 @@ def _run_rank(rank: int, ns: argparse.Namespace, rendezvous: str | None, results
             else:
                 decode_ms.append(elapsed)
             first_ids += [t for out in outputs if out.rid == first_rid for t in out.new_ids]
+            for out in outputs:
+                outputs_by_rid.setdefault(out.rid, []).extend(out.new_ids)
         logging.info("batch %d: %.1f s", batch_size, (prefill_ms + sum(decode_ms)) / 1e3)
         decode = statistics.median(decode_ms) if decode_ms else float("nan")
         rows.append(OneBatchResult(ns.tp, batch_size, ns.input_len, ns.output_len, prefill_ms, decode,
-                                   batch_size / decode * 1e3, _graph_replay_ms(scheduler, batch_size), first_ids))
+                                   batch_size / decode * 1e3, _graph_replay_ms(scheduler, batch_size), first_ids,
+                                   [outputs_by_rid[f"{batch_size}-{i}-{len(rows)}"] for i in range(batch_size)]))
     if rank == 0 and results is not None:
         results.put([asdict(r) for r in rows[1:]])
 

@@ -111,6 +111,8 @@ def load_model(model_config: ModelConfig, *, device: torch.device, groups: Paral
             module.finish_loading()
         if isinstance(module, FusedExperts):
             module.check_loaded()
+    if quant is not None and quant.online and device.type == "cuda":
+        torch.cuda.empty_cache()  # the high-precision weights just replaced: the KV cache sizing sees free memory
     logger.info("loaded %s (%s, %s) on %s", model_config.architecture, model_config.model_path, model_config.dtype, device)
     if quant is not None:
         _log_fp8(model, quant, dtype)
