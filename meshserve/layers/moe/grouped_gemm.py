@@ -107,4 +107,4 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     y = torch.zeros(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)  # pairs of other ranks stay 0
     _gemm(a, w2, y, sorted_pairs, block_expert, num_blocks, weights.flatten().float().contiguous(), top_k,
           rows_per_token=False)
-    return y.view(tokens, top_k, -1).sum(dim=1)
+    return y.view(tokens, top_k, w2.shape[1]).sum(dim=1)
