@@ -104,6 +104,19 @@ def test_a_prefill_of_another_page_size_is_refused_with_a_diff(servers: Servers)
         other.server.stop()
 
 
+def test_a_prefill_with_an_fp8_kv_cache_is_refused_with_a_diff(servers: Servers) -> None:
+    other = start_prefill(servers.log_dir, *PD_ARGS, "--kv-cache-dtype", "fp8_e4m3", wait=True)
+    try:
+        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
+        assert decode.status == 500 and "does not match this decode server" in str(decode.body)
+        assert "dtype: prefill has float8_e4m3fn, decode has" in str(decode.body)
+        assert "kv_scales: prefill has" in str(decode.body) and "decode has none" in str(decode.body)
+        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
+        wait_idle(other.server, servers.decode)
+    finally:
+        other.server.stop()
+
+
 def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, tiny_llama_dir: Path) -> None:
     other = start_prefill(servers.log_dir, *PD_ARGS, "--model-path", str(tiny_llama_dir), wait=True)
     try:
