@@ -160,3 +160,24 @@ def with_kv_scales(src: Path, dst: Path, scales: dict[int, tuple[float, float]])
         tensors[f"model.layers.{layer}.self_attn.v_proj.v_scale"] = torch.tensor(v)
     save_file(tensors, str(dst / "model.safetensors"))
     return dst
+
+
+def online_dequantized(src: Path, dst: Path, tp: int) -> Path:
+    """What `--quantization fp8 --tp <tp>` computes with, as a plain checkpoint: each rank
+    quantizes its own shard per output row, so the row-parallel projections (o_proj, down_proj:
+    input columns split over ranks) get one scale per (row, rank's column range)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    channel = Layout("per-channel", "channel", {})
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                projection = name.removesuffix(".weight").split(".")[-1]
+                if not name.endswith(".weight") or projection not in LINEARS:
+                    tensors[name] = tensor
+                    continue
+                parts = tensor.chunk(tp, dim=1) if projection in ("o_proj", "down_proj") else [tensor]
+                tensors[name] = torch.cat([_quantize(part, channel)[2] for part in parts], dim=1)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst

@@ -1,7 +1,8 @@
 """FP8 checkpoints of each layout (fbgemm_fp8 per-channel, compressed-tensors per-tensor with a
 static input scale and per-channel, DeepSeek block-wise), made from a tiny random Llama: the
 engine's greedy output equals transformers on the same model with the FP8 weights dequantized
-(tests/fp8_checkpoints.py writes both). Block-wise also on 2 real gloo ranks."""
+(tests/fp8_checkpoints.py writes both). Block-wise also on 2 real gloo ranks, and
+--quantization fp8 on 2 ranks (each rank quantizes its own shard)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,15 @@ def test_unknown_quant_method_is_refused_by_name(checkpoints, tmp_path):
 
     with pytest.raises(ModelConfigError, match="quant_method 'awq' is not supported"):
         ModelConfig.from_server_args(ServerArgs.parse_args(["--model-path", str(bad)]))
+
+
+def test_online_fp8_under_tensor_parallelism(tiny_llama_dir, prompts, tmp_path):
+    """--quantization fp8 on 2 ranks: each rank quantizes its shard, which for row-parallel layers
+    means one scale per (row, rank): equal to transformers on exactly those dequantized weights."""
+    from tests.fp8_checkpoints import online_dequantized
+
+    reference_dir = online_dequantized(tiny_llama_dir, tmp_path / "tp2-dequant", tp=2)
+    reference = hf_greedy(reference_dir, prompts, NEW_TOKENS)
+    assert reference != hf_greedy(online_dequantized(tiny_llama_dir, tmp_path / "tp1-dequant", tp=1), prompts,
+                                  NEW_TOKENS), "per-rank scales changed nothing: a weak test"
+    assert tp_generate(tiny_llama_dir, 2, prompts, NEW_TOKENS, tmp_path, ("--quantization", "fp8")) == reference
