@@ -70,9 +70,9 @@ class Engine:
         self._thread.start()
         self._tm = TokenizerManager(
             tokenizer,
-            to_scheduler=self._processes.endpoints.to_scheduler,
-            from_scheduler=self._processes.endpoints.from_scheduler,
+            endpoints=self._processes.endpoints,
             scheduler_dead=self._processes.dead,
+            load_balance_method=self.args.parallel.load_balance_method,
         )
         try:
             self._run(self._tm.start())

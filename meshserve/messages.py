@@ -105,6 +105,7 @@ class SchedulerReady(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     device: str
     # Why structured output (grammar/) is off on this server; None when it is on.
     grammar_off: str | None = None
+    dp_rank: int = 0  # which DP group's leader sends it (--dp-size)
 
 
 class SchedulerFailed(msgspec.Struct, tag=True, frozen=True):
@@ -116,6 +117,7 @@ class SchedulerFailed(msgspec.Struct, tag=True, frozen=True):
 class FlushCacheOut(msgspec.Struct, tag=True, frozen=True):
     success: bool
     message: str = ""
+    dp_rank: int = 0
 
 
 class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
@@ -134,6 +136,7 @@ class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     num_awaiting_kv: int = 0  # decode: waiting for the KV; prefill: waiting for the decode's request
     num_awaiting_ack: int = 0  # prefill: KV sent, waiting for the decode's acknowledgement
     kv_transfers_in_flight: int = 0  # writes (prefill) or expected writes (decode) not ended yet
+    dp_rank: int = 0  # the reporting DP group (--dp-size); the TokenizerManager sums them
 
 
 FromScheduler = SchedulerReady | SchedulerFailed | BatchOut | FlushCacheOut | SchedulerStats

@@ -1,4 +1,5 @@
-"""Addresses of the ZMQ link between the TokenizerManager and the scheduler leader."""
+"""Addresses of the ZMQ links between the TokenizerManager and the scheduler leaders (one leader
+per DP group; one with --dp-size 1)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SchedulerEndpoints:
-    to_scheduler: str  # the TokenizerManager binds a PUSH socket here; the scheduler connects a PULL
-    from_scheduler: str  # the TokenizerManager binds a PULL socket here; the scheduler connects a PUSH
+    # One per DP group, in DP-rank order: the TokenizerManager binds a PUSH socket on each; that
+    # group's leader connects a PULL.
+    to_scheduler: tuple[str, ...]
+    # The TokenizerManager binds one PULL socket here; every leader connects a PUSH.
+    from_scheduler: str
 
     @classmethod
-    def new_ipc(cls) -> SchedulerEndpoints:
+    def new_ipc(cls, dp_size: int = 1) -> SchedulerEndpoints:
         """Fresh Unix-socket paths in a private (0700) directory: local to this machine, and
         unreachable by other users."""
         base = tempfile.mkdtemp(prefix=f"meshserve-{uuid.uuid4().hex[:8]}-")
         os.chmod(base, 0o700)
-        return cls(to_scheduler=f"ipc://{base}/to_scheduler", from_scheduler=f"ipc://{base}/from_scheduler")
+        return cls(to_scheduler=tuple(f"ipc://{base}/to_scheduler_{d}" for d in range(dp_size)),
+                   from_scheduler=f"ipc://{base}/from_scheduler")

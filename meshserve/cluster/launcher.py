@@ -97,7 +97,7 @@ def launch_schedulers(args: ServerArgs, rendezvous: str | None) -> SchedulerProc
     from meshserve.scheduler.process import run_scheduler_process
 
     topology = Topology.from_args(args)
-    endpoints = SchedulerEndpoints.new_ipc() if topology.is_leader_node else None
+    endpoints = SchedulerEndpoints.new_ipc(args.parallel.dp_size) if topology.is_leader_node else None
     ctx = mp.get_context("spawn")
     launched = SchedulerProcesses(endpoints=endpoints, topology=topology)
     for local_rank in range(topology.ranks_per_node):

@@ -41,6 +41,7 @@ from meshserve.config.quantization import SERVED_QUANTIZATION
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "LOAD_BALANCE_METHODS",
     "CPU_CHUNKED_PREFILL_SIZE",
     "DEFAULT_CHUNKED_PREFILL_SIZE",
     "DTYPE_ALIASES",
@@ -98,6 +99,9 @@ QUANTIZATION_CHOICES: tuple[str, ...] = (
 
 #: ``--kv-cache-dtype`` values (SGLang's); all but auto and fp8_e4m3 are refused by name (REFUSALS).
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16", "fp4_e2m1")
+
+#: Choices for ``--load-balance-method`` (meshserve.server.dp_controller implements them).
+LOAD_BALANCE_METHODS: tuple[str, ...] = ("round_robin", "shortest_queue")
 
 #: Chunk size used when ``--chunked-prefill-size`` is not given (SGLang's usual default).
 DEFAULT_CHUNKED_PREFILL_SIZE = 8192
@@ -329,7 +333,13 @@ class ParallelArgs(_ConcernMixin):
     tp_size: int = _arg(
         1, "Tensor parallel size: total ranks across all nodes.",
         flags=("--tp", "--tensor-parallel-size"))
-    dp_size: int = _arg(1, "Data parallel size.", flags=("--dp",))
+    dp_size: int = _arg(
+        1, "Data parallel size: without --enable-dp-attention, this many independent replicas of --tp "
+        "ranks each behind the one API (tp × dp ranks in all); with it, DP groups of tp / dp ranks.",
+        flags=("--dp",))
+    load_balance_method: str = _arg(
+        "round_robin", "How requests are dealt to the DP groups (--dp-size > 1): in turn, or to the group "
+        "with the fewest live sequences.", choices=LOAD_BALANCE_METHODS)
     ep_size: int = _arg(
         1, "Expert parallel size (MoE).", flags=("--ep", "--ep-size", "--expert-parallel-size"))
     nnodes: int = _arg(1, "Number of nodes.")
@@ -533,8 +543,11 @@ class Refusal:
 
 # Delete a row when its feature lands. Predicates see the whole ServerArgs.
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("dp_size", lambda a: a.parallel.dp_size > 1,
-            "data parallelism is not built yet"),
+    # Plain data parallelism (with --enable-dp-attention, that flag's own row refuses).
+    Refusal("dp_size", lambda a: a.parallel.dp_size > 1 and not a.parallel.enable_dp_attention
+            and (a.parallel.nnodes > 1 or a.disagg.disaggregation_mode != "null"),
+            "data parallelism runs on one node (every DP group's leader talks to node 0's main process "
+            "over local sockets) and without prefill-decode disaggregation so far"),
     Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention,
             "data-parallel attention is not built yet"),
     Refusal("enable_dp_lm_head", lambda a: a.parallel.enable_dp_lm_head,

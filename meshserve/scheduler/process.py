@@ -1,10 +1,11 @@
 """A scheduler process: one per rank. It forms the tensor-parallel world, builds the model
 runner and the Scheduler, then runs the step loop.
 
-The leader (global rank 0) alone talks to the TokenizerManager over ZMQ. Each step it
-broadcasts what it received to the other ranks (StepMessages, msgpack bytes over the gloo CPU
-group), so every rank applies the same messages in the same order and makes the same
-scheduling decisions (SPMD).
+Each DP group (one with --dp-size 1) runs one Scheduler on its attention-TP ranks; the group's
+first rank, its leader, alone talks to the TokenizerManager over ZMQ. Each step the leader
+broadcasts what it received to the other ranks of its group (StepMessages, msgpack bytes over
+the group's gloo CPU group), so every rank of the group applies the same messages in the same
+order and makes the same scheduling decisions (SPMD).
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 class LeaderLink:
     """The leader's two ZMQ sockets to the TokenizerManager."""
 
-    def __init__(self, endpoints: SchedulerEndpoints) -> None:
+    def __init__(self, endpoints: SchedulerEndpoints, dp_rank: int) -> None:
+        self.dp_rank = dp_rank
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
-        self._inbox.connect(endpoints.to_scheduler)
+        self._inbox.connect(endpoints.to_scheduler[dp_rank])
         self._outbox = self._ctx.socket(zmq.PUSH)
         self._outbox.connect(endpoints.from_scheduler)
         self._poller = zmq.Poller()
@@ -86,7 +88,9 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
     rank = topology.global_rank(local_rank)
     logging.basicConfig(level=args.http.log_level.upper(),
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
-    link = LeaderLink(endpoints) if rank == 0 and endpoints is not None else None
+    layout = topology.layout
+    dp_rank = layout.dp_rank(rank)
+    link = LeaderLink(endpoints, dp_rank) if rank in layout.dp_leaders and endpoints is not None else None
     try:
         device = torch.device(args.resolved_device())
         if device.type == "cuda":
@@ -103,7 +107,7 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
             link.send(SchedulerReady(
                 max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
                 context_length=scheduler.model_config.context_length, vocab_size=scheduler.model_config.vocab_size,
-                device=str(device), grammar_off=scheduler.grammar.off_reason))
+                device=str(device), grammar_off=scheduler.grammar.off_reason, dp_rank=dp_rank))
         try:
             _serve(scheduler, link, tp)
         finally:
@@ -179,7 +183,7 @@ def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: RankGroup) -> None
             elif isinstance(msg, FlushCacheReq):
                 ok, why = scheduler.flush_cache()
                 if link is not None:
-                    link.send(FlushCacheOut(ok, why))
+                    link.send(FlushCacheOut(ok, why, link.dp_rank))
         if step.stop:
             logger.error("the server process is gone; scheduler exits")
             return
@@ -192,5 +196,5 @@ def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: RankGroup) -> None
             link.send(BatchOut(outputs))
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            link.send(scheduler.load())
+            link.send(msgspec.structs.replace(scheduler.load(), dp_rank=link.dp_rank))
             last_stats = now

@@ -389,9 +389,12 @@ def create_app(ctx: AppContext, limits: HttpLimits | None = None) -> FastAPI:
     async def get_load() -> Response:
         """The scheduler's latest load report, every field of it (so fields added to
         SchedulerStats appear here unchanged), and the requests this server has in flight;
-        the router's power-of-two and cache-aware policies read it."""
+        the router's power-of-two and cache-aware policies read it. With --dp-size > 1 the
+        counts are summed over the DP groups, and `dp_groups` holds each group's own report."""
         stats = msgspec.structs.asdict(tm.stats) if tm.stats is not None else {}
-        return json_response({**stats, "num_in_flight": tm.num_in_flight})
+        groups = tm.dp_group_stats
+        per_group = {"dp_groups": [msgspec.structs.asdict(g) for g in groups]} if len(groups) > 1 else {}
+        return json_response({**stats, "num_in_flight": tm.num_in_flight, **per_group})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
@@ -441,9 +444,9 @@ class ServerRunner:
         assert processes.endpoints is not None  # node 0 runs the leader rank
         self.tm = TokenizerManager(
             tokenizer,
-            to_scheduler=processes.endpoints.to_scheduler,
-            from_scheduler=processes.endpoints.from_scheduler,
+            endpoints=processes.endpoints,
             scheduler_dead=processes.dead,
+            load_balance_method=args.parallel.load_balance_method,
             metrics=self.metrics,
             disaggregation_mode=args.disagg.disaggregation_mode,
         )

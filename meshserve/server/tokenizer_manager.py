@@ -5,8 +5,10 @@ sends one GenerateReq per sequence, and turns the scheduler's per-step deltas in
 (SequenceDetokenizer) for the HTTP layer or the Engine.
 
 Sockets (zmq.asyncio, msgpack messages of meshserve.messages, never pickle): we BIND a PUSH
-socket on `to_scheduler` and a PULL socket on `from_scheduler`; the scheduler leader connects.
-One receive task routes every ReqOutput to the asyncio queue of the request that owns its rid.
+socket per DP group (`SchedulerEndpoints.to_scheduler`, one with --dp-size 1) and one PULL socket
+on `from_scheduler`; each DP group's leader connects. The DPController picks each sequence's
+group and sends its abort there; a flush goes to every group and succeeds when all do. One
+receive task routes every ReqOutput to the asyncio queue of the request that owns its rid.
 
 Failure contract: when the scheduler sends SchedulerFailed, a scheduler process dies, or the
 server shuts down, every in-flight request ends with a GenerateError (never hangs), readiness
@@ -34,6 +36,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from meshserve.cluster.endpoints import SchedulerEndpoints
 from meshserve.grammar.spec import GrammarError, GrammarSpec
 from meshserve.messages import (
     AbortReq,
@@ -53,6 +56,7 @@ from meshserve.messages import (
 )
 from meshserve.sampling_params import MAX_N, MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError, text_problem
 from meshserve.server.detokenizer import SequenceDetokenizer
+from meshserve.server.dp_controller import DPController
 from meshserve.server.generation import (
     GenerateError,
     GenerateRequest,
@@ -138,20 +142,23 @@ class TokenizerManager:
         self,
         tokenizer: PreTrainedTokenizerBase | None,
         *,
-        to_scheduler: str,
-        from_scheduler: str,
+        endpoints: SchedulerEndpoints,
         scheduler_dead: Callable[[], str | None],
+        load_balance_method: str = "round_robin",
         metrics: ServerMetrics | None = None,
         disaggregation_mode: str = "null",
     ) -> None:
         """`scheduler_dead()` names a dead scheduler process, or returns None while all live."""
         self.tokenizer = tokenizer
         self.disaggregation_mode = disaggregation_mode
-        self._addresses = (to_scheduler, from_scheduler)
+        self._endpoints = endpoints
+        self._dp = DPController(len(endpoints.to_scheduler), load_balance_method)
         self._scheduler_dead = scheduler_dead
         self._metrics = metrics
         self.scheduler_info: SchedulerReady | None = None  # set once the scheduler is ready
-        self.stats: SchedulerStats | None = None
+        self.stats: SchedulerStats | None = None  # summed over the DP groups' latest reports
+        self._group_stats: dict[int, SchedulerStats] = {}
+        self._group_ready: dict[int, SchedulerReady] = {}
         self.last_output_at = 0.0  # time.monotonic() of the latest BatchOut: the scheduler's progress
         self.failure: str | None = None  # why the scheduler is gone, once it is
         self._closing: str | None = None  # set by abort_all: no new requests
@@ -159,11 +166,12 @@ class TokenizerManager:
         self._sequences: dict[str, tuple[_Request, _Sequence]] = {}
         self._on_failure: list[Callable[[str], None]] = []
         self._codec = to_scheduler_codec()
-        self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[int | None, bytes]] = asyncio.Queue()  # (DP group or all, message)
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[SchedulerReady] | None = None
         self._flush_lock = asyncio.Lock()
         self._flush_reply: asyncio.Future[FlushCacheOut] | None = None
+        self._flush_replies: dict[int, FlushCacheOut] = {}
         self._ctx: zmq.asyncio.Context | None = None
         # One thread: large prompts are tokenized one after the other, never two at once on the
         # same tokenizer. The loop thread meanwhile only decodes and encodes small prompts,
@@ -179,14 +187,17 @@ class TokenizerManager:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._ctx = zmq.asyncio.Context()
-        push = self._ctx.socket(zmq.PUSH)
+        pushes = []
+        for address in self._endpoints.to_scheduler:
+            push = self._ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.bind(address)
+            pushes.append(push)
         pull = self._ctx.socket(zmq.PULL)
-        push.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.LINGER, 0)
-        push.bind(self._addresses[0])
-        pull.bind(self._addresses[1])
+        pull.bind(self._endpoints.from_scheduler)
         self._tasks = [
-            asyncio.create_task(self._guard(self._send_loop(push)), name="tm-send"),
+            asyncio.create_task(self._guard(self._send_loop(pushes)), name="tm-send"),
             asyncio.create_task(self._guard(self._receive_loop(pull)), name="tm-receive"),
             asyncio.create_task(self._guard(self._watchdog()), name="tm-watchdog"),
         ]
@@ -226,6 +237,11 @@ class TokenizerManager:
     @property
     def ready(self) -> bool:
         return self.not_ready_reason is None
+
+    @property
+    def dp_group_stats(self) -> list[SchedulerStats]:
+        """Each DP group's latest load report, by DP rank (those reported so far)."""
+        return [self._group_stats[g] for g in sorted(self._group_stats)]
 
     @property
     def num_in_flight(self) -> int:
@@ -345,6 +361,7 @@ class TokenizerManager:
         self._serving_info()
         async with self._flush_lock:
             self._flush_reply = asyncio.get_running_loop().create_future()
+            self._flush_replies = {}
             self._post(FlushCacheReq())
             try:
                 return await asyncio.wait_for(self._flush_reply, FLUSH_TIMEOUT_S)
@@ -510,13 +527,24 @@ class TokenizerManager:
     # ---- scheduler connection ------------------------------------------------------------
 
     def _post(self, msg: ToScheduler) -> None:
-        """Queue a message for the send task: callable from `finally` blocks, never blocks."""
-        self._outbox.put_nowait(self._codec.encode(msg))
+        """Queue a message for the send task: callable from `finally` blocks, never blocks.
+        A new sequence goes to the group the DPController picks, an abort to the group that has
+        the sequence (none once it ended), a flush to every group."""
+        group: int | None = None
+        if isinstance(msg, GenerateReq):
+            group = self._dp.dispatch(msg.rid)
+        elif isinstance(msg, AbortReq):
+            group = self._dp.owner(msg.rid)
+            if group is None:
+                return
+            self._dp.ended(msg.rid)
+        self._outbox.put_nowait((group, self._codec.encode(msg)))
 
-    async def _send_loop(self, push: zmq.asyncio.Socket) -> None:
+    async def _send_loop(self, pushes: list[zmq.asyncio.Socket]) -> None:
         while True:
-            data = await self._outbox.get()
-            await push.send(data, copy=False)
+            group, data = await self._outbox.get()
+            for push in pushes if group is None else [pushes[group]]:
+                await push.send(data, copy=False)
 
     async def _receive_loop(self, pull: zmq.asyncio.Socket) -> None:
         codec = from_scheduler_codec()
@@ -525,19 +553,28 @@ class TokenizerManager:
             if isinstance(msg, BatchOut):
                 self.last_output_at = time.monotonic()
                 for delta in msg.outputs:
+                    if delta.finish is not None:
+                        self._dp.ended(delta.rid)
                     owner = self._sequences.get(delta.rid)
                     if owner is not None:  # else aborted or ended here: late outputs are dropped
                         owner[0].queue.put_nowait((owner[1], delta))
             elif isinstance(msg, SchedulerStats):
-                self.stats = msg
+                self._group_stats[msg.dp_rank] = msg
+                self.stats = _summed(list(self._group_stats.values()))
                 if self._metrics is not None:
-                    self._metrics.scheduler_stats(msg)
+                    self._metrics.scheduler_stats(self.stats)
             elif isinstance(msg, FlushCacheOut):
-                if self._flush_reply is not None and not self._flush_reply.done():
-                    self._flush_reply.set_result(msg)
+                self._flush_replies[msg.dp_rank] = msg
+                if (self._flush_reply is not None and not self._flush_reply.done()
+                        and len(self._flush_replies) == self._dp.dp_size):
+                    refusals = [f"DP group {g}: {r.message}" if self._dp.dp_size > 1 else r.message
+                                for g, r in sorted(self._flush_replies.items()) if not r.success]
+                    self._flush_reply.set_result(FlushCacheOut(not refusals, "; ".join(refusals)))
             elif isinstance(msg, SchedulerReady):
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(msg)
+                self._group_ready[msg.dp_rank] = msg
+                if (self._ready is not None and not self._ready.done()
+                        and len(self._group_ready) == self._dp.dp_size):
+                    self._ready.set_result(_serving_limits(list(self._group_ready.values())))
             elif isinstance(msg, SchedulerFailed):
                 self._fail(msg.message)
 
@@ -578,6 +615,22 @@ class TokenizerManager:
         requests = {id(request): request for request, _ in self._sequences.values()}
         for request in requests.values():
             request.queue.put_nowait(error(message))
+
+
+def _summed(reports: list[SchedulerStats]) -> SchedulerStats:
+    """The server's load: every count summed over its DP groups."""
+    if len(reports) == 1:
+        return reports[0]
+    fields = msgspec.structs.asdict(reports[0])
+    return SchedulerStats(**{name: sum(getattr(r, name) for r in reports) for name in fields if name != "dp_rank"})
+
+
+def _serving_limits(groups: list[SchedulerReady]) -> SchedulerReady:
+    """What the server accepts with several DP groups: a prompt must fit the smallest KV pool
+    (any group may get it); the running requests add up."""
+    smallest = min(groups, key=lambda g: g.max_total_tokens)
+    return msgspec.structs.replace(smallest, max_running_requests=sum(g.max_running_requests for g in groups),
+                                   dp_rank=0)
 
 
 def _check_request_fields(req: GenerateRequest) -> None:

@@ -282,7 +282,7 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
-    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--dp-size", "2", "--ep", "2",
+    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--enable-dp-attention",
                             "--moe-a2a-backend", "mooncake"])
     assert len(problems) == 4
     # value errors first, then refusals
@@ -294,7 +294,8 @@ def test_from_cli_prints_every_problem_and_exits_2(
     on_cpu: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16"])
+        ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16", "--nnodes", "2",
+                             "--dist-init-addr", "10.0.0.1:5000"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1  # --ep is built
@@ -315,8 +316,8 @@ def test_validate_returns_self(on_cpu: None) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--dp-size", "2"], "not supported yet: --dp-size 2 ("),
-        (["--dp", "2"], "not supported yet: --dp 2 ("),
+        (["--dp-size", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"], "not supported yet: --dp-size 2 ("),
+        (["--dp", "2", "--disaggregation-mode", "prefill"], "not supported yet: --dp 2 ("),
         (["--enable-dp-attention"], "not supported yet: --enable-dp-attention ("),
         (["--enable-dp-lm-head"], "not supported yet: --enable-dp-lm-head ("),
         (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
@@ -363,7 +364,8 @@ def test_refusal_table_rows_name_real_fields() -> None:
 
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
-        ["--tp", "16", "--dp-size", "16", "--ep", "16", "--moe-a2a-backend", "mooncake"]).validate).value)
+        ["--tp", "16", "--dp-size", "16", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000",
+         "--moe-a2a-backend", "mooncake"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
     assert "--dp-size" in lines[0] and "--moe-a2a-backend" in lines[1]
@@ -497,7 +499,6 @@ SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 # Flags whose feature is not built: a seed command line using them must be refused, naming
 # the flag as the user spelled it.
 UNBUILT_FLAGS = {
-    "--dp-size",
     "--enable-dp-attention", "--enable-dp-lm-head",
 }
 
@@ -517,6 +518,8 @@ def test_seed_extraction_found_the_known_deployments() -> None:
 def test_seed_command_lines_parse_and_are_refused(on_gpu: None, where: str, argv: list[str]) -> None:
     args = ServerArgs.parse_args(argv)  # SystemExit(2) on any unknown flag
     expected = [t for t in argv if t in UNBUILT_FLAGS]
+    if "--dp-size" in argv and "--enable-dp-attention" not in argv:
+        expected.append("--dp-size")  # plain data parallelism: one node, no disaggregation so far
     try:
         args.validate()
         problems: tuple[str, ...] = ()

@@ -57,7 +57,7 @@ class FakeScheduler(threading.Thread):
     def run(self) -> None:
         ctx = zmq.Context()
         pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-        pull.connect(self.endpoints.to_scheduler)
+        pull.connect(self.endpoints.to_scheduler[0])
         push.connect(self.endpoints.from_scheduler)
         decode, encode = to_scheduler_codec().decode, from_scheduler_codec().encode
         try:
@@ -127,8 +127,7 @@ def run(tokenizer, script: Script, body: Callable, disaggregation_mode: str = "n
     fake.start()
 
     async def main():
-        tm = TokenizerManager(tokenizer, to_scheduler=endpoints.to_scheduler,
-                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead,
+        tm = TokenizerManager(tokenizer, endpoints=endpoints, scheduler_dead=fake.dead,
                               disaggregation_mode=disaggregation_mode)
         try:
             await tm.start(timeout=10)
@@ -263,8 +262,7 @@ def test_start_reports_scheduler_failure(tokenizer):
     fake.start()
 
     async def main():
-        tm = TokenizerManager(tokenizer, to_scheduler=endpoints.to_scheduler,
-                              from_scheduler=endpoints.from_scheduler, scheduler_dead=lambda: None)
+        tm = TokenizerManager(tokenizer, endpoints=endpoints, scheduler_dead=lambda: None)
         try:
             with pytest.raises(ServiceUnavailable, match="model not found: /nope"):
                 await tm.start(timeout=10)
@@ -351,8 +349,7 @@ def test_without_tokenizer_ids_in_ids_out(tokenizer):
     fake.start()
 
     async def main():
-        tm = TokenizerManager(None, to_scheduler=endpoints.to_scheduler,
-                              from_scheduler=endpoints.from_scheduler, scheduler_dead=fake.dead)
+        tm = TokenizerManager(None, endpoints=endpoints, scheduler_dead=fake.dead)
         try:
             await tm.start(timeout=10)
             return await body(tm, fake)
