@@ -86,15 +86,18 @@ class ModelRunner:
             self.graphs.capture()
 
     def _attention_backend(self, requested: str | None, device: torch.device) -> AttentionBackend:
-        """--attention-backend, or the device's default; multi-head latent attention needs a
-        backend that reads the latent KV layout (the default falls back to torch_native)."""
+        """--attention-backend, or the device's default. Multi-head latent attention needs a
+        backend that reads the latent KV layout, and by default takes torch_native: the Triton
+        kernels read it too (checked in the interpreter), but at DeepSeek's 576-wide keys they
+        are not yet measured on a GPU, so they run only when asked for."""
+        if self.model_config.is_mla and requested is None:
+            logger.info("multi-head latent attention: the torch_native attention backend (--attention-backend "
+                        "triton runs the Triton kernels on the latent cache)")
+            requested = "torch_native"
         backend = create_attention_backend(requested or default_attention_backend(device.type))
         if self.model_config.is_mla and not backend.supports_latent_kv:
-            if requested is not None:
-                raise ValueError(f"--attention-backend {requested} cannot run multi-head latent attention "
-                                 f"({self.model_config.architecture}); use --attention-backend torch_native")
-            logger.info("multi-head latent attention: using the torch_native attention backend")
-            backend = create_attention_backend("torch_native")
+            raise ValueError(f"--attention-backend {requested} cannot run multi-head latent attention "
+                             f"({self.model_config.architecture}); use torch_native or triton")
         return backend
 
     def _kv_dtype(self, args: ServerArgs) -> torch.dtype:

@@ -40,3 +40,36 @@ def test_moe_models_on_cuda_match_transformers(request, arch):
     scheduler = build_scheduler(model_dir, "--cuda-graph-max-bs", "8", device="cuda")
     outs = run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(prompts)})
     assert [output_ids(outs[str(i)]) for i in range(len(prompts))] == hf_greedy(model_dir, prompts, 24)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_latent_decode_attention_at_deepseek_v3_dims(batch):
+    """Triton decode attention over the latent cache at DeepSeek-V3's per-rank shape under
+    --tp 8 (16 heads; keys 512 + 64, values 512) in bf16, against SDPA in float32."""
+    import torch.nn.functional as F
+
+    from meshserve.layers.attention.triton_decode import decode_attention
+
+    heads, latent, rope, length = 16, 512, 64, 1000
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    k = torch.randn(batch * length + 1, 1, latent + rope, device="cuda", generator=gen).bfloat16()
+    v = k[..., :latent]
+    table = torch.arange(1, batch * length + 1, device="cuda").view(batch, length)
+    q = torch.randn(batch, heads, latent + rope, device="cuda", generator=gen).bfloat16()
+    seq_lens = torch.full((batch,), length, device="cuda")
+    out = decode_attention(q, None, k, v, table, torch.arange(batch, device="cuda"), seq_lens, 0.05).float()
+    ref = F.scaled_dot_product_attention(q.float()[:, :, None], k[table].float().transpose(1, 2),
+                                         v[table].float().transpose(1, 2), scale=0.05, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_deepseek_v3_on_the_triton_backend_matches_transformers(tiny_deepseek_v3_dir):
+    from tests.hf_reference import hf_greedy
+    from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
+
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (4, 33, 90)]
+    scheduler = build_scheduler(tiny_deepseek_v3_dir, "--attention-backend", "triton", "--cuda-graph-max-bs", "8",
+                                device="cuda")
+    outs = run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(prompts)})
+    assert [output_ids(outs[str(i)]) for i in range(len(prompts))] == hf_greedy(tiny_deepseek_v3_dir, prompts, 24)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 class TritonBackend(AttentionBackend):
     supports_cuda_graph = True
+    supports_latent_kv = True
 
     def extend(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
@@ -33,7 +34,9 @@ class TritonBackend(AttentionBackend):
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         from meshserve.layers.attention.triton_decode import NewTokens, decode_attention, fuses_new_token
 
-        if fuses_new_token(batch.batch_size):
+        # The fused path rotates whole heads and stores K and V apart: not for latent attention,
+        # whose model rotates the rope part itself (rotary None).
+        if fuses_new_token(batch.batch_size) and layer.rotary is not None and layer.v_head_dim == layer.head_dim:
             new = NewTokens(k, v, positions, batch.out_cache_loc, layer.rotary.cos, layer.rotary.sin)
         else:
             q, _ = layer.store_new_tokens(positions, q, k, v, batch)

@@ -40,7 +40,7 @@ def _decode_stage1(
     stride_ob, stride_oh, stride_table, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
+    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -57,18 +57,21 @@ def _decode_stage1(
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)  # values; the fused path (not NEW_IN_POOL) has V_DIM == HEAD_DIM
+    mask_dv = offs_dv < V_DIM
     heads = kv_head * GROUP + offs_g
     dtype = Q.dtype.element_ty  # the model's (K may be an FP8 pool)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q_mask = mask_g[:, None] & mask_d[None, :]
     if NEW_IN_POOL:
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         for start in range(begin, end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale,
+                                         v_scale,
                                          CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
     else:
         # Every program rotates the query heads it needs and the new key of its KV head (a few
@@ -89,7 +92,8 @@ def _decode_stage1(
         cached_end = tl.minimum(end, new_index)
         for start in range(begin, cached_end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale,
+                                         v_scale,
                                          CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
         # The new token: folded into the state of the split that holds it, then stored in its
         # slot for later steps (no program reads that slot in this step).
@@ -105,16 +109,16 @@ def _decode_stage1(
         tl.store(K + slot * stride_kt + kv_head * stride_kh + offs_d, stored_k, mask=mask_d & holds_new)
         tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, stored_v, mask=mask_d & holds_new)
 
-    out_mask = mask_g[:, None] & mask_d[None, :]
+    out_mask = mask_g[:, None] & mask_dv[None, :]
     if SPLITS == 1:
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :],
                  (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=out_mask)
     else:
         # An empty split leaves l_i = 0: its partial output is 0 and its log-sum-exp -inf (weight 0).
         empty = l_i == 0.0
         partial = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        tl.store(PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+        tl.store(PartialOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dv[None, :],
                  partial, mask=out_mask)
         tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
 
@@ -181,12 +185,14 @@ def fuses_new_token(batch: int) -> bool:
 def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """q: [B, Hq, D]; k_cache/v_cache: [slots, Hkv, D]; table: [rows, max_context] slot ids;
+    """q: [B, Hq, D]; k_cache: [slots, Hkv, D], v_cache: [slots, Hkv, Dv] with K's strides (Dv < D:
+    the latent layout, V a view of K's leading features); table: [rows, max_context] slot ids;
     rows, seq_lens: [B] (seq_lens >= 1, including the new token). With `new`, q is not yet
     rotated and the new tokens are not yet in the pool (see NewTokens); without it, both are
-    done. Returns [B, Hq, D]. `splits` overrides the automatic choice (a power of two). An FP8
+    done (the latent layout always comes without). Returns [B, Hq, Dv]. `splits` overrides the automatic choice (a power of two). An FP8
     pool is read as stored * k_scale / v_scale (and the new token stored so)."""
     batch, num_heads, head_dim = q.shape
+    v_dim = v_cache.shape[2]  # < head_dim in the latent layout (MLA): V is K's leading features
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
@@ -194,15 +200,16 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         assert new.k.stride(-1) == 1 and new.v.stride(-1) == 1 and new.cos.stride(-1) == 1
         assert new.sin.stride() == new.cos.stride()
     splits = splits or num_splits(batch, num_kv_heads, q.device)
-    out = torch.empty_like(q)
+    assert new is None or v_dim == head_dim, "the fused new-token path needs values as wide as keys"
+    out = q.new_empty(batch, num_heads, v_dim)
     if batch == 0:
         return out
-    block_d = triton.next_power_of_2(head_dim)
+    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
     if splits > 1:
-        partial = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        partial = torch.empty((batch, num_heads, splits, v_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:  # stage 1 writes `out` directly; the partial buffers are not touched
-        partial, lse = out.view(batch, num_heads, 1, head_dim), out.view(batch, num_heads, head_dim)
+        partial, lse = out.view(batch, num_heads, 1, v_dim), out.view(batch, num_heads, v_dim)
     # Without new tokens the kernel never touches the NewTokens arguments: q stands in for them.
     nk, nv, cos, sin, positions, slots = (q, q, q, q, seq_lens, seq_lens) if new is None else (
         new.k, new.v, new.cos, new.sin, new.positions, new.slots)
@@ -214,11 +221,12 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         scale, k_scale, v_scale,
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        V_DIM=v_dim, BLOCK_DV=block_dv,
         BLOCK_N=BLOCK_N, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
         KV_FP8=is_fp8(k_cache.dtype),
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](
             out, partial, lse, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits)
+            lse.stride(0), lse.stride(1), HEAD_DIM=v_dim, BLOCK_D=block_dv, SPLITS=splits)
     return out

@@ -25,7 +25,7 @@ def _extend_kernel(
     Q, K, V, Out, Table, Rows, SeqLens, ExtendLens, QStarts,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_table,
     scale, k_scale, v_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     m_block = tl.program_id(0)
@@ -42,6 +42,8 @@ def _extend_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < extend_len
     mask_d = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < V_DIM
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     q_pos = prefix + offs_m  # absolute positions; query i sees keys 0..q_pos[i]
@@ -51,30 +53,32 @@ def _extend_kernel(
     end = tl.where(m_block * BLOCK_M < extend_len, tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # Key 0 is visible to every query row (padding rows included), so each row's running maximum
     # is finite after the first block and no -inf - -inf can appear.
     for start in range(0, end, BLOCK_N):
         m_i, l_i, acc = attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
-                                     stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale, CAUSAL=True,
+                                     stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale, v_scale, CAUSAL=True,
                                      BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                      rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor, q_starts: torch.Tensor,
                      max_extend_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D], the new tokens of every sequence, sequence after sequence; k_cache/v_cache:
-    [slots, Hkv, D] holding every sequence's prefix and new tokens; table: [rows, max_context];
+    [slots, Hkv, D] holding every sequence's prefix and new tokens (v_cache [slots, Hkv, Dv] with K's
+    strides, Dv < D in the latent layout); table: [rows, max_context];
     rows, seq_lens (prefix + new), extend_lens, q_starts (offset of each sequence's first new
     token in q): [B] device tensors; max_extend_len: the largest extend length (host). An FP8
     pool is read as stored * k_scale / v_scale.
-    Returns [T, Hq, D]."""
+    Returns [T, Hq, Dv]."""
     tokens, num_heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    v_dim = v_cache.shape[2]  # < head_dim in the latent layout (MLA): V is K's leading features
+    out = q.new_empty(tokens, num_heads, v_dim)
     if tokens == 0:
         return out
     grid = (triton.cdiv(max_extend_len, BLOCK_M), rows.shape[0], num_heads)
@@ -83,6 +87,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), scale, k_scale, v_scale,
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype), num_warps=4, num_stages=2,
     )

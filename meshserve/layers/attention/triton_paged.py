@@ -28,12 +28,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
-                 stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, k_scale, v_scale,
+                 stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale, v_scale,
                  CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Fold keys [start, start + BLOCK_N) ∩ [0, end) of sequence `row` (slots read through the
     request-to-token table) into the online-softmax state (m_i, l_i, acc) of the query rows `q`.
     With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. With KV_FP8 the pool
-    holds FP8, dequantized here with the layer's k_scale / v_scale. Returns the new state."""
+    holds FP8, dequantized here with the layer's k_scale / v_scale. Keys span offs_d, values
+    offs_dv (narrower for latent attention, where V and K share their leading features and
+    their strides). Returns the new state."""
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < end
     slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
@@ -50,7 +52,8 @@ def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_dv[None, :],
+                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
     if KV_FP8:
         v = (v.to(tl.float32) * v_scale).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
