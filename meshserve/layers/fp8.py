@@ -14,7 +14,8 @@ GEMM paths (one per layer, chosen at construction from the device, logged at sta
 * `dequant`: the weight is dequantized to the activation dtype and multiplied by F.linear.
   The CPU reference path (every CI test), and the stated fallback on CUDA for GPUs without FP8,
   for float16/float32 models with per-channel scales (`_scaled_mm`'s row-wise scaling gives
-  bfloat16 only) and for block-wise layers whose input is not whole blocks. On the CPU it is
+  bfloat16 only), for layers whose sizes are not multiples of 16 (`_scaled_mm`'s requirement)
+  and for block-wise layers whose input is not whole blocks. On the CPU it is
   exactly the model with dequantized weights.
 """
 
@@ -70,13 +71,16 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def gemm_path(device: torch.device, *, block: tuple[int, int] | None, dtype: torch.dtype, in_features: int) -> str:
+def gemm_path(device: torch.device, *, block: tuple[int, int] | None, dtype: torch.dtype, in_features: int,
+              out_features: int) -> str:
     """The GEMM path of an FP8 layer on `device` (see the module docstring)."""
     if not fp8_supported(device):
         return "dequant"
     if block is not None:
         return "triton_block" if in_features % block[1] == 0 else "dequant"
-    return "scaled_mm" if dtype == torch.bfloat16 else "dequant"
+    # torch._scaled_mm: bfloat16 output with row-wise scales, both matrix sizes multiples of 16.
+    aligned = in_features % 16 == 0 and out_features % 16 == 0
+    return "scaled_mm" if dtype == torch.bfloat16 and aligned else "dequant"
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, path: str, bias: torch.Tensor | None,

@@ -61,8 +61,8 @@ class ParallelLinear(nn.Module):
             self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=torch.float32), requires_grad=False)
             if fp8.static_input_scale:  # fused parts keep the largest (zeros: nothing loaded yet)
                 self.input_scale = nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=False)
-        self.gemm_path = gemm_path(self.weight.device, block=self.block, dtype=dtype, in_features=in_local) \
-            if fp8 is not None else None
+        self.gemm_path = gemm_path(self.weight.device, block=self.block, dtype=dtype, in_features=in_local,
+                                   out_features=out_local) if fp8 is not None else None
         for param in self.parameters():
             param.weight_loader = self.weight_loader
 

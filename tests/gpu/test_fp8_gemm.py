@@ -63,7 +63,8 @@ def test_triton_block_kernel_bf16(m):
 
 def test_paths_chosen_on_the_gpu():
     cuda = torch.device("cuda")
-    assert gemm_path(cuda, block=None, dtype=torch.bfloat16, in_features=4096) == "scaled_mm"
-    assert gemm_path(cuda, block=None, dtype=torch.float16, in_features=4096) == "dequant"
-    assert gemm_path(cuda, block=(128, 128), dtype=torch.bfloat16, in_features=7168) == "triton_block"
-    assert gemm_path(cuda, block=(128, 128), dtype=torch.bfloat16, in_features=100) == "dequant"
+    assert gemm_path(cuda, block=None, dtype=torch.bfloat16, in_features=4096, out_features=1024) == "scaled_mm"
+    assert gemm_path(cuda, block=None, dtype=torch.float16, in_features=4096, out_features=1024) == "dequant"
+    assert gemm_path(cuda, block=None, dtype=torch.bfloat16, in_features=4096, out_features=1000) == "dequant"
+    assert gemm_path(cuda, block=(128, 128), dtype=torch.bfloat16, in_features=7168, out_features=100) == "triton_block"
+    assert gemm_path(cuda, block=(128, 128), dtype=torch.bfloat16, in_features=100, out_features=128) == "dequant"
