@@ -36,8 +36,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshserve import __version__
-from meshserve.cluster.launcher import SchedulerProcesses
-from meshserve.cluster.node import ClusterNode
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.sampling_params import SamplingParams
@@ -58,7 +56,7 @@ from meshserve.server.tokenizer_manager import PreparedRequest, TokenizerManager
 from meshserve.server.tool_calls import ToolCallStream, default_tool_call_parser
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from meshserve.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -438,18 +436,10 @@ class ServerRunner:
     """Starts the TokenizerManager, serves HTTP until a signal or a scheduler failure, and
     reports the exit code (0 after a signal, 1 after a failure)."""
 
-    def __init__(self, args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
-                 processes: SchedulerProcesses, sock: socket.socket, cluster: ClusterNode) -> None:
+    def __init__(self, runtime: NodeRuntime, sock: socket.socket) -> None:
+        args, model_config, cluster = runtime.args, runtime.model_config, runtime.cluster
         self.metrics = ServerMetrics(model_config.served_model_name)
-        assert processes.endpoints is not None  # node 0 runs the leader rank
-        self.tm = TokenizerManager(
-            tokenizer,
-            endpoints=processes.endpoints,
-            scheduler_dead=processes.dead,
-            load_balance_method=args.parallel.load_balance_method,
-            metrics=self.metrics,
-            disaggregation_mode=args.disagg.disaggregation_mode,
-        )
+        self.tm = runtime.tokenizer_manager(self.metrics)
         self.cluster = cluster
         self.tm.on_failure(self._on_scheduler_failure)
         http = args.http
@@ -542,7 +532,6 @@ class ServerRunner:
         log.info("The server is fired up and ready to roll! Serving on %s", self.address)
 
 
-async def serve(args: ServerArgs, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
-                processes: SchedulerProcesses, sock: socket.socket, cluster: ClusterNode) -> int:
-    """Run the HTTP server until shutdown; the process exit code."""
-    return await ServerRunner(args, model_config, tokenizer, processes, sock, cluster).run()
+async def serve(runtime: NodeRuntime, sock: socket.socket) -> int:
+    """Run node 0's HTTP server until shutdown; the process exit code."""
+    return await ServerRunner(runtime, sock).run()

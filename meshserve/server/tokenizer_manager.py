@@ -252,11 +252,24 @@ class TokenizerManager:
         """Call `callback(reason)` once if the scheduler fails or dies."""
         self._on_failure.append(callback)
 
+    def stop_accepting(self, reason: str) -> None:
+        """Draining: refuse new requests with `reason`; in-flight ones go on."""
+        self._closing = reason
+
     def abort_all(self, reason: str) -> None:
         """Server shutdown: refuse new requests and end every in-flight one with `reason`
         (their generators then send the AbortReqs)."""
         self._closing = reason
         self._end_all(ServiceUnavailable, reason)
+
+    def abort(self, rid: str) -> bool:
+        """End request `rid` (all its sequences) with RequestAborted; its generator then sends
+        the AbortReqs. False when no such request is in flight."""
+        owners = {id(request): request for key, (request, seq) in self._sequences.items()
+                  if key == rid or key == f"{rid}-{seq.index}"}  # the rids generate() gives n > 1 sequences
+        for request in owners.values():
+            request.queue.put_nowait(RequestAborted("the request was aborted by the caller"))
+        return bool(owners)
 
     async def close(self) -> None:
         for task in self._tasks:
