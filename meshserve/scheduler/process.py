@@ -183,6 +183,10 @@ def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: RankGroup) -> None
             elif isinstance(msg, FlushCacheReq):
                 ok, why = scheduler.flush_cache()
                 if link is not None:
+                    # Outputs of this step's aborts go first: a client that sees the flush
+                    # succeed has seen every earlier request end (and may reuse its rid).
+                    if outputs := scheduler.take_outputs():
+                        link.send(BatchOut(outputs))
                     link.send(FlushCacheOut(ok, why, link.dp_rank))
         if step.stop:
             logger.error("the server process is gone; scheduler exits")
