@@ -6,6 +6,14 @@ serves it) and each layer runs meshserve's FP8 path (per-token activation quanti
 torch._scaled_mm): the floor of `--quantization fp8`.
 
   python -m meshserve.bench.linear_floor --shape llama-3.1-8b --batch-size 1 64 256 [--fp8]
+
+For a mixture-of-experts shape (qwen3-30b-a3b, deepseek-v2-lite) the floor is computed, not
+measured: the bytes of the weights a decode step must read — attention, dense layers, shared
+experts, router gates, the LM head, and the routed experts the batch's tokens touch (expected
+E·(1 − (1 − k/E)^B) distinct experts per layer for B tokens routed uniformly to k of E) — over
+the HBM bandwidth (--bandwidth-tbs, 4.8 TB/s for an H200):
+
+  python -m meshserve.bench.linear_floor --shape qwen3-30b-a3b --batch-size 1 64 256
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import argparse
 
 import torch
 
-from meshserve.bench.random_model import SHAPES
+from meshserve.bench.random_model import SHAPES, is_sparse_layer, num_experts, tensor_shapes
 
 
 def linear_floor_ms(shape: str, batch_size: int, *, iters: int = 50, fp8: bool = False) -> float:
@@ -68,12 +76,39 @@ def linear_floor_ms(shape: str, batch_size: int, *, iters: int = 50, fp8: bool =
     return sorted(times)[len(times) // 2]
 
 
+def moe_active_bytes(shape: str, batch_size: int, bytes_per_param: int = 2) -> float:
+    """Weight bytes one decode step of `batch_size` tokens reads (see the module docstring)."""
+    cfg = SHAPES[shape]
+    experts, top_k = num_experts(cfg), cfg["num_experts_per_tok"]
+    touched = experts * (1 - (1 - top_k / experts) ** batch_size)
+    params = 0.0
+    for name, dims in tensor_shapes(cfg).items():
+        size = float(torch.tensor(dims).prod()) if dims else 1.0
+        if name == "model.embed_tokens.weight":
+            continue  # a lookup reads batch_size rows, not the table
+        if ".mlp.experts." in name:
+            params += size * touched / experts  # each expert's tensors, weighted by the chance it is touched
+        else:
+            params += size
+    return params * bytes_per_param
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--fp8", action="store_true", help="FP8 weights and meshserve's FP8 GEMM path")
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="HBM bandwidth for the MoE floor (TB/s)")
     ns = parser.parse_args(argv)
+    if num_experts(SHAPES[ns.shape]):
+        sparse = sum(is_sparse_layer(SHAPES[ns.shape], n) for n in range(SHAPES[ns.shape]["num_hidden_layers"]))
+        print(f"{ns.shape}: {sparse} MoE layers; floor = active weight bytes / {ns.bandwidth_tbs} TB/s (bf16)")
+        print(f"{'batch':>6} {'active GB':>10} {'floor ms/step':>14} {'tok/s':>10}")
+        for bs in ns.batch_size:
+            active = moe_active_bytes(ns.shape, bs)
+            ms = active / (ns.bandwidth_tbs * 1e12) * 1e3
+            print(f"{bs:>6} {active / 1e9:>10.2f} {ms:>14.3f} {bs / ms * 1e3:>10.1f}")
+        return
     print(f"{'batch':>6} {'floor ms/step':>14} {'tok/s':>10}")
     for bs in ns.batch_size:
         ms = linear_floor_ms(ns.shape, bs, fp8=ns.fp8)

@@ -26,30 +26,87 @@ SHAPES: dict[str, dict] = {
     "llama-small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
                         rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Mixture-of-experts shapes (model_type picks the tensor layout; see tensor_shapes).
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                          tie_word_embeddings=False),
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], hidden_size=2048,
+                             intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                             num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+                             qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+                             n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, topk_method="greedy",
+                             norm_topk_prob=False, routed_scaling_factor=1.0, vocab_size=102400,
+                             max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                              "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                                              "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}),
 }
+
+
+def num_experts(cfg: dict) -> int:
+    """Routed experts per MoE layer (0 for dense shapes)."""
+    return cfg.get("num_experts") or cfg.get("n_routed_experts") or 0
+
+
+def is_sparse_layer(cfg: dict, layer: int) -> bool:
+    if not num_experts(cfg):
+        return False
+    if cfg["model_type"].startswith("deepseek"):
+        return layer >= cfg.get("first_k_dense_replace", 0)
+    return layer not in cfg.get("mlp_only_layers", []) and (layer + 1) % cfg.get("decoder_sparse_step", 1) == 0
+
+
+def _attention_shapes(cfg: dict, p: str) -> dict[str, tuple[int, ...]]:
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if "kv_lora_rank" in cfg:  # DeepSeek MLA (no q_lora_rank)
+        qk, r, rope = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+        return {p + "self_attn.q_proj.weight": (heads * qk, h), p + "self_attn.kv_a_proj_with_mqa.weight": (r + rope, h),
+                p + "self_attn.kv_a_layernorm.weight": (r,),
+                p + "self_attn.kv_b_proj.weight": (heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), r),
+                p + "self_attn.o_proj.weight": (h, heads * cfg["v_head_dim"])}
+    d = cfg.get("head_dim") or h // heads
+    kv = cfg["num_key_value_heads"] * d
+    shapes = {p + "self_attn.q_proj.weight": (heads * d, h), p + "self_attn.k_proj.weight": (kv, h),
+              p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, heads * d)}
+    if cfg.get("model_type") == "qwen3_moe":
+        shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    return shapes
+
+
+def _mlp_shapes(p: str, h: int, i: int) -> dict[str, tuple[int, ...]]:
+    return {p + "gate_proj.weight": (i, h), p + "up_proj.weight": (i, h), p + "down_proj.weight": (h, i)}
 
 SHARD_BYTES = 4 << 30
 
 
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    d = h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i),
-                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= _attention_shapes(cfg, p)
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if not is_sparse_layer(cfg, layer):
+            shapes |= _mlp_shapes(p + "mlp.", h, i)
+            continue
+        shapes[p + "mlp.gate.weight"] = (num_experts(cfg), h)
+        for e in range(num_experts(cfg)):
+            shapes |= _mlp_shapes(f"{p}mlp.experts.{e}.", h, cfg["moe_intermediate_size"])
+        if cfg.get("n_shared_experts"):
+            shapes |= _mlp_shapes(p + "mlp.shared_experts.", h, cfg["moe_intermediate_size"] * cfg["n_shared_experts"])
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], h)
     return shapes
 
 
-def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device: str = "cuda", seed: int = 0) -> Path:
-    cfg = SHAPES[shape]
+def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device: str = "cuda", seed: int = 0,
+                       num_layers: int | None = None) -> Path:
+    """`num_layers` cuts the model to fewer layers of the same shape (a 30B MoE does not fit the
+    GPU machine's disk whole; per-layer figures do not need all of them)."""
+    cfg = SHAPES[shape] | ({"num_hidden_layers": num_layers} if num_layers else {})
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-layers", type=int, help="fewer layers of the same shape")
     ns = parser.parse_args(argv)
-    print(write_random_model(ns.shape, ns.out, dtype=ns.dtype, device=ns.device, seed=ns.seed))
+    print(write_random_model(ns.shape, ns.out, dtype=ns.dtype, device=ns.device, seed=ns.seed,
+                             num_layers=ns.num_layers))
 
 
 if __name__ == "__main__":
