@@ -57,7 +57,8 @@ def preflight(args: ServerArgs) -> None:
     from meshserve.config.preflight import ModelDirError, check_model_dir
 
     try:
-        check_model_dir(model_dir(args), args.parallel.tp_size, layout_from_args(args).attn_tp_size)
+        check_model_dir(model_dir(args), args.parallel.tp_size, layout_from_args(args).attn_tp_size,
+                        args.parallel.ep_size)
     except (ModelDirError, DefaultModelUnavailable) as err:
         raise StartupError(f"cannot start: {err}") from None
 

@@ -34,10 +34,12 @@ class ModelShape:
 
     architecture: str
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int  # 1 for latent attention (MLA): one latent head, replicated on every rank
     intermediate_size: int
+    num_experts: int = 0  # routed experts per MoE layer (0: dense)
+    moe_intermediate_size: int = 0
 
-    def tp_problems(self, tp: int, attn_tp: int | None = None) -> list[str]:
+    def tp_problems(self, tp: int, attn_tp: int | None = None, ep: int = 1) -> list[str]:
         """Why the model cannot be split over ``tp`` ranks, with attention over ``attn_tp`` of
         them (tp / dp under --enable-dp-attention; default tp) — empty when it can.
 
@@ -56,6 +58,12 @@ class ModelShape:
             problems.append(kv_problem)
         if self.intermediate_size % tp:
             problems.append(f"MLP intermediate size {self.intermediate_size} does not divide over --tp {tp}")
+        # Routed experts spread over --ep ranks, each split over the MoE tensor-parallel size tp / ep.
+        if self.num_experts and self.num_experts % ep:
+            problems.append(f"{self.num_experts} routed experts do not divide over --ep {ep}")
+        if self.num_experts and self.moe_intermediate_size % (tp // ep):
+            problems.append(f"MoE intermediate size {self.moe_intermediate_size} does not divide over the MoE "
+                            f"tensor-parallel size {tp // ep} (--tp / --ep)")
         return problems
 
 
@@ -84,20 +92,24 @@ def read_model_shape(model_path: str) -> ModelShape:
         )
     try:
         num_heads = int(config["num_attention_heads"])
+        experts = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
         return ModelShape(
             architecture=arch,
             num_heads=num_heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+            num_kv_heads=1 if config.get("kv_lora_rank") else int(config.get("num_key_value_heads") or num_heads),
             intermediate_size=int(config["intermediate_size"]),
+            num_experts=experts,
+            # Mixtral's experts are intermediate_size wide; the others name their own width.
+            moe_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]) if experts else 0,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelDirError(f"{config_file} lacks a valid {err} for a {arch}") from None
 
 
-def check_model_dir(model_path: str, tp: int, attn_tp: int | None = None) -> ModelShape:
-    """:func:`read_model_shape`, then refuse a ``tp`` the model cannot be split over."""
+def check_model_dir(model_path: str, tp: int, attn_tp: int | None = None, ep: int = 1) -> ModelShape:
+    """:func:`read_model_shape`, then refuse a ``tp`` (``ep``) the model cannot be split over."""
     shape = read_model_shape(model_path)
-    problems = shape.tp_problems(tp, attn_tp)
+    problems = shape.tp_problems(tp, attn_tp, ep)
     if problems:
         raise ModelDirError(f"{model_path} cannot run with --tp {tp}: " + "; ".join(problems))
     return shape

@@ -58,3 +58,19 @@ def test_refusals(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelDirError, match="cannot read"):
         check_model_dir(str(tmp_path), 1)
+
+
+def test_moe_shapes_are_checked_against_tp_and_ep(tmp_path):
+    """Routed experts divide over --ep and their width over tp / ep; latent attention (MLA) has
+    one KV head, replicated, whatever num_key_value_heads says."""
+    import json
+
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "num_attention_heads": 8, "num_key_value_heads": 8,
+              "kv_lora_rank": 32, "intermediate_size": 96, "moe_intermediate_size": 20, "n_routed_experts": 6}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = check_model_dir(str(tmp_path), 2, ep=2)
+    assert (shape.num_kv_heads, shape.num_experts) == (1, 6)
+    assert shape.tp_problems(8) == ["MoE intermediate size 20 does not divide over the MoE tensor-parallel size 8 "
+                                    "(--tp / --ep)"]
+    with pytest.raises(ModelDirError, match="6 routed experts do not divide over --ep 4"):
+        check_model_dir(str(tmp_path), 4, ep=4)
