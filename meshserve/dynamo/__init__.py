@@ -1,0 +1,1 @@
+"""meshserve as an NVIDIA Dynamo backend (`python -m meshserve.dynamo.worker`)."""

@@ -1,0 +1,150 @@
+"""meshserve workers under NVIDIA Dynamo 1.6.1's real runtime: Debian's etcd and nats-server
+(deploy/dynamo/control-plane.sh), Dynamo's own frontend (`python -m dynamo.frontend`) and
+`python -m meshserve.dynamo.worker`, answering the `openai` client on a tiny random model:
+
+- an aggregated worker: chat and completions, streamed and not, equal transformers' greedy
+  output on the prompt ids the frontend's template gives;
+- a prefill and a decode worker in Dynamo's disaggregated mode (meshserve's PD transfer moves
+  the KV): the same answers as the aggregated worker;
+- a client leaving mid-stream aborts the worker's request; SIGTERM unregisters at once (the
+  frontend stops listing the model) while the in-flight request completes.
+
+Dynamo is installed by the test (tests/dynamo_install.py); an install failure fails it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from meshserve.dynamo.worker import split_argv
+from tests.dynamo_cluster import DynamoCluster, Proc, start_dynamo
+from tests.hf_reference import hf_greedy
+from tests.pd_cluster import PD_ENV
+from tests.server_process import free_port
+
+WORKER_ARGS = ("--device", "cpu", "--max-total-tokens", "4096", "--context-length", "2048")
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def dynamo(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> Iterator[tuple[DynamoCluster, Proc]]:
+    cluster = start_dynamo(tmp_path_factory.mktemp("dynamo"))
+    try:
+        agg = cluster.worker("aggregated", "--model-path", str(tiny_qwen3_dir), *WORKER_ARGS,
+                             "--served-model-name", "tiny")
+        cluster.wait_model("tiny", watch=[agg, *cluster.procs])
+        yield cluster, agg
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_qwen3_dir: Path) -> dict[str, tuple[int, str]]:
+    """(prompt tokens, greedy text) per surface, from transformers."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    chat_text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer.encode(chat_text, add_special_tokens=False)
+    text_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    out = hf_greedy(tiny_qwen3_dir, [chat_ids, text_ids], NEW_TOKENS)
+    return {"chat": (len(chat_ids), tokenizer.decode(out[0], skip_special_tokens=True)),
+            "completions": (len(text_ids), tokenizer.decode(out[1], skip_special_tokens=True))}
+
+
+def _answers(cluster: DynamoCluster, model: str) -> dict[str, list]:
+    client = cluster.openai()
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)
+    chat_stream = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **GREEDY))
+    comp = client.completions.create(model=model, prompt=PROMPT, **GREEDY)
+    comp_stream = list(client.completions.create(model=model, prompt=PROMPT, stream=True, **GREEDY))
+    return {
+        "chat": [(chat.usage.prompt_tokens, chat.choices[0].message.content),
+                 "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)],
+        "completions": [(comp.usage.prompt_tokens, comp.choices[0].text),
+                        "".join(c.choices[0].text for c in comp_stream if c.choices)],
+        "finish": [chat.choices[0].finish_reason, comp.choices[0].finish_reason],
+    }
+
+
+def test_aggregated_worker_equals_transformers(dynamo, expected):
+    cluster, _ = dynamo
+    answers = _answers(cluster, "tiny")
+    for surface in ("chat", "completions"):
+        whole, streamed = answers[surface]
+        assert whole == expected[surface], surface
+        assert streamed == expected[surface][1], surface
+    assert answers["finish"] == ["length", "length"]
+
+
+def test_prefill_and_decode_workers_equal_the_aggregated_one(dynamo, expected, tiny_qwen3_dir):
+    cluster, _ = dynamo
+    bootstrap_port = free_port()
+    pd_args = ("--model-path", str(tiny_qwen3_dir), *WORKER_ARGS, "--served-model-name", "tiny-pd",
+               "--host", "127.0.0.1", "--disaggregation-transfer-backend", "mooncake")
+    prefill = cluster.worker("prefill", *pd_args, "--disaggregation-mode", "prefill",
+                             "--disaggregation-bootstrap-port", str(bootstrap_port), extra_env=PD_ENV)
+    decode = cluster.worker("decode", *pd_args, "--disaggregation-mode", "decode", extra_env=PD_ENV)
+    try:
+        cluster.wait_model("tiny-pd", watch=[prefill, decode])
+        answers = _answers(cluster, "tiny-pd")
+        for surface in ("chat", "completions"):
+            whole, streamed = answers[surface]
+            assert whole == expected[surface], surface
+            assert streamed == expected[surface][1], surface
+        # A meshserve decode server refuses any request without bootstrap fields and takes the
+        # prompt's KV from the prefill named there: these answers went through the PD transfer.
+    finally:
+        for proc in (decode, prefill):
+            proc.stop()
+
+
+def test_client_disconnect_aborts_and_sigterm_unregisters_and_drains(dynamo, tiny_qwen3_dir):
+    cluster, agg = dynamo
+    client = cluster.openai()
+    # A client leaving mid-stream: the worker aborts the request in meshserve's scheduler.
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1500, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while "cancelled by the frontend" not in agg.log and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "cancelled by the frontend" in agg.log, agg.log[-3000:]
+
+    # SIGTERM with a request in flight: unregistered at once, and the request completes.
+    result: dict[str, object] = {}
+
+    def long_request() -> None:
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        result["tokens"] = out.usage.completion_tokens
+        result["finish"] = out.choices[0].finish_reason
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)
+    agg.signal(signal.SIGTERM)
+    gone_after = cluster.wait_model("tiny", present=False, timeout=10)
+    thread.join(60)
+    assert result == {"tokens": 200, "finish": "length"}, (result, agg.log[-3000:])
+    assert gone_after < 3, gone_after  # the lease is revoked, not left to expire (30 s)
+    assert agg.popen.wait(30) == 0, agg.log[-3000:]
+    assert "unregistered and drained" in agg.log
+
+
+def test_dynamo_flags_meshserve_lacks_are_refused_by_name():
+    assert split_argv(["--endpoint", "dyn://ns.backend.generate", "--tp", "2"])[1].endpoint == "ns.backend.generate"
+    with pytest.raises(SystemExit) as refused:
+        split_argv(["--dyn-tool-call-parser", "hermes"])
+    assert refused.value.code == 2
