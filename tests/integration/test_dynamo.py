@@ -14,16 +14,20 @@ Dynamo is installed by the test (tests/dynamo_install.py); an install failure fa
 
 from __future__ import annotations
 
+import base64
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from transformers import AutoTokenizer
 
 from meshserve.dynamo.worker import split_argv
+from tests.cluster_nodes import base_port, cluster_args
 from tests.dynamo_cluster import DynamoCluster, Proc, start_dynamo
 from tests.hf_reference import hf_greedy
 from tests.pd_cluster import PD_ENV
@@ -34,16 +38,26 @@ NEW_TOKENS = 8
 GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
+LEASE_TTL_S = 30  # Dynamo 1.6's etcd lease
+
+
+@dataclass
+class Deployment:
+    cluster: DynamoCluster
+    aggregated: Proc  # the current aggregated worker serving "tiny" (replaced after a kill -9)
+
+
+def _aggregated(cluster: DynamoCluster, model_dir: Path, name: str) -> Proc:
+    worker = cluster.worker(name, "--model-path", str(model_dir), *WORKER_ARGS, "--served-model-name", "tiny")
+    cluster.wait_model("tiny", watch=[worker, *cluster.procs[:1]])
+    return worker
 
 
 @pytest.fixture(scope="module")
-def dynamo(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> Iterator[tuple[DynamoCluster, Proc]]:
+def dynamo(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> Iterator[Deployment]:
     cluster = start_dynamo(tmp_path_factory.mktemp("dynamo"))
     try:
-        agg = cluster.worker("aggregated", "--model-path", str(tiny_qwen3_dir), *WORKER_ARGS,
-                             "--served-model-name", "tiny")
-        cluster.wait_model("tiny", watch=[agg, *cluster.procs])
-        yield cluster, agg
+        yield Deployment(cluster, _aggregated(cluster, tiny_qwen3_dir, "aggregated"))
     finally:
         cluster.stop()
 
@@ -76,7 +90,7 @@ def _answers(cluster: DynamoCluster, model: str) -> dict[str, list]:
 
 
 def test_aggregated_worker_equals_transformers(dynamo, expected):
-    cluster, _ = dynamo
+    cluster = dynamo.cluster
     answers = _answers(cluster, "tiny")
     for surface in ("chat", "completions"):
         whole, streamed = answers[surface]
@@ -86,7 +100,7 @@ def test_aggregated_worker_equals_transformers(dynamo, expected):
 
 
 def test_prefill_and_decode_workers_equal_the_aggregated_one(dynamo, expected, tiny_qwen3_dir):
-    cluster, _ = dynamo
+    cluster = dynamo.cluster
     bootstrap_port = free_port()
     pd_args = ("--model-path", str(tiny_qwen3_dir), *WORKER_ARGS, "--served-model-name", "tiny-pd",
                "--host", "127.0.0.1", "--disaggregation-transfer-backend", "mooncake")
@@ -107,8 +121,43 @@ def test_prefill_and_decode_workers_equal_the_aggregated_one(dynamo, expected, t
             proc.stop()
 
 
+def test_kill_9_drops_the_worker_within_the_lease_and_a_restarted_one_is_found(dynamo, expected, tiny_qwen3_dir):
+    cluster = dynamo.cluster
+    dynamo.aggregated.signal(signal.SIGKILL)
+    dynamo.aggregated.popen.wait(10)
+    assert cluster.wait_model("tiny", present=False, timeout=LEASE_TTL_S + 10) < LEASE_TTL_S + 5
+    dynamo.aggregated = _aggregated(cluster, tiny_qwen3_dir, "aggregated-restarted")
+    answer = cluster.openai().completions.create(model="tiny", prompt=PROMPT, **GREEDY)
+    assert (answer.usage.prompt_tokens, answer.choices[0].text) == expected["completions"]
+
+
+def test_two_nodes_register_once_from_node_0(dynamo, expected, tiny_qwen3_dir, tmp_path):
+    cluster = dynamo.cluster
+    common = [*cluster_args(tiny_qwen3_dir, base_port()), "--device", "cpu", "--context-length", "2048",
+              "--served-model-name", "tiny-2n"]
+    nodes = [cluster.worker(f"node{rank}", *common, "--node-rank", str(rank)) for rank in (0, 1)]
+    try:
+        cluster.wait_model("tiny-2n", watch=nodes)
+        answer = cluster.openai().completions.create(model="tiny-2n", prompt=PROMPT, **GREEDY)
+        assert (answer.usage.prompt_tokens, answer.choices[0].text) == expected["completions"]
+        cards = _etcd_values(cluster, "v1/mdc/")
+        assert sum('"tiny-2n"' in card for card in cards) == 1, cards
+        assert "registered tiny-2n" in nodes[0].log and "registered" not in nodes[1].log
+    finally:
+        nodes[0].stop()  # node 0 stops every node
+        assert nodes[1].popen.wait(30) == 0, nodes[1].log[-3000:]
+
+
+def _etcd_values(cluster: DynamoCluster, prefix: str) -> list[str]:
+    key = base64.b64encode(prefix.encode()).decode()
+    end = base64.b64encode(prefix[:-1].encode() + bytes([ord(prefix[-1]) + 1])).decode()
+    response = httpx.post(f"{cluster.env['ETCD_ENDPOINTS']}/v3/kv/range", json={"key": key, "range_end": end},
+                          timeout=5)
+    return [base64.b64decode(kv["value"]).decode(errors="replace") for kv in response.json().get("kvs", [])]
+
+
 def test_client_disconnect_aborts_and_sigterm_unregisters_and_drains(dynamo, tiny_qwen3_dir):
-    cluster, agg = dynamo
+    cluster, agg = dynamo.cluster, dynamo.aggregated
     client = cluster.openai()
     # A client leaving mid-stream: the worker aborts the request in meshserve's scheduler.
     stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1500, temperature=0, stream=True,
