@@ -66,6 +66,10 @@ class DynamoCluster:
         return self.start(name, "-m", "meshserve.dynamo.worker", *flags,
                           extra_env={"DYN_TCP_RPC_PORT": str(free_port()), **(extra_env or {})})
 
+    @property
+    def namespace(self) -> str:
+        return self.env["DYN_NAMESPACE"]
+
     def models(self) -> list[str]:
         response = httpx.get(f"{self.frontend_url}/v1/models", timeout=5)
         return [m["id"] for m in response.json()["data"]]

@@ -38,6 +38,21 @@ NEW_TOKENS = 8
 GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
+SEED_002_PROMPT = (
+    "In the heart of the tennis world, where champions rise and fall with each Grand Slam, lies the legend of the "
+    "Golden Racket of Wimbledon. Once wielded by the greatest players of antiquity, this mythical racket is said to "
+    "bestow unparalleled precision, grace, and longevity upon its rightful owner. For centuries, it remained hidden, "
+    "its location lost to all but the most dedicated scholars of the sport. You are Roger Federer, the Swiss maestro "
+    "whose elegant play and sportsmanship have already cemented your place among the legends, but whose quest for "
+    "perfection remains unquenched even as time marches on. Recent dreams have brought you visions of this ancient "
+    "artifact, along with fragments of a map that seems to lead to its resting place. Your journey will take you "
+    "through the hallowed grounds of tennis history, from the clay courts of Roland Garros to the hidden training "
+    "grounds of forgotten champions, and finally to a secret chamber beneath Centre Court itself. Character "
+    "Background: Develop a detailed background for Roger Federer in this quest. Describe his motivations for seeking "
+    "the Golden Racket, his tennis skills and personal weaknesses, and any connections to the legends of the sport "
+    "that came before him. Is he driven by a desire to extend his career, to secure his legacy as the greatest of all "
+    "time, or perhaps by something more personal? What price might he be willing to pay to claim this artifact, and "
+    "what challenges from rivals past and present might stand in his way?")
 LEASE_TTL_S = 30  # Dynamo 1.6's etcd lease
 
 
@@ -74,8 +89,7 @@ def expected(tiny_qwen3_dir: Path) -> dict[str, tuple[int, str]]:
             "completions": (len(text_ids), tokenizer.decode(out[1], skip_special_tokens=True))}
 
 
-def _answers(cluster: DynamoCluster, model: str) -> dict[str, list]:
-    client = cluster.openai()
+def _answers(client, model: str) -> dict[str, list]:
     chat = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)
     chat_stream = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **GREEDY))
     comp = client.completions.create(model=model, prompt=PROMPT, **GREEDY)
@@ -91,7 +105,7 @@ def _answers(cluster: DynamoCluster, model: str) -> dict[str, list]:
 
 def test_aggregated_worker_equals_transformers(dynamo, expected):
     cluster = dynamo.cluster
-    answers = _answers(cluster, "tiny")
+    answers = _answers(cluster.openai(), "tiny")
     for surface in ("chat", "completions"):
         whole, streamed = answers[surface]
         assert whole == expected[surface], surface
@@ -109,13 +123,46 @@ def test_prefill_and_decode_workers_equal_the_aggregated_one(dynamo, expected, t
     decode = cluster.worker("decode", *pd_args, "--disaggregation-mode", "decode", extra_env=PD_ENV)
     try:
         cluster.wait_model("tiny-pd", watch=[prefill, decode])
-        answers = _answers(cluster, "tiny-pd")
+        answers = _answers(cluster.openai(), "tiny-pd")
         for surface in ("chat", "completions"):
             whole, streamed = answers[surface]
             assert whole == expected[surface], surface
             assert streamed == expected[surface][1], surface
         # A meshserve decode server refuses any request without bootstrap fields and takes the
         # prompt's KV from the prefill named there: these answers went through the PD transfer.
+    finally:
+        for proc in (decode, prefill):
+            proc.stop()
+
+
+def test_default_model_pd_pair_as_in_seed_002_equals_a_plain_server(dynamo, default_server, default_model_dir):
+    """Seed 002's worker flags (--skip-tokenizer-init, nixl) on the default model: the openai
+    client's answers equal a plain meshserve server's, and the seed's own curl body answers."""
+    cluster = dynamo.cluster
+    pd_args = ("--model-path", str(default_model_dir), *WORKER_ARGS, "--served-model-name", "smol-pd",
+               "--host", "127.0.0.1", "--skip-tokenizer-init", "--disaggregation-transfer-backend", "nixl")
+    # A Dynamo endpoint serves one model: this pair gets components of its own.
+    prefill = cluster.worker("prefill-default", *pd_args, "--disaggregation-mode", "prefill",
+                             "--disaggregation-bootstrap-port", str(free_port()),
+                             "--endpoint", f"dyn://{cluster.namespace}.smolprefill.generate", extra_env=PD_ENV)
+    decode = cluster.worker("decode-default", *pd_args, "--disaggregation-mode", "decode",
+                            "--endpoint", f"dyn://{cluster.namespace}.smol.generate", extra_env=PD_ENV)
+    try:
+        cluster.wait_model("smol-pd", watch=[prefill, decode])
+        plain = default_server.openai()
+        plain_model = plain.models.list().data[0].id
+        assert _answers(cluster.openai(), "smol-pd") == _answers(plain, plain_model)
+        body = {"model": "smol-pd", "messages": [{"role": "user", "content": SEED_002_PROMPT}], "stream": False,
+                "max_tokens": 30}
+        seed = httpx.post(f"{cluster.frontend_url}/v1/chat/completions", json=body, timeout=120)
+        assert seed.status_code == 200, seed.text
+        assert seed.json()["usage"]["completion_tokens"] == 30 or seed.json()["choices"][0]["finish_reason"] == "stop"
+        greedy = httpx.post(f"{cluster.frontend_url}/v1/chat/completions", json={**body, "temperature": 0},
+                            timeout=120).json()
+        reference = plain.chat.completions.create(model=plain_model, messages=body["messages"], max_tokens=30,
+                                                  temperature=0)
+        assert greedy["choices"][0]["message"]["content"] == reference.choices[0].message.content
+        assert greedy["usage"]["prompt_tokens"] == reference.usage.prompt_tokens
     finally:
         for proc in (decode, prefill):
             proc.stop()
