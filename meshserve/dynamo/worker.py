@@ -141,9 +141,17 @@ async def serve(args: ServerArgs, options: WorkerOptions) -> int:
             stopping = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stopping.set)
-            done = await _first(engine.wait_stopped(), stopping.wait())
-            log.info("node %d stopping: %s", args.parallel.node_rank, done)
-            return 0 if engine.stop_clean else 1
+            signalled = asyncio.ensure_future(stopping.wait())
+            stopped = asyncio.ensure_future(engine.wait_stopped())
+            await asyncio.wait([signalled, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                log.info("node %d stopping: %s", args.parallel.node_rank, stopped.result())
+                return 0 if engine.stop_clean else 1
+            stopped.cancel()
+            # A node leaving makes the cluster unable to serve: tell the others (as NodeAgent does).
+            await asyncio.to_thread(engine.runtime.cluster.shutdown, clean=False,
+                                    reason=f"node {args.parallel.node_rank} received a signal")
+            return 0
         return await _serve_dynamo(engine, args, options, model_dir(args))
     finally:
         await engine.shutdown()
@@ -210,14 +218,6 @@ def _host_address() -> str:
     import socket
 
     return socket.gethostbyname(socket.gethostname())
-
-
-async def _first(*aws: Any) -> Any:
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    return next(iter(done)).result()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
