@@ -85,13 +85,19 @@ class RankGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t)
 
+    def gather_ints(self, value: int) -> list[int]:
+        """Every rank's integer, in group order, on every rank (over the CPU group)."""
+        if self.size == 1:
+            return [value]
+        values = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(values, torch.tensor([value], dtype=torch.int64), group=self.cpu_group)
+        return [int(v) for v in values]
+
     def check_same(self, value: int, what: str) -> None:
         """Raise on every rank unless all ranks hold the same `value` (a digest of `what`)."""
         if self.size == 1:
             return
-        values = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        dist.all_gather(values, torch.tensor([value], dtype=torch.int64), group=self.cpu_group)
-        seen = [int(v) for v in values]
+        seen = self.gather_ints(value)
         if len(set(seen)) > 1:
             differ = [r for r, v in enumerate(seen) if v != seen[0]]
             raise RuntimeError(f"ranks diverged: {what} on rank(s) {[self.ranks[r] for r in differ]} differs "

@@ -548,10 +548,10 @@ REFUSALS: tuple[Refusal, ...] = (
             and (a.parallel.nnodes > 1 or a.disagg.disaggregation_mode != "null"),
             "data parallelism runs on one node (every DP group's leader talks to node 0's main process "
             "over local sockets) and without prefill-decode disaggregation so far"),
-    Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention,
-            "data-parallel attention is not built yet"),
-    Refusal("enable_dp_lm_head", lambda a: a.parallel.enable_dp_lm_head,
-            "the data-parallel LM head is not built yet"),
+    Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention
+            and (a.parallel.nnodes > 1 or a.disagg.disaggregation_mode != "null"),
+            "data-parallel attention runs on one node (every DP group's leader talks to node 0's main "
+            "process over local sockets) and without prefill-decode disaggregation so far"),
     Refusal("moe_a2a_backend", lambda a: a.parallel.moe_a2a_backend not in ("none", "deepep"),
             "only the 'none' and 'deepep' MoE all-to-all backends are built"),
     Refusal("ep_num_redundant_experts", lambda a: a.parallel.ep_num_redundant_experts != 0,
@@ -833,6 +833,10 @@ class ServerArgs:
         device may import torch: call this once the model checks have passed.
         """
         notes = []
+        p = self.parallel
+        if p.enable_dp_attention and p.dp_size > 1 and not p.enable_dp_lm_head:
+            notes.append("--enable-dp-attention: the LM head is split within each DP group, as with "
+                         "--enable-dp-lm-head (SGLang would split it over all --tp ranks)")
         if self.cache.mem_fraction_static is not None and self.resolved_device() == "cpu":
             notes.append(f"{self.flag_spelling('mem_fraction_static')} sizes GPU memory and has no effect on cpu; "
                          "the KV cache is sized by --max-total-tokens there")

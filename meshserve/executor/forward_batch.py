@@ -39,6 +39,9 @@ class ForwardBatch:
     # whose replays must not depend on host values.
     host: HostLens | None = None
     extend_lens: torch.Tensor | None = None  # [B] new tokens per sequence (device); EXTEND only
+    # DP attention: this step's token count of every DP group (in DP-rank order), exchanged before
+    # the forward so that the MLP's gathers are sized alike on every rank; None otherwise.
+    dp_counts: list[int] | None = None
 
     @property
     def batch_size(self) -> int:

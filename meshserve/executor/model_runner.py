@@ -73,10 +73,16 @@ class ModelRunner:
         self._step_rows: torch.Tensor | None = None  # request rows of the last forward step (device)
         logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
         self.graphs: CudaGraphRunner | None = None
-        # meshserve's all-to-all dispatcher reads its split sizes on the host: not capturable.
-        a2a = groups.moe_a2a_backend != "none" and groups.moe_ep.size > 1
+        # DP attention's step contract (DPStep in docs/architecture.md): one token-count exchange
+        # per step on every rank, then the forward (an idle one on a DP group without work).
+        self.dp_attention = groups.layout.dp_attention and groups.dp.size > 1
+        self.dp_peers_busy = False  # another DP group had work in the last step
+        # meshserve's all-to-all dispatcher reads its split sizes on the host: not capturable; nor
+        # are DP attention's gathers, sized by each step's token counts.
+        a2a = (groups.moe_a2a_backend != "none" and groups.moe_ep.size > 1) or self.dp_attention
         if device.type == "cuda" and not args.scheduler.disable_cuda_graph and a2a:
-            logger.info("CUDA graphs off: the MoE all-to-all dispatcher sizes its exchanges on the host")
+            logger.info("CUDA graphs off: the MoE all-to-all dispatcher or DP attention sizes its exchanges "
+                        "on the host")
         if device.type == "cuda" and not args.scheduler.disable_cuda_graph and self.attn_backend.supports_cuda_graph \
                 and not a2a:
             max_bs = min(args.scheduler.cuda_graph_max_bs or DEFAULT_CUDA_GRAPH_MAX_BS, self.max_running_requests)
@@ -141,6 +147,7 @@ class ModelRunner:
         slots are written into the device's request-to-token table here (the scheduler keeps
         the host copy)."""
         seqs, tokens = len(step.req_rows), len(step.positions)
+        dp_counts = self._exchange_dp_counts(tokens) if self.dp_attention else None
         decode = step.mode is ForwardMode.DECODE
         # Every per-step integer in one host-to-device copy:
         # [positions | KV slots | rows | lens], then for EXTEND [new tokens per sequence | ids].
@@ -166,8 +173,23 @@ class ModelRunner:
                 return self.graphs.replay(input_ids, on_device.view(DECODE_INPUT_ROWS - 1, seqs))
         return self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
-            req_rows=req_rows, seq_lens=seq_lens, extend_lens=extend_lens,
+            req_rows=req_rows, seq_lens=seq_lens, extend_lens=extend_lens, dp_counts=dp_counts,
             host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
+
+    def _exchange_dp_counts(self, tokens: int) -> list[int]:
+        """DP attention: every DP group's token count for this step (over the dp group: its
+        members hold one rank of each DP group). Called exactly once per step on every rank."""
+        counts = self.groups.dp.gather_ints(tokens)
+        self.dp_peers_busy = any(n for d, n in enumerate(counts) if d != self.groups.dp.rank)
+        return counts
+
+    def idle_step(self) -> None:
+        """DP attention, a step in which this DP group runs no forward: exchange counts, and join
+        the other groups' MLP collectives if any of them has tokens."""
+        counts = self._exchange_dp_counts(0)
+        if any(counts):
+            with torch.inference_mode():
+                self.model.idle_forward(counts)
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]

@@ -18,6 +18,7 @@ from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.layer import AttentionLayer
+from meshserve.layers.dp_attention import mlp_over_dp_groups
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, layer_fp8
 from meshserve.layers.moe.experts import expert_checkpoint_target
@@ -94,6 +95,15 @@ class LlamaDecoderLayer(nn.Module):
             else self.make_fp8_mlp(config, layer_id, dtype, groups, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # DP attention: the MLP runs over the tokens of every DP group (layers/dp_attention.py).
+        self.dp = groups.dp if groups.layout.dp_attention else None
+
+    def run_mlp(self, hidden: torch.Tensor, dp_counts: list[int] | None) -> torch.Tensor:
+        """The MLP on this step's tokens; under DP attention (`dp_counts`: tokens per DP group)
+        over every DP group's, keeping this group's rows."""
+        if dp_counts is None or self.dp is None:
+            return self.mlp(hidden)
+        return mlp_over_dp_groups(self.mlp, hidden, dp_counts, self.dp)
 
     @staticmethod
     def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
@@ -117,7 +127,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.run_mlp(hidden, batch.dp_counts), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,6 +166,13 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         last = batch.last_token_index()
         return self.lm_head.logits(hidden if last is None else hidden[last])
+
+    def idle_forward(self, dp_counts: list[int]) -> None:
+        """DP attention: this DP group has no tokens this step, the others have `dp_counts`; join
+        every layer's MLP collectives (attention and the LM head are the group's own)."""
+        empty = self.embed_tokens.weight.new_empty(0, self.config.hidden_size)
+        for layer in self.layers:
+            layer.run_mlp(empty, dp_counts)
 
     # checkpoint-name fragment -> our module-name fragment (e.g. Mixtral's block_sparse_moe -> mlp)
     renamed_modules: tuple[tuple[str, str], ...] = ()

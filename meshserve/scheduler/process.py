@@ -168,7 +168,9 @@ def _serve(scheduler: Scheduler, link: LeaderLink | None, tp: RankGroup) -> None
     last_stats = 0.0
     while True:
         if link is not None:
-            wait = 0 if scheduler.has_compute else PD_POLL_MS if scheduler.awaits_peers else IDLE_POLL_MS
+            # Under DP attention the other DP groups wait for this one at every step's exchange.
+            busy = scheduler.has_compute or scheduler.runner.dp_peers_busy
+            wait = 0 if busy else PD_POLL_MS if scheduler.awaits_peers else IDLE_POLL_MS
             messages = link.receive(wait)
             step = StepMessages(messages, stop=os.getppid() != parent)
             if tp.size > 1:

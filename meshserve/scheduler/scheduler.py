@@ -118,6 +118,7 @@ class Scheduler:
         self.overlap = args.scheduler.resolved_overlap_schedule(runner.device.type)
         self.mixed_chunk = args.scheduler.resolved_mixed_chunk(runner.device.type)
         self._in_flight: _Sampled | None = None
+        self._forwarded = False  # this step ran a forward pass
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
@@ -218,6 +219,15 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
+        """One scheduling step: at most one forward pass. Under DP attention a step without one
+        still joins the other DP groups' (ModelRunner.idle_step): every rank of the world runs
+        the same number of forwards."""
+        self._forwarded = False
+        self._step()
+        if self.runner.dp_attention and not self._forwarded:
+            self.runner.idle_step()
+
+    def _step(self) -> None:
         if self.pd is not None:
             self.pd.poll()  # control messages, transfers, deadlines; may add running requests
         for req, problem in self.grammar.poll():
@@ -407,6 +417,7 @@ class Scheduler:
         return req.tokens_left <= 1
 
     def _forward(self, step: StepInput) -> torch.Tensor:
+        self._forwarded = True
         if self.check_batches:
             # --enable-deterministic-check: every rank must be about to run the very same batch;
             # a divergence is reported here instead of as a hang or garbage in a collective.

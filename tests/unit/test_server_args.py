@@ -283,7 +283,7 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
     problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--enable-dp-attention",
-                            "--moe-a2a-backend", "mooncake"])
+                            "--disaggregation-mode", "prefill", "--moe-a2a-backend", "mooncake"])
     assert len(problems) == 4
     # value errors first, then refusals
     assert problems[0].startswith("--page-size") or problems[0].startswith("--port")
@@ -318,8 +318,8 @@ def test_validate_returns_self(on_cpu: None) -> None:
     [
         (["--dp-size", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"], "not supported yet: --dp-size 2 ("),
         (["--dp", "2", "--disaggregation-mode", "prefill"], "not supported yet: --dp 2 ("),
-        (["--enable-dp-attention"], "not supported yet: --enable-dp-attention ("),
-        (["--enable-dp-lm-head"], "not supported yet: --enable-dp-lm-head ("),
+        (["--tp", "2", "--dp-size", "2", "--enable-dp-attention", "--nnodes", "2", "--dist-init-addr",
+          "127.0.0.1:5000"], "not supported yet: --enable-dp-attention ("),
         (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
         (["--ep-num-redundant-experts", "32"], "not supported yet: --ep-num-redundant-experts 32"),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
@@ -499,7 +499,7 @@ SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 # Flags whose feature is not built: a seed command line using them must be refused, naming
 # the flag as the user spelled it.
 UNBUILT_FLAGS = {
-    "--enable-dp-attention", "--enable-dp-lm-head",
+    "--enable-dp-attention",
 }
 
 
