@@ -56,3 +56,16 @@ def test_served_over_http(start_server, tiny_llama_dir, prompts):
         assert list(pool.map(lambda p: generate(server, p, NEW_TOKENS), prompts)) == reference
     assert len(server.scheduler_pids()) == 2
     assert "the LM head is split within each DP group" in server.log()
+
+
+@pytest.mark.parametrize("arch,a2a", [("mixtral", "none"), ("qwen3_moe", "none"), ("deepseek_v3", "deepep")])
+def test_moe_under_dp_attention_with_expert_parallelism(request, arch, a2a, prompts, tmp_path):
+    """The issue's shape --tp 2 --dp-size 2 --enable-dp-attention --ep 2 --enable-dp-lm-head: the
+    MoE block receives both DP groups' tokens and runs as under plain tensor/expert parallelism."""
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    flags = ("--dp-size", "2", "--enable-dp-attention", "--ep", "2", "--enable-dp-lm-head",
+             "--moe-a2a-backend", a2a, "--chunked-prefill-size", "8")
+    outputs, idle_steps = dp_generate(model_dir, 2, prompts, NEW_TOKENS, tmp_path, flags)
+    assert outputs == reference
+    assert idle_steps[1] > 0, idle_steps
