@@ -1,9 +1,9 @@
 """`python -m meshserve.launch_server ARGS`: serve one model over HTTP (SGLang's command line).
 
 Start-up order on every node: parse and validate the arguments, check the model directory
-against them (config.json as plain JSON, before torch is imported), resolve the model, bind the
-HTTP port (a busy port fails at once, not after the model loaded), load the tokenizer (node 0),
-join the cluster (port plan, interface, rendezvous store, coordinator handshake — a mismatched
+against them (config.json as plain JSON, before torch is imported), bind the HTTP port (a busy
+port fails at once, not after the model loaded), then start the node as every front end does
+(meshserve/runtime.py): resolve the model, load the tokenizer (node 0), join the cluster (port plan, interface, rendezvous store, coordinator handshake — a mismatched
 or missing node is named here, before any rank can hang in a collective), start this node's
 scheduler ranks, then serve: node 0 the API, other nodes /health and /metrics. Any start-up
 failure exits non-zero with a one-line reason.
@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
 from meshserve.config.server_args import ServerArgs
 
 log = logging.getLogger("meshserve")
