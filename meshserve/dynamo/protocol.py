@@ -53,6 +53,9 @@ def sampling_params(request: dict[str, Any], *, with_stop_strings: bool) -> dict
         if name in params:
             params[name] = round(float(params[name]), 6)
     output = request.get("output_options") or {}
+    for name in ("logprobs", "prompt_logprobs"):
+        if output.get(name) is not None:
+            raise ValueError(f"output_options.{name} is not supported by the meshserve Dynamo worker")
     if output.get("skip_special_tokens") is not None:
         params["skip_special_tokens"] = bool(output["skip_special_tokens"])
     return params

@@ -41,6 +41,12 @@ def test_what_meshserve_cannot_honour_is_refused(options, name):
         protocol.sampling_params({**REQUEST, "sampling_options": options}, with_stop_strings=True)
 
 
+@pytest.mark.parametrize("name", ["logprobs", "prompt_logprobs"])
+def test_logprobs_are_refused_not_dropped(name):
+    with pytest.raises(ValueError, match=f"output_options.{name}"):
+        protocol.sampling_params({**REQUEST, "output_options": {name: 0}}, with_stop_strings=True)
+
+
 def test_bootstrap_info_and_response_items():
     assert protocol.bootstrap(REQUEST) == Bootstrap("10.0.0.1", 8998, 2**62 + 3)
     assert protocol.bootstrap({"token_ids": [1]}) is None
