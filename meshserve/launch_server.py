@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         finally:
             # Node 0 stopping on purpose stops every node cleanly; a failure has been reported already.
-            runtime.shutdown(clean=code == 0)
+            runtime.shutdown(clean=code == 0, exit_code=code)
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:

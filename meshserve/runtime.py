@@ -176,9 +176,10 @@ class NodeRuntime:
             disaggregation_mode=self.args.disagg.disaggregation_mode,
         )
 
-    def shutdown(self, *, clean: bool) -> None:
+    def shutdown(self, *, clean: bool, exit_code: int | None = None) -> None:
         """Stop this node. Node 0 stopping (cleanly or not) stops every node; the ranks are
-        joined before this returns. Idempotent."""
+        joined before this returns. Idempotent. After a failure the last log line names the
+        cause, and the process's exit code where the caller has one (launch_server)."""
         if self.leader:
             self.cluster.shutdown(clean=clean, reason="node 0 is shutting down")
         self.processes.shutdown()
@@ -186,4 +187,5 @@ class NodeRuntime:
             self.bootstrap.close()
             self.bootstrap = None
         if not clean and (problem := self.cluster.problem()):
-            log.error("node %d: %s", self.args.parallel.node_rank, problem)
+            leaves = "stops" if exit_code is None else f"exits with code {exit_code}"
+            log.error("node %d %s: %s", self.args.parallel.node_rank, leaves, problem)
