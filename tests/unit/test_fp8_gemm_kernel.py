@@ -1,6 +1,16 @@
 """The block-wise FP8 GEMM kernel (kernels/fp8_gemm.py) against the dequantized reference, in
 Triton's interpreter on the CPU (compiled on CUDA machines): activations quantized per (token,
-128 columns) group, weights per 128 x 128 block, ragged output rows, a bias."""
+128 columns) group, weights per 128 x 128 block, ragged output rows, a bias.
+
+Tolerance: the interpreter multiplies in float32, so it must match the float32 reference to
+rounding. Compiled for sm_90, a tile of BLOCK_M >= 64 rows (M = 37 here) runs on wgmma, whose FP8
+products are summed over each 128-wide K block in the tensor core's own accumulator (Triton's
+default `max_num_imprecise_acc` on sm_90 is 2**30: no promotion to float32 inside a tl.dot; about
+14 bits are kept, DeepSeek-V3 report section 3.3.2) before the kernel adds the block to its float32
+accumulator. Its error is bounded relative to the sum of the absolute products, not to the
+output: the H200 showed up to 0.63 on outputs whose absolute-product sums are >= 2440 (2**-12),
+against the test's former 1e-3. M = 1 (BLOCK_M = 16, below wgmma's 64 rows) runs on mma.sync
+and met 1e-3 there."""
 
 from __future__ import annotations
 
@@ -31,5 +41,10 @@ def test_block_fp8_gemm_equals_dequantized_product(m):
     assert torch.equal(x_scale, (x.view(m, 2, 128).abs().amax(-1) / 448.0))
     x_real = (x8.float().view(m, 2, 128) * x_scale[:, :, None]).view(m, 256)
     assert (x_real - x).abs().max() <= 2**-4 * x.abs().max()  # the activation quantization is fp8-accurate
-    expected = x_real @ dequantize(w8, scale, (128, 128)).T + bias
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+    w_real = dequantize(w8, scale, (128, 128))
+    expected = x_real @ w_real.T + bias
+    if DEVICE == "cpu":
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+    else:  # 2**-10 of the absolute-product sum: 4x the H200's observed FP8 accumulator error
+        bound = 2**-10 * (x_real.abs() @ w_real.abs().T) + 1e-3
+        assert ((out - expected).abs() <= bound).all(), (out - expected).abs().max()

@@ -53,6 +53,8 @@ def _block_gemm_kernel(A, B, C, As, Bs, M, N, K, stride_am, stride_bn, stride_cm
         b = tl.load(B + offs_n[None, :] * stride_bn + k[:, None], mask=mask_n[None, :] & (k[:, None] < K), other=0.0)
         a_s = tl.load(As + offs_m * stride_asm + kb, mask=mask_m, other=0.0)
         b_s = tl.load(Bs + (offs_n // GROUP_N) * stride_bsn + kb, mask=mask_n, other=0.0)
+        # One scale block per K step, promoted to float32 here: inside the dot, wgmma (sm_90,
+        # BLOCK_M >= 64) sums FP8 products in its ~14-bit accumulator (DeepSeek-V3's scheme).
         acc += tl.dot(a, b).to(tl.float32) * a_s[:, None] * b_s[None, :]
     tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
