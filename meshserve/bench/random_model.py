@@ -103,10 +103,11 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device: str = "cuda", seed: int = 0,
-                       num_layers: int | None = None) -> Path:
+                       num_layers: int | None = None, vocab_size: int | None = None) -> Path:
     """`num_layers` cuts the model to fewer layers of the same shape (a 30B MoE does not fit the
     GPU machine's disk whole; per-layer figures do not need all of them)."""
-    cfg = SHAPES[shape] | ({"num_hidden_layers": num_layers} if num_layers else {})
+    cfg = SHAPES[shape] | ({"num_hidden_layers": num_layers} if num_layers else {}) \
+        | ({"vocab_size": vocab_size} if vocab_size else {})
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,9 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, help="fewer layers of the same shape")
+    parser.add_argument("--vocab-size", type=int,
+                        help="another vocabulary size (to pair the shape with a real tokenizer's ids)")
     ns = parser.parse_args(argv)
     print(write_random_model(ns.shape, ns.out, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-                             num_layers=ns.num_layers))
+                             num_layers=ns.num_layers, vocab_size=ns.vocab_size))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ GRAPH_SHAPING_ARGS: tuple[str, ...] = (
     "device",
     # Tensor shapes and dtypes of every layer and collective (resolved from the model config).
     "dtype", "context_length", "quantization", "kv_cache_dtype",
+    # Random weights on one node and the checkpoint's on another would serve garbage.
+    "load_format",
     # KV pool geometry and scheduling inputs: every rank must take the same decisions.
     "page_size", "max_total_tokens", "mem_fraction_static", "disable_radix_cache",
     "max_running_requests", "max_prefill_tokens", "chunked_prefill_size", "schedule_policy",

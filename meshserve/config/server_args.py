@@ -89,6 +89,7 @@ DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
 #: Choices for ``--attention-backend``: the names of ``meshserve.layers.attention.ATTENTION_BACKENDS``
 #: (repeated here so that parsing flags does not import torch; a unit test keeps them equal).
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "triton")
+LOAD_FORMATS: tuple[str, ...] = ("auto", "dummy")
 
 #: ``--quantization`` values: SGLang's, so its command lines parse; those outside
 #: ``meshserve.config.quantization.SERVED_QUANTIZATION`` are refused by name (REFUSALS).
@@ -315,6 +316,11 @@ class ModelArgs(_ConcernMixin):
         "(it runs only its own model implementations), with or without this flag.")
     skip_tokenizer_init: bool = _arg(
         False, "Do not load a tokenizer: requests carry token ids and responses return ids.")
+    load_format: str = _arg(
+        "auto", "How weights load. auto: the safetensors of the model directory. dummy: small random "
+        "values from config.json alone, for speed and memory benchmarks of a shape without its "
+        "checkpoint (outputs are meaningless).",
+        choices=LOAD_FORMATS)
 
     def __post_init__(self) -> None:
         # Accept the same dtype aliases programmatically as on the command line.

@@ -63,16 +63,55 @@ _SCALE_ALIASES = {".weight_scale_inv": ".weight_scale"}
 _KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:[a-z_]+\.)?([kv])_scale$")
 
 
-def load_model(model_config: ModelConfig, *, device: torch.device, groups: ParallelGroups) -> nn.Module:
+def load_model(model_config: ModelConfig, *, device: torch.device, groups: ParallelGroups,
+               dummy: bool = False) -> nn.Module:
+    """The model with its checkpoint's weights, or with `dummy` (--load-format dummy) small
+    random ones: the same parameters, kernels and memory, without reading a checkpoint."""
     dtype = DTYPES[model_config.dtype]
     model_cls = MODEL_REGISTRY[model_config.architecture]
     quant = model_config.quantization
     with torch.device(device):
         model = model_cls(model_config.hf_config, dtype=dtype, groups=groups, max_positions=model_config.context_length,
                           quant=quant)
+    model.kv_scales = {}  # layer -> {"k": scale, "v": scale}, from the checkpoint (KVPool scales)
+    if dummy:
+        _fill_dummy(model)
+    else:
+        _load_checkpoint(model, model_config, device)
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            module.finish_loading()
+    if quant is not None and quant.online and device.type == "cuda":
+        torch.cuda.empty_cache()  # the high-precision weights just replaced: the KV cache sizing sees free memory
+    logger.info("%s %s (%s, %s) on %s", "random (--load-format dummy)" if dummy else "loaded",
+                model_config.architecture, model_config.model_path, model_config.dtype, device)
+    if quant is not None:
+        _log_fp8(model, quant, dtype)
+    return model.eval()
+
+
+def _fill_dummy(model: nn.Module) -> None:
+    """Every parameter drawn from U(-1e-3, 1e-3) (a fixed seed, so every rank and run draws the
+    same); FP8 weights from U(-1, 1) with their scales at 1e-3, so they dequantize to the same
+    range. Activations stay small and finite through any depth."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if param.dtype == FP8:
+            values = torch.empty(param.shape, device=param.device, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
+            param.data.copy_(values.to(FP8))
+        elif name.endswith("weight_scale"):
+            param.data.fill_(1e-3)
+        elif name.endswith("input_scale"):
+            param.data.fill_(1.0)
+        else:
+            param.data.uniform_(-1e-3, 1e-3, generator=gen)
+
+
+def _load_checkpoint(model: nn.Module, model_config: ModelConfig, device: torch.device) -> None:
+    model_cls = type(model)
+    quant = model_config.quantization
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    model.kv_scales = {}  # layer -> {"k": scale, "v": scale}, from the checkpoint (KVPool scales)
     for ckpt_name, tensor in iter_checkpoint(model_config.model_path):
         kv_scale = _KV_SCALE.search(ckpt_name)
         if kv_scale is not None:
@@ -107,16 +146,8 @@ def load_model(model_config: ModelConfig, *, device: torch.device, groups: Paral
         raise ValueError(f"checkpoint {model_config.model_path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     for module in model.modules():
-        if isinstance(module, ParallelLinear):
-            module.finish_loading()
         if isinstance(module, FusedExperts):
             module.check_loaded()
-    if quant is not None and quant.online and device.type == "cuda":
-        torch.cuda.empty_cache()  # the high-precision weights just replaced: the KV cache sizing sees free memory
-    logger.info("loaded %s (%s, %s) on %s", model_config.architecture, model_config.model_path, model_config.dtype, device)
-    if quant is not None:
-        _log_fp8(model, quant, dtype)
-    return model.eval()
 
 
 def _log_fp8(model: nn.Module, quant: Fp8Scheme, dtype: torch.dtype) -> None:

@@ -55,7 +55,7 @@ class ModelRunner:
         announce_moe_dispatch(groups.moe_a2a_backend, groups.moe_ep)
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
-        self.model = load_model(model_config, device=device, groups=groups)
+        self.model = load_model(model_config, device=device, groups=groups, dummy=args.model.load_format == "dummy")
         # Every rank of a DP group holds its share of every token's KV, so the pool is as large as
         # the smallest rank allows.
         self.max_total_tokens = groups.attn_tp.min_over_ranks(self._kv_capacity(args))
