@@ -35,6 +35,9 @@ class ParallelGroups:
     dp: RankGroup
     # How MoE layers reach experts on other moe_ep ranks (--moe-a2a-backend; layers/moe/dispatch.py).
     moe_a2a_backend: str = "none"
+    # Extra physical expert slots per MoE layer for copies of hot experts (--ep-num-redundant-experts;
+    # layers/moe/placement.py).
+    ep_num_redundant_experts: int = 0
 
     @classmethod
     def single(cls) -> ParallelGroups:

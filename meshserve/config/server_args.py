@@ -376,7 +376,8 @@ class ParallelArgs(_ConcernMixin):
         "none", "All-to-all backend for expert parallel MoE.",
         choices=("none", "deepep", "mooncake"))
     ep_num_redundant_experts: int = _arg(
-        0, "Number of redundant expert copies for expert-parallel load balancing.")
+        0, "Extra physical expert slots per MoE layer holding copies of experts (at start experts 0, 1, ...; "
+        "with --enable-eplb the hottest ones). Experts + these must divide by --ep.")
 
 
 @dataclass(frozen=True)
@@ -560,8 +561,6 @@ REFUSALS: tuple[Refusal, ...] = (
             "process over local sockets) and without prefill-decode disaggregation so far"),
     Refusal("moe_a2a_backend", lambda a: a.parallel.moe_a2a_backend not in ("none", "deepep"),
             "only the 'none' and 'deepep' MoE all-to-all backends are built"),
-    Refusal("ep_num_redundant_experts", lambda a: a.parallel.ep_num_redundant_experts != 0,
-            "redundant experts need expert parallelism, which is not built yet"),
     Refusal("quantization", lambda a: a.model.quantization not in (None, *SERVED_QUANTIZATION),
             f"only {', '.join(SERVED_QUANTIZATION)} quantization is built"),
     Refusal("kv_cache_dtype", lambda a: a.cache.kv_cache_dtype not in ("auto", "fp8_e4m3"),

@@ -19,6 +19,7 @@ from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
 from meshserve.layers.attention.base import AttentionBackend
 from meshserve.layers.moe.dispatch import announce as announce_moe_dispatch
+from meshserve.layers.moe.layer import SparseMoeBlock
 
 logger = logging.getLogger("meshserve")
 
@@ -50,12 +51,16 @@ class ModelRunner:
                  groups: ParallelGroups) -> None:
         self.model_config = model_config
         self.device = device
-        groups = dataclasses.replace(groups, moe_a2a_backend=args.parallel.moe_a2a_backend)
+        groups = dataclasses.replace(groups, moe_a2a_backend=args.parallel.moe_a2a_backend,
+                                     ep_num_redundant_experts=args.parallel.ep_num_redundant_experts)
         self.groups = groups
         announce_moe_dispatch(groups.moe_a2a_backend, groups.moe_ep)
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
         self.model = load_model(model_config, device=device, groups=groups, dummy=args.model.load_format == "dummy")
+        if groups.ep_num_redundant_experts and not any(isinstance(m, SparseMoeBlock) for m in self.model.modules()):
+            raise ValueError(f"--ep-num-redundant-experts {groups.ep_num_redundant_experts}: "
+                             f"{model_config.architecture} has no MoE layers")
         # Every rank of a DP group holds its share of every token's KV, so the pool is as large as
         # the smallest rank allows.
         self.max_total_tokens = groups.attn_tp.min_over_ranks(self._kv_capacity(args))

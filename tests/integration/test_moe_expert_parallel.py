@@ -1,8 +1,8 @@
 """Expert parallelism over real ranks (multi-process torch.distributed over gloo): --tp 2 --ep 2
 --moe-a2a-backend deepep spreads each layer's experts over the two ranks and moves every
 (token, expert) pair to its expert's rank and back with meshserve's all-to-all dispatcher
-(all_to_all_single; DeepEP is not installed here). Greedy output equals tp=1's, which is
-transformers'."""
+(all_to_all_single; DeepEP is not installed here), also with redundant expert copies
+(--ep-num-redundant-experts). Greedy output equals tp=1's, which is transformers'."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ def prompts() -> list[list[int]]:
     ("mixtral", ("--ep", "2", "--moe-a2a-backend", "deepep"), 1),
     ("qwen3_moe", ("--ep-size", "2", "--moe-a2a-backend", "deepep"), 2),
     ("deepseek_v3", ("--ep", "2", "--moe-a2a-backend", "deepep"), 2),
-], ids=["mixtral-one-sequence", "qwen3_moe", "deepseek_v3"])
+    # Redundant experts: 8 + 2 slots, 5 per rank; experts 0 and 1 have a copy on each rank and
+    # their tokens alternate between the copies (all-reduce dispatch).
+    ("qwen3_moe", ("--ep", "2", "--ep-num-redundant-experts", "2"), 2),
+], ids=["mixtral-one-sequence", "qwen3_moe", "deepseek_v3", "qwen3_moe-redundant"])
 def test_expert_parallel_matches_transformers(request, arch, flags, count, prompts, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     reference = hf_greedy(model_dir, prompts[:count], 10)

@@ -321,7 +321,6 @@ def test_validate_returns_self(on_cpu: None) -> None:
         (["--tp", "2", "--dp-size", "2", "--enable-dp-attention", "--nnodes", "2", "--dist-init-addr",
           "127.0.0.1:5000"], "not supported yet: --enable-dp-attention ("),
         (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
-        (["--ep-num-redundant-experts", "32"], "not supported yet: --ep-num-redundant-experts 32"),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
     ],
 )

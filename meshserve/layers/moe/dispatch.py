@@ -1,6 +1,7 @@
 """How a MoE block gets each token to its experts when the experts are spread over expert-
-parallel ranks (moe_ep), behind one interface: `run(x, weights, ids, experts)` returns this
-rank's partial output for every token of x, to be summed over `reduce_group`.
+parallel ranks (moe_ep), behind one interface: `run(x, weights, slots, experts)` returns this
+rank's partial output for every token of x, to be summed over `reduce_group`. Tokens go to
+physical expert slots (placement.py), spread over moe_ep in contiguous ranges of `num_local`.
 
 Every rank of the block's tensor-parallel group holds the same tokens at the MoE layer (with DP
 attention they are gathered across DP groups first). Two ways:
@@ -37,7 +38,7 @@ logger = logging.getLogger("meshserve")
 
 A2A_BACKENDS = ("none", "deepep")
 
-# (x [N, H], weights [N, k], local ids [N, k] with -1 for other ranks' experts) -> [N, H]
+# (x [N, H], weights [N, k], local slots [N, k] with -1 for other ranks' slots) -> [N, H]
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -46,16 +47,16 @@ class ExpertDispatch(ABC):
 
     @abstractmethod
     def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertsFn,
-            first_expert: int, num_local: int) -> torch.Tensor:
-        """x [T, H], weights/ids [T, top_k] (global expert ids) -> [T, H] partial outputs."""
+            first_slot: int, num_local: int) -> torch.Tensor:
+        """x [T, H], weights/ids [T, top_k] (physical slots) -> [T, H] partial outputs."""
 
 
 class LocalExperts(ExpertDispatch):
     def __init__(self, tp: RankGroup) -> None:
         self.reduce_group = tp
 
-    def run(self, x, weights, ids, experts, first_expert, num_local):
-        local = ids - first_expert
+    def run(self, x, weights, ids, experts, first_slot, num_local):
+        local = ids - first_slot
         return experts(x, weights, local.masked_fill((local < 0) | (local >= num_local), -1))
 
 
@@ -69,14 +70,14 @@ class AllToAllDispatch(ExpertDispatch):
         dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=self.ep.group)
         return out
 
-    def run(self, x, weights, ids, experts, first_expert, num_local):
+    def run(self, x, weights, ids, experts, first_slot, num_local):
         tokens, top_k = ids.shape
         size = self.ep.size
         share = -(-tokens // size)  # this rank's tokens: [rank * share, (rank + 1) * share) ∩ [0, T)
         begin = min(tokens, self.ep.rank * share)
         end = min(tokens, begin + share)
         mine_ids, mine_weights = ids[begin:end].flatten(), weights[begin:end].flatten().float()
-        owner = mine_ids // num_local  # experts are spread in contiguous ranges of num_local
+        owner = mine_ids // num_local  # slots are spread in contiguous ranges of num_local
         order = owner.argsort(stable=True)
         send = torch.bincount(owner, minlength=size)
         recv = torch.empty_like(send)

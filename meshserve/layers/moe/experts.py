@@ -6,10 +6,16 @@ stacked into two tensors so that one kernel can run them all.
 
 Expert tensor parallelism (moe_tp) splits the intermediate size I over ranks as a dense MLP's
 is (each rank's partial outputs are summed by the block's all-reduce). Expert parallelism
-(moe_ep) gives each rank a contiguous range of the experts: rank k of E holds experts
-[k·n, (k+1)·n), n = num_experts / E; the other experts' checkpoint tensors are skipped. The checkpoint holds one
-tensor per expert and projection; `weight_loader(param, loaded, shard_id, expert_id)` places it
-(shard_id: "w1" gate, "w3" up, "w2" down), so model code never does rank arithmetic.
+(moe_ep) gives each rank a contiguous range of the physical expert slots (placement.py); the
+module holds this rank's slots, `local_experts[i]` being the logical expert in local slot i
+(several slots may hold copies of one expert with --ep-num-redundant-experts). The checkpoint
+holds one tensor per expert and projection; `weight_loader(param, loaded, shard_id, expert_id)`
+copies it into every local slot of that expert and skips the others (shard_id: "w1" gate, "w3"
+up, "w2" down), so model code never does rank arithmetic.
+
+Load recording: `load[1 + i]` counts the (token, expert) pairs local slot i computed since the
+last `take_load()`, accumulated on the device (no host read per step, capturable in CUDA
+graphs; on the GPU a captured batch's padding rows count too). eplb.py gathers the counts.
 
 Compute: on CUDA two grouped-GEMM Triton kernels over the (token, expert) pairs sorted by expert
 (grouped_gemm.py; no host synchronisation, so decode steps run in CUDA graphs); elsewhere plain
@@ -19,6 +25,7 @@ PyTorch, one matmul pair per expert that received tokens (the reference).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,11 +51,13 @@ def expert_checkpoint_target(name: str) -> tuple[str, str, int] | None:
 
 class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
-                 tp: RankGroup = SINGLE, ep: RankGroup = SINGLE) -> None:
+                 tp: RankGroup = SINGLE, local_experts: Sequence[int] | None = None) -> None:
+        """`local_experts`: the logical expert of each local slot; default every expert, in order."""
         super().__init__()
         self.tp = tp
         self.num_experts = num_experts
-        self.first_expert, self.num_local = ep.shard(num_experts)
+        self.local_experts = list(range(num_experts) if local_experts is None else local_experts)
+        self.num_local = len(self.local_experts)
         _, self.intermediate_local = tp.shard(intermediate_size)
         self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * self.intermediate_local, hidden_size, dtype=dtype),
                                 requires_grad=False)
@@ -56,40 +65,50 @@ class FusedExperts(nn.Module):
                                requires_grad=False)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
-        self._loaded: set[tuple[str, int]] = set()  # (shard id, local expert) seen in the checkpoint
+        self._loaded: set[tuple[str, int]] = set()  # (shard id, local slot) filled from the checkpoint
+        # [0]: pairs of other ranks' slots (id -1), then one counter per local slot.
+        self.register_buffer("load", torch.zeros(self.num_local + 1, dtype=torch.int64), persistent=False)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert_id}, the config says {self.num_experts} experts")
-        expert_id -= self.first_expert
-        if not 0 <= expert_id < self.num_local:
-            return  # another expert-parallel rank's expert
         n = self.intermediate_local
         start = self.tp.rank * n
-        if shard_id == "w2":
-            dst, src = param.data[expert_id], loaded.narrow(1, start, n)
-        else:
-            dst = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else n, n)
-            src = loaded.narrow(0, start, n)
-        if dst.shape != src.shape:
-            raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shard has shape {tuple(src.shape)}, "
-                             f"expected {tuple(dst.shape)}")
-        dst.copy_(src)
-        self._loaded.add((shard_id, expert_id))
+        for slot, expert in enumerate(self.local_experts):
+            if expert != expert_id:
+                continue  # another expert (the others' slots are on other expert-parallel ranks)
+            if shard_id == "w2":
+                dst, src = param.data[slot], loaded.narrow(1, start, n)
+            else:
+                dst = param.data[slot].narrow(0, 0 if shard_id == "w1" else n, n)
+                src = loaded.narrow(0, start, n)
+            if dst.shape != src.shape:
+                raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shard has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(src)
+            self._loaded.add((shard_id, slot))
 
     def check_loaded(self) -> None:
-        """After loading: every local expert got its three projections (a checkpoint missing one
-        would otherwise serve uninitialised memory)."""
-        missing = sorted({self.first_expert + e for e in range(self.num_local) for s in ("w1", "w2", "w3")
-                          if (s, e) not in self._loaded})
+        """After loading: every local slot got its expert's three projections (a checkpoint
+        missing one would otherwise serve uninitialised memory)."""
+        missing = sorted({self.local_experts[slot] for slot in range(self.num_local) for s in ("w1", "w2", "w3")
+                          if (s, slot) not in self._loaded})
         if missing:
             raise ValueError(f"the checkpoint lacks projections of experts {missing[:8]}"
                              + (" ..." if len(missing) > 8 else ""))
+
+    def take_load(self) -> torch.Tensor:
+        """Pairs per local slot since the last call [num_local] (device), and restart the count."""
+        counts = self.load[1:].clone()
+        self.load.zero_()
+        return counts
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, local ids [T, top_k] (-1: not on this rank) -> sum over each token's
         local experts of weight * expert(x), [T, H] in x's dtype: a partial sum whenever moe_tp or
         moe_ep has more than one rank (the block reduces)."""
+        flat = ids.flatten() + 1
+        self.load.index_add_(0, flat, torch.ones_like(flat))
         if x.is_cuda:
             from meshserve.layers.moe.grouped_gemm import fused_experts
 

@@ -1,5 +1,5 @@
-"""The sparse MoE block: route, run the routed experts (over expert-parallel ranks through the
-dispatcher, dispatch.py), add the shared experts (DeepSeek's always-on experts; Qwen2-MoE's one
+"""The sparse MoE block: route, map each logical choice to a physical expert slot (placement.py),
+run the routed experts (over expert-parallel ranks through the dispatcher, dispatch.py), add the shared experts (DeepSeek's always-on experts; Qwen2-MoE's one
 shared expert behind a sigmoid gate), and sum the partial outputs over the dispatcher's group."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch import nn
 from meshserve.cluster.groups import ParallelGroups
 from meshserve.layers.moe.dispatch import make_dispatch
 from meshserve.layers.moe.experts import FusedExperts
+from meshserve.layers.moe.placement import ExpertPlacement
 from meshserve.layers.moe.router import Routing, TopKRouter
 
 
@@ -20,8 +21,9 @@ class SparseMoeBlock(nn.Module):
         `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE)."""
         super().__init__()
         self.gate = TopKRouter(hidden_size, routing, dtype=dtype)
+        self.placement = ExpertPlacement(routing.num_experts, groups.ep_num_redundant_experts, groups.moe_ep)
         self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, dtype=dtype,
-                                    tp=groups.moe_tp, ep=groups.moe_ep)
+                                    tp=groups.moe_tp, local_experts=self.placement.local_experts)
         self.dispatch = make_dispatch(groups.moe_a2a_backend, tp=groups.tp, moe_ep=groups.moe_ep,
                                       moe_tp=groups.moe_tp)
         self.shared = shared
@@ -29,7 +31,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        partial = self.dispatch.run(x, weights, ids, self.experts, self.experts.first_expert, self.experts.num_local)
+        slots = self.placement.physical(ids)
+        partial = self.dispatch.run(x, weights, slots, self.experts, self.placement.first_slot, self.placement.num_local)
         out = self.dispatch.reduce_group.all_reduce(partial)
         if self.shared is not None:
             shared = self.shared(x)
