@@ -5,8 +5,9 @@
 1. writes a random bf16 model of `--shape` at --model-path unless a config.json is there already
    (pass a real bf16 checkpoint to measure agreement on real weights);
 2. runs bench_one_batch (batch 1 and 64 by default, 256 prompt tokens, 64 decode steps) twice in
-   fresh processes: bf16, then `--quantization fp8` (per-channel FP8 weights quantized at load,
-   per-token activation scales, torch._scaled_mm);
+   fresh processes: bf16, then `--quantization fp8` (per-channel FP8 weights quantized at load;
+   up to SKINNY_MAX_M rows the skinny W8A16 kernel, above per-token activation scales and
+   torch._scaled_mm);
 3. measures the linear-layer floor of a decode step (bench.linear_floor) in bf16 and in FP8,
    and prints the weight bytes each reads per step;
 4. greedy agreement: both runs decode the same seeded random-token prompts greedily; for every

@@ -11,6 +11,11 @@ GEMM paths (one per layer, chosen at construction from the device, logged at sta
 * `triton_block`: CUDA with FP8 tensor cores and block-wise scales (DeepSeek-V3): activations
   quantized per (token, bk columns) group, then a Triton GEMM applying both scales per K block
   (kernels/fp8_gemm.py). Needs in_features to be a multiple of bk.
+
+  On both paths a call of at most SKINNY_MAX_M rows (decode) runs the skinny W8A16 kernel
+  instead (kernels/fp8_skinny_gemm.py): the FP8 weight streamed once, activations unquantized.
+  Its numbers are then those of the dequantized model (the CPU reference) up to float32
+  summation order, so a decode step is closer to the reference than a prefill, never further.
 * `dequant`: the weight is dequantized to the activation dtype and multiplied by F.linear.
   The CPU reference path (every CI test), and the stated fallback on CUDA for GPUs without FP8,
   for float16/float32 models with per-channel scales (`_scaled_mm`'s row-wise scaling gives
@@ -27,6 +32,12 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by 0)
+# Calls with at most this many rows take the skinny W8A16 kernel, larger ones the FP8 x FP8 GEMM.
+# At decode sizes the GEMM is bound by the weight's bytes, which the skinny kernel reads once and
+# nothing else; `_scaled_mm` adds an activation-quantize kernel and runs far below the HBM limit
+# there (docs/benchmarks.md). 16 is the kernel's smallest row tile; to be tuned on the GPU with
+# `python -m meshserve.bench.linear_floor --compare-fp8`, which times both up to 64 rows.
+SKINNY_MAX_M = 16
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +100,21 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, path: 
     """x [..., in] @ (the real weight).T (+ bias) -> [..., out] in x's dtype."""
     if path == "dequant":
         return F.linear(x, dequantize(w8, scale, block).to(x.dtype), bias)
+    if x.numel() // x.shape[-1] <= SKINNY_MAX_M:
+        from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
+
+        return skinny_fp8_linear(x, w8, scale, bias, block)
     if path == "triton_block":
         from meshserve.layers.kernels.fp8_gemm import block_fp8_linear
 
         return block_fp8_linear(x, w8, scale, block, bias, activation_ub)
+    return scaled_mm_linear(x, w8, scale, bias=bias, input_scale=input_scale, activation_ub=activation_ub)
+
+
+def scaled_mm_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, bias: torch.Tensor | None,
+                     input_scale: torch.Tensor | None = None, activation_ub: float | None = None) -> torch.Tensor:
+    """The `scaled_mm` path at any row count: x quantized per token (or with the static
+    `input_scale`), then torch._scaled_mm with row-wise scales."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if input_scale is None:

@@ -1,0 +1,167 @@
+"""The skinny FP8 GEMM of decode (W8A16): out = x @ W.T for few rows x (bf16, fp16 or fp32) and an
+FP8 weight W [N, K] with per-row scales [N, 1] or per (bn x bk) block scales.
+
+A decode GEMM is bound by the weight's bytes, not by arithmetic, so this kernel streams the FP8
+weight once and spends nothing on the activations: no activation quantization (the `_scaled_mm`
+path's extra kernel and its rounding), each FP8 tile converted in registers to x's dtype (exact:
+every e4m3 value is a bf16/fp16/fp32 value) and multiplied on the tensor cores with float32
+accumulation. Scales are applied after the dot: per row once at the end, per block after each
+K step (BLOCK_K divides the block's bk, so a step lies in one block column).
+
+Tiles: one program owns BLOCK_N weight rows and one of `split_k` slices of K, reading the rows'
+contiguous K bytes in BLOCK_K-wide loads. Rows of x are padded to BLOCK_M >= 16 by masks (tl.dot's
+minimum), for M = 1 too: the padded MMA rows cost tensor-core cycles a memory-bound kernel has to
+spare, whereas a multiply-add GEMV is FMA-bound from M of about 8 (2·M flops per weight byte at
+4.8 TB/s is 67 TFLOP/s at M = 7, the H200's float32 FMA peak), so one tile shape serves every M.
+With split_k > 1 the slices write float32 partial sums and a second kernel adds them in a fixed
+order (deterministic, unlike atomics) with the bias; with split_k = 1 the first kernel finishes.
+
+CUDA-graph safe: the launch reads only shapes and the (cached) SM count, and allocates only the
+output and, with split_k > 1, a partial-sum buffer, both sized by the shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes of the per-row-scale kernel (to be tuned on the GPU). BLOCK_K = 256 FP8 bytes is
+# two 128-byte lines of a weight row per step.
+BLOCK_N = 64
+BLOCK_K = 256
+# Programs per SM the split of K aims for: enough resident programs to keep many weight loads
+# in flight (the grid of a 4096-row weight is only 64 tiles of BLOCK_N rows for 132 SMs).
+PROGRAMS_PER_SM = 2
+MAX_SPLIT_K = 16
+
+
+@dataclass(frozen=True)
+class SkinnyTiles:
+    """How one call is cut: BLOCK_M x BLOCK_N output tiles, K in `split_k` slices of
+    `k_per_split` columns (a multiple of block_k)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    k_per_split: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | None = None) -> SkinnyTiles:
+    """The tiles for x [m, k] @ W[n, k].T on `sm_count` SMs. With block scales, `block_k_divides`
+    is the block's bk: each K step must lie within one block column."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    # With blocks: the largest power of two dividing bk (tl.arange sizes are powers of two).
+    block_k = BLOCK_K if block_k_divides is None else min(BLOCK_K, block_k_divides & -block_k_divides)
+    if block_k < 16:
+        raise ValueError(f"FP8 block width {block_k_divides}: no K step of at least 16 (tl.dot's) lies in one block")
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while tiles * split < PROGRAMS_PER_SM * sm_count and split * 2 <= min(MAX_SPLIT_K, steps):
+        split *= 2
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)  # no empty slice
+    return SkinnyTiles(block_m, BLOCK_N, block_k, split, per_split * block_k)
+
+
+@triton.jit
+def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
+                   stride_os, BLOCK_SCALES: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n tile, K slice, m tile). PARTIAL: store float32 sums of this slice at
+    OUT[slice]; else the finished rows (bias added, in OUT's dtype)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    # int64 row offsets: N * K passes 2**31 bytes for the largest FP8 layers.
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = W + offs_n.to(tl.int64)[None, :] * stride_wn
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # [BLOCK_K, BLOCK_N], K contiguous in memory: each weight row is read along K.
+        w = tl.load(w_rows + k[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0.0).to(x.dtype)
+        if BLOCK_SCALES:
+            s = tl.load(S + (offs_n // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk, mask=mask_n, other=0.0)
+            acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
+        else:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    if not BLOCK_SCALES:
+        acc *= tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
+    if PARTIAL:
+        tl.store(out + pid_s * stride_os, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_slices_kernel(P, B, OUT, M, N, stride_ps, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """OUT[m, n] = sum over slices s in order of P[s, m, n] (+ bias[n]), in OUT's dtype; P and
+    OUT are contiguous [M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(P + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(P + s * stride_ps + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(B + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def skinny_fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      block: tuple[int, int] | None = None, tiles: SkinnyTiles | None = None) -> torch.Tensor:
+    """x [..., K] @ (w8 [N, K] times its per-row [N, 1] or per-block scales).T (+ bias) -> [..., N]
+    in x's dtype. `tiles` overrides the heuristic (tests, tuning)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], w8.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    if tiles is None:
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.is_cuda else 1
+        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None)
+    group_n, group_k = block if block is not None else (1, 1)
+    grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(m, tiles.block_m))
+    partial = tiles.split_k > 1
+    dest = torch.empty((tiles.split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    _skinny_kernel[grid](x2, w8, scale, bias_arg, dest, m, n, k, tiles.k_per_split, x2.stride(0), w8.stride(0),
+                         scale.stride(0), scale.stride(1), n, m * n, BLOCK_SCALES=block is not None, GROUP_N=group_n,
+                         GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
+                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: true products
+                         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=4,
+                         num_stages=3)
+    if partial:
+        reduce_block = 1024
+        _sum_slices_kernel[(triton.cdiv(m * n, reduce_block),)](dest, bias_arg, out, m, n, m * n,
+                                                                SPLIT=tiles.split_k, HAS_BIAS=bias is not None,
+                                                                BLOCK=reduce_block, num_warps=4)
+    return out.reshape(*lead, n)

@@ -1,0 +1,85 @@
+"""The skinny W8A16 FP8 GEMM (kernels/fp8_skinny_gemm.py) against the product of the unquantized
+activations and the dequantized weight, in Triton's interpreter on the CPU (compiled on CUDA
+machines): per-row and 128 x 128 block scales, rows 1 to 70 (one to two row tiles, padded rows),
+ragged N and K, K split in uneven slices, a bias.
+
+Activations are float32 and float16 here: the interpreter gets bfloat16 dots wrong (it multiplies
+the bit patterns), so bfloat16 is covered by tests/gpu/test_fp8_skinny_gemm.py; the kernel code is
+the same for every dtype. Bound: the output's rounding (2**-10 relative for float16, float32's own
+for float32) plus float32 summation-order error, 2**-20 of the sum of the absolute products."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from meshserve.layers.fp8 import dequantize, quantize_blockwise, quantize_per_channel
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py without CUDA)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_OUTPUT_ROUNDING = {torch.float32: 2**-20, torch.float16: 2**-10}
+
+
+def _check(out: torch.Tensor, x: torch.Tensor, w_real: torch.Tensor, bias: torch.Tensor | None) -> None:
+    expected = x.float() @ w_real.T + (0 if bias is None else bias.float())
+    bound = _OUTPUT_ROUNDING[x.dtype] * expected.abs() + 2**-20 * (x.float().abs() @ w_real.abs().T)
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    err = (out.float() - expected).abs()
+    assert (err <= bound).all(), f"{(err > bound).sum().item()} of {err.numel()} outside, worst {err.max().item()}"
+
+
+@pytest.mark.parametrize("m,dtype,sms", [(1, torch.float16, 1), (5, torch.float32, 64), (16, torch.float16, 64),
+                                         (70, torch.float32, 64)])
+def test_per_row_scales(m, dtype, sms):
+    from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear, skinny_tiles
+
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 640, generator=gen).to(dtype).to(DEVICE)
+    x[:, :64] *= 30.0  # a few large activations, as real models have
+    w8, scale = quantize_per_channel(torch.randn(200, 640, generator=gen).to(DEVICE) * 0.02)
+    bias = torch.randn(200, generator=gen).to(dtype).to(DEVICE)
+    tiles = skinny_tiles(m, 200, 640, sms)  # 1 SM: one K slice; 64 SMs: slices of 512 and 128 columns
+    assert (tiles.split_k, tiles.k_per_split) == ((1, 768) if sms == 1 else (2, 512))
+    out = skinny_fp8_linear(x, w8, scale, bias, tiles=tiles)
+    _check(out, x, dequantize(w8, scale), bias)
+
+
+@pytest.mark.parametrize("m,sms", [(3, 1), (16, 64)])
+def test_block_scales(m, sms):
+    from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear, skinny_tiles
+
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(2, m, 384, generator=gen).to(DEVICE)  # leading dims are flattened and restored
+    w = torch.randn(200, 384, generator=gen)
+    w[:, 128:256] *= 40.0  # blocks of very different range get their own scales
+    w8, scale = quantize_blockwise(w.to(DEVICE), (128, 128))
+    tiles = skinny_tiles(2 * m, 200, 384, sms, block_k_divides=128)
+    assert tiles.block_k == 128 and tiles.split_k == (1 if sms == 1 else 2)
+    out = skinny_fp8_linear(x, w8, scale, None, block=(128, 128), tiles=tiles)
+    assert out.shape == (2, m, 200)
+    _check(out.reshape(2 * m, 200), x.reshape(2 * m, 384), dequantize(w8, scale, (128, 128)), None)
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_tiles_cover_an_h200_at_llama_8b_shapes(n, k):
+    """On 132 SMs every decode GEMM of Llama-3.1-8B gets at least 2 programs per SM (or the most
+    slices allowed), each K slice non-empty and whole K steps, and the slices cover K."""
+    from meshserve.layers.kernels.fp8_skinny_gemm import MAX_SPLIT_K, PROGRAMS_PER_SM, skinny_tiles
+
+    for m in (1, 8, 16):
+        t = skinny_tiles(m, n, k, 132)
+        programs = -(-n // t.block_n) * -(-m // t.block_m) * t.split_k
+        assert programs >= PROGRAMS_PER_SM * 132 or t.split_k * 2 > min(MAX_SPLIT_K, -(-k // t.block_k)), t
+        assert t.k_per_split % t.block_k == 0 and (t.split_k - 1) * t.k_per_split < k <= t.split_k * t.k_per_split
+
+
+def test_block_width_without_a_k_step_is_refused():
+    from meshserve.layers.kernels.fp8_skinny_gemm import skinny_tiles
+
+    assert skinny_tiles(1, 256, 384, 132, block_k_divides=96).block_k == 32
+    with pytest.raises(ValueError, match="block width 72"):
+        skinny_tiles(1, 256, 360, 132, block_k_divides=72)
