@@ -2,7 +2,7 @@
 # GPU machine, one GPU: issue 4's checks and figures on a random Llama-3.1-8B-shaped model (bf16)
 # and the SmolLM2-135M shape. Usage (repo root, after `source .whl/prelude.sh`):
 #   bash benchmarks/gpu_speed.sh OUT_DIR TOKENIZER_DIR [PHASE ...]
-# PHASE: check floor attn profile decode_profile one_batch smol offline online (default: all; the whole set takes longer
+# PHASE: check floor attn profile decode_profile one_batch smol structured offline online (default: all; the whole set takes longer
 # than one 10-minute device call, so split it: "check floor attn one_batch smol", then "offline online").
 # TOKENIZER_DIR: any HF tokenizer whose ids fit the vocabulary (bench_serving counts tokens with it).
 # SERVER_FLAGS (environment): extra launch_server flags for the engine runs, e.g.
@@ -10,7 +10,7 @@
 set -u
 flags=${SERVER_FLAGS:-}
 out=${1:-/tmp/gpu_speed}; tok=${2:-.tok}; shift 2 || true
-phases=${*:-check floor attn profile decode_profile one_batch smol offline online}
+phases=${*:-check floor attn profile decode_profile one_batch smol structured offline online}
 mkdir -p "$out"
 want() { [[ " $phases " == *" $1 "* ]]; }
 l8b() { [ -f /tmp/l8b/config.json ] || python -m meshserve.bench.random_model --shape llama-3.1-8b --out /tmp/l8b > /dev/null; }
@@ -39,6 +39,15 @@ if want smol; then
   python -m meshserve.bench.random_model --shape smollm2-135m --out /tmp/s135 > /dev/null
   timeout 120 python -m meshserve.bench_one_batch --model-path /tmp/s135 --batch-size 1 64 256 --input-len 256 \
     --output-len 32 --output-file "$out/one_batch.jsonl" $flags > "$out/s135.log" 2>&1; tail -4 "$out/s135.log"
+fi
+# Structured output's cost per decode step (regex, JSON schema vs plain) at batch 1 and 64: the 8B
+# shape with the tokenizer's vocabulary, random weights (--load-format dummy).
+if want structured; then
+  python -m meshserve.bench.random_model --shape llama-3.1-8b --vocab-size 49152 --config-only --out /tmp/l8v > /dev/null
+  cp "$tok"/tokenizer*.json /tmp/l8v/
+  timeout 240 python -m meshserve.bench.structured_overhead --model-path /tmp/l8v --load-format dummy \
+    --batch-size 1 64 --output-len 128 --output-file "$out/structured.jsonl" $flags > "$out/structured.log" 2>&1
+  grep -E "^batch" "$out/structured.log" || tail -5 "$out/structured.log"
 fi
 # SGLang's CI workload: 500 prompts, input U[1,4096], output U[1,2048], all at once.
 if want offline; then

@@ -103,9 +103,11 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device: str = "cuda", seed: int = 0,
-                       num_layers: int | None = None, vocab_size: int | None = None) -> Path:
+                       num_layers: int | None = None, vocab_size: int | None = None,
+                       config_only: bool = False) -> Path:
     """`num_layers` cuts the model to fewer layers of the same shape (a 30B MoE does not fit the
-    GPU machine's disk whole; per-layer figures do not need all of them)."""
+    GPU machine's disk whole; per-layer figures do not need all of them). `config_only` writes
+    config.json alone, for `--load-format dummy` (the whole 30B shape, no disk)."""
     cfg = SHAPES[shape] | ({"num_hidden_layers": num_layers} if num_layers else {}) \
         | ({"vocab_size": vocab_size} if vocab_size else {})
     torch_dtype = getattr(torch, dtype)
@@ -123,7 +125,7 @@ def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device
             weight_map.update({k: name for k in shard})
             shard, shard_bytes, shard_index = {}, 0, shard_index + 1
 
-    for name, dims in tensor_shapes(cfg).items():
+    for name, dims in ({} if config_only else tensor_shapes(cfg)).items():
         if len(dims) == 1:  # norms near 1, as trained models have
             t = 1.0 + 0.1 * torch.randn(dims, generator=gen, device=device)
         else:  # std chosen so activations neither vanish nor explode through the layers
@@ -133,7 +135,8 @@ def write_random_model(shape: str, out: Path, *, dtype: str = "bfloat16", device
         if shard_bytes >= SHARD_BYTES:
             flush()
     flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if not config_only:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "attention_bias": False, **cfg}
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -150,9 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-layers", type=int, help="fewer layers of the same shape")
     parser.add_argument("--vocab-size", type=int,
                         help="another vocabulary size (to pair the shape with a real tokenizer's ids)")
+    parser.add_argument("--config-only", action="store_true",
+                        help="write config.json only (serve it with --load-format dummy)")
     ns = parser.parse_args(argv)
     print(write_random_model(ns.shape, ns.out, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-                             num_layers=ns.num_layers, vocab_size=ns.vocab_size))
+                             num_layers=ns.num_layers, vocab_size=ns.vocab_size,
+                             config_only=ns.config_only))
 
 
 if __name__ == "__main__":
