@@ -59,6 +59,9 @@ class LinearStack:
         dims = ((h + 2 * kv, h), (h, h), (2 * i, h), (h, i))
         self.layers = [[weight(n, k) for n, k in dims] for _ in range(cfg["num_hidden_layers"])]
         self.lm_head = torch.randn(v, h, device=dev, dtype=dt)
+        # Weight bytes a step reads (scales included): the HBM traffic the floor is bound by.
+        self.weight_bytes = sum(t.numel() * t.element_size() for layer in self.layers for w in layer
+                                for t in (w if fp8 else (w,))) + self.lm_head.numel() * self.lm_head.element_size()
 
     def _matmul(self, gemm: str) -> Callable:
         from meshserve.layers.fp8 import fp8_linear, scaled_mm_linear
@@ -116,18 +119,23 @@ def compare_fp8(shape: str, batch_sizes: list[int]) -> None:
     from meshserve.layers.fp8 import SKINNY_MAX_M
 
     floors: dict[str, dict[int, float]] = {}
+    step_bytes = {}
     for fp8, gemms in ((False, ("bf16",)), (True, ("scaled_mm", "skinny"))):
         stack = LinearStack(shape, fp8=fp8)
+        step_bytes[fp8] = stack.weight_bytes
         for gemm in gemms:
             floors[gemm] = {bs: stack.floor_ms(gemm, bs) for bs in batch_sizes}
         del stack
         torch.cuda.empty_cache()
-    print(f"{shape}: linear floor ms/step in CUDA graphs (LM head bf16 in all); "
+    print(f"{shape}: linear floor ms/step in CUDA graphs (LM head bf16 in all); weights read per step: "
+          f"bf16 {step_bytes[False] / 2**30:.2f} GiB, fp8 {step_bytes[True] / 2**30:.2f} GiB; "
           f"fp8_linear takes the skinny kernel up to SKINNY_MAX_M = {SKINNY_MAX_M} rows")
-    print(f"{'batch':>6} {'bf16':>9} {'scaled_mm':>10} {'skinny':>9} {'skinny/bf16':>12} {'skinny/scaled_mm':>17}")
+    print(f"{'batch':>6} {'bf16':>9} {'scaled_mm':>10} {'skinny':>9} {'bf16/skinny':>12} {'scaled_mm/skinny':>17} "
+          f"{'bf16 TB/s':>10} {'skinny TB/s':>12}")
     for bs in batch_sizes:
         b, s, k = floors["bf16"][bs], floors["scaled_mm"][bs], floors["skinny"][bs]
-        print(f"{bs:>6} {b:>9.3f} {s:>10.3f} {k:>9.3f} {k / b:>12.2f} {k / s:>17.2f}")
+        print(f"{bs:>6} {b:>9.3f} {s:>10.3f} {k:>9.3f} {b / k:>12.2f} {s / k:>17.2f} "
+              f"{step_bytes[False] / b / 1e9:>10.2f} {step_bytes[True] / k / 1e9:>12.2f}")
 
 
 def moe_active_bytes(shape: str, batch_size: int, bytes_per_param: int = 2) -> float:

@@ -43,9 +43,10 @@ def test_llama_8b_shapes(n, k, block):
 
     w8, scale = _weight(n, k, block, seed=n + k)
     w_real = dequantize(w8, scale, block)
-    bias = torch.randn(n, device="cuda").bfloat16()
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    bias = torch.randn(n, device="cuda", generator=gen).bfloat16()
     for m in (1, 4, 16, 64):
-        x = torch.randn(m, k, device="cuda").bfloat16()
+        x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
         x[:, :32] *= 20.0
         _check(skinny_fp8_linear(x, w8, scale, bias, block), x, w_real, bias)
 
@@ -56,7 +57,8 @@ def test_cuda_graph_replay():
     from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
 
     w8, scale = _weight(4096, 14336, None, seed=1)  # split over K: two kernels per call
-    x = torch.randn(8, 14336, device="cuda").bfloat16()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 14336, device="cuda", generator=gen).bfloat16()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         skinny_fp8_linear(x, w8, scale)
@@ -64,8 +66,8 @@ def test_cuda_graph_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = skinny_fp8_linear(x, w8, scale)
-    for seed in range(3):
-        x.copy_(torch.randn(8, 14336, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+    for _ in range(3):
+        x.copy_(torch.randn(8, 14336, device="cuda", generator=gen))
         graph.replay()
         assert torch.equal(out, skinny_fp8_linear(x, w8, scale))
 
@@ -77,10 +79,11 @@ def test_fp8_linear_dispatch_by_rows(block):
 
     w8, scale = _weight(1024, 4096, block, seed=2)
     path = "scaled_mm" if block is None else "triton_block"
+    gen = torch.Generator(device="cuda").manual_seed(3)
     for m in (1, SKINNY_MAX_M):
-        x = torch.randn(m, 4096, device="cuda").bfloat16()
+        x = torch.randn(m, 4096, device="cuda", generator=gen).bfloat16()
         assert torch.equal(fp8_linear(x, w8, scale, path=path, bias=None, block=block),
                            skinny_fp8_linear(x, w8, scale, None, block))
-    x = torch.randn(SKINNY_MAX_M + 1, 4096, device="cuda").bfloat16()
+    x = torch.randn(SKINNY_MAX_M + 1, 4096, device="cuda", generator=gen).bfloat16()
     larger = scaled_mm_linear(x, w8, scale, bias=None) if block is None else block_fp8_linear(x, w8, scale, block)
     assert torch.equal(fp8_linear(x, w8, scale, path=path, bias=None, block=block), larger)
