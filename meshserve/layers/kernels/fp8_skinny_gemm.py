@@ -77,8 +77,8 @@ def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | N
 @triton.jit
 def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
                    stride_os, BLOCK_SCALES: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (n tile, K slice, m tile). PARTIAL: store float32 sums of this slice at
     OUT[slice]; else the finished rows (bias added, in OUT's dtype)."""
     pid_n = tl.program_id(0)
@@ -96,10 +96,15 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
-        mask_k = k < K
-        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # [BLOCK_K, BLOCK_N], K contiguous in memory: each weight row is read along K.
-        w = tl.load(w_rows + k[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0.0).to(x.dtype)
+        # w is [BLOCK_K, BLOCK_N], K contiguous in memory: each weight row is read along K. Without
+        # a ragged last K step the masks are constant along K, so the loads stay 16-byte vectors.
+        if EVEN_K:
+            x = tl.load(x_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_rows + k[:, None], mask=mask_n[None, :], other=0.0)
+        else:
+            x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+            w = tl.load(w_rows + k[:, None], mask=mask_n[None, :] & (k < K)[:, None], other=0.0)
+        w = w.to(x.dtype)
         if BLOCK_SCALES:
             s = tl.load(S + (offs_n // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk, mask=mask_n, other=0.0)
             acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
@@ -157,6 +162,7 @@ def skinny_fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bi
                          scale.stride(0), scale.stride(1), n, m * n, BLOCK_SCALES=block is not None, GROUP_N=group_n,
                          GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: true products
+                         EVEN_K=k % tiles.block_k == 0,
                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=4,
                          num_stages=3)
     if partial:
