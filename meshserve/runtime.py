@@ -125,7 +125,7 @@ class NodeRuntime:
         from meshserve.cluster.launcher import launch_schedulers
         from meshserve.cluster.net import NetError
         from meshserve.cluster.node import ClusterNode
-        from meshserve.cluster.topology import layout_from_args
+        from meshserve.cluster.topology import Topology, layout_from_args
         from meshserve.config.model_config import ModelConfig
         from meshserve.server.tokenizer_manager import load_tokenizer
 
@@ -146,6 +146,7 @@ class NodeRuntime:
                     raise StartupError(f"cannot load the tokenizer from {model_config.tokenizer_path}: {err}") from None
             try:
                 cluster.start()
+                endpoints = cluster.scheduler_endpoints(Topology.from_args(args))
             except (ClusterError, NetError, ValueError, OSError) as err:
                 cluster.shutdown(clean=False, reason=str(err))
                 raise StartupError(f"cannot join the cluster: {err}") from None
@@ -153,7 +154,7 @@ class NodeRuntime:
                      "KV cache", layout_from_args(args).world_size // args.parallel.nnodes)
             try:
                 with spawn_without_main():
-                    processes = launch_schedulers(args, cluster.rendezvous)
+                    processes = launch_schedulers(args, cluster.rendezvous, endpoints)
             except Exception as err:  # noqa: BLE001 - one line for the user, the traceback at debug level
                 log.debug("scheduler start-up failure", exc_info=True)
                 cluster.shutdown(clean=False, reason=f"node {args.parallel.node_rank} could not start its ranks")
@@ -166,7 +167,7 @@ class NodeRuntime:
         """Node 0's side of the scheduler connection (not started)."""
         from meshserve.server.tokenizer_manager import TokenizerManager
 
-        assert self.processes.endpoints is not None, "only node 0 talks to the scheduler"
+        assert self.leader and self.processes.endpoints is not None, "only node 0 talks to the scheduler"
         return TokenizerManager(
             self.tokenizer,
             endpoints=self.processes.endpoints,

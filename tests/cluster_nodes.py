@@ -41,8 +41,8 @@ def cluster_args(model_dir: Path, base: int, *, nnodes: int = 2, tp: int = 2) ->
 
 
 def start_nodes(log_dir: Path, model_dir: Path, *extra: str, node1_extra: tuple[str, ...] = (),
-                wait: bool = True) -> tuple[ServerProcess, ServerProcess]:
-    common = [*cluster_args(model_dir, base_port()), *extra]
+                wait: bool = True, tp: int = 2) -> tuple[ServerProcess, ServerProcess]:
+    common = [*cluster_args(model_dir, base_port(), tp=tp), *extra]
     node0 = start_server(log_dir, *common, "--node-rank", "0", wait=False)
     node1 = start_server(log_dir, *common, "--node-rank", "1", *node1_extra, wait=False)
     if wait:

@@ -12,10 +12,19 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SchedulerEndpoints:
     # One per DP group, in DP-rank order: the TokenizerManager binds a PUSH socket on each; that
-    # group's leader connects a PULL.
-    to_scheduler: tuple[str, ...]
+    # group's leader connects a PULL. On node 0 every entry is set; on a node r > 0 (relays of
+    # meshserve.cluster.scheduler_link) only those of the groups it leads, the others are None.
+    to_scheduler: tuple[str | None, ...]
     # The TokenizerManager binds one PULL socket here; every leader connects a PUSH.
     from_scheduler: str
+
+    def inbox(self, dp_rank: int) -> str:
+        """DP group ``dp_rank``'s inbox, which this node must reach (it runs the group's leader,
+        or is node 0)."""
+        address = self.to_scheduler[dp_rank]
+        if address is None:
+            raise ValueError(f"DP group {dp_rank}'s leader runs on another node")
+        return address
 
     @classmethod
     def new_ipc(cls, dp_size: int = 1) -> SchedulerEndpoints:

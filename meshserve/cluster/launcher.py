@@ -43,7 +43,7 @@ class RankExit:
 
 @dataclass
 class SchedulerProcesses:
-    endpoints: SchedulerEndpoints | None  # None on nodes other than 0: no TokenizerManager there
+    endpoints: SchedulerEndpoints | None  # None on a node that runs no DP group's leader
     topology: Topology
     processes: list[mp.process.BaseProcess] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -89,15 +89,16 @@ class SchedulerProcesses:
                 proc.join(timeout)
 
 
-def launch_schedulers(args: ServerArgs, rendezvous: str | None) -> SchedulerProcesses:
+def launch_schedulers(args: ServerArgs, rendezvous: str | None,
+                      endpoints: SchedulerEndpoints | None) -> SchedulerProcesses:
     """One scheduler process per local rank, joining the world at `rendezvous` (host:port of the
-    running rendezvous store; None for a single rank). `spawn`, not `fork`: the parent may
+    running rendezvous store; None for a single rank); this node's DP group leaders connect to
+    `endpoints` (ClusterNode.scheduler_endpoints). `spawn`, not `fork`: the parent may
     already run threads (asyncio, tokenizers, the coordinator) that fork would corrupt. Every
     process resolves the model configuration again from the same arguments."""
     from meshserve.scheduler.process import run_scheduler_process
 
     topology = Topology.from_args(args)
-    endpoints = SchedulerEndpoints.new_ipc(args.parallel.dp_size) if topology.is_leader_node else None
     ctx = mp.get_context("spawn")
     launched = SchedulerProcesses(endpoints=endpoints, topology=topology)
     for local_rank in range(topology.ranks_per_node):

@@ -23,11 +23,14 @@ from collections.abc import Callable
 
 from meshserve.cluster.auth import ClusterSecret, SecretError
 from meshserve.cluster.coordinator import ClusterCoordinator, ClusterError
+from meshserve.cluster.endpoints import SchedulerEndpoints
 from meshserve.cluster.fingerprint import Fingerprint
 from meshserve.cluster.launcher import SchedulerProcesses
 from meshserve.cluster.net import ClusterNet, choose_cluster_interface, export_for_torch
 from meshserve.cluster.port_plan import PortPlan
 from meshserve.cluster.rendezvous import Rendezvous
+from meshserve.cluster.scheduler_link import SchedulerLink
+from meshserve.cluster.topology import Topology
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 
@@ -44,6 +47,8 @@ class ClusterNode:
         self.net: ClusterNet | None = None
         self.coordinator: ClusterCoordinator | None = None
         self._rendezvous: Rendezvous | None = None
+        self._secret: ClusterSecret | None = None  # nnodes > 1
+        self._link: SchedulerLink | None = None
         self._handler: FailureHandler = _exit_on_failure
         self._handler_lock = threading.Lock()
         self._failed = threading.Event()  # one node: the handler runs once
@@ -75,6 +80,7 @@ class ClusterNode:
                                            node_rank=self.node_rank)
         except SecretError as err:
             raise ClusterError(str(err)) from err
+        self._secret = secret
         if secret.generated:
             logger.warning("cluster secret: none given, node 0 generated one; start every other "
                            "node with %s", secret.start_line())
@@ -92,6 +98,32 @@ class ClusterNode:
             startup_timeout=p.startup_timeout, silence_timeout=p.cluster_silence_timeout,
             on_failure=self._on_failure)
         self.coordinator.start()  # logs the membership once whole
+
+    def scheduler_endpoints(self, topology: Topology) -> SchedulerEndpoints | None:
+        """Where this node's DP group leaders reach the main process (None: it runs none).
+        Node 0: fresh Unix sockets, and the scheduler-link gate when some leader runs on
+        another node; node r > 0: relays to that gate for the groups it leads. Call after
+        :meth:`start`, before the ranks start."""
+        layout = topology.layout
+        led_here = [layout.dp_rank(r) for r in layout.dp_leaders if r in topology.local_ranks]
+        if topology.is_leader_node:
+            endpoints = SchedulerEndpoints.new_ipc(layout.dp)
+            if len(led_here) == layout.dp:
+                return endpoints
+            assert self.net is not None and self._secret is not None  # leaders elsewhere: nnodes > 1
+            self._link = SchedulerLink.serve(endpoints, self.net.address, self.plan.scheduler_link_port,
+                                             self._secret)
+            logger.info("scheduler link: DP group leaders on other nodes reach this node at %s:%d",
+                        self.net.address, self.plan.scheduler_link_port)
+            return endpoints
+        if not led_here:
+            return None
+        assert self.net is not None and self._secret is not None
+        self._link = SchedulerLink.relay(self.net.dist_init_ip, self.plan.scheduler_link_port, self._secret,
+                                         led_here, layout.dp)
+        logger.info("scheduler link: DP group(s) %s reach node 0 at %s:%d", ", ".join(map(str, led_here)),
+                    self.net.dist_init_ip, self.plan.scheduler_link_port)
+        return self._link.endpoints
 
     def on_failure(self, handler: FailureHandler) -> None:
         """Who handles a cluster failure from now on (the default logs and exits non-zero)."""
@@ -128,6 +160,8 @@ class ClusterNode:
             self.coordinator.shutdown(clean=clean, reason=reason)
         if self._rendezvous is not None:
             self._rendezvous.close()
+        if self._link is not None:
+            self._link.close()
 
 
 def _exit_on_failure(reason: str, clean: bool) -> None:

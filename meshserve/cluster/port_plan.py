@@ -5,7 +5,8 @@ from ports chosen in many places; a fixed, printed plan is what a firewall rule 
 
   P     torch.distributed rendezvous (the TCPStore; listens on node 0)
   P+1   cluster coordinator: join handshake and heartbeats (listens on node 0)
-  P+2   reserved for a later cluster service, so that adding one changes no user's firewall
+  P+2   scheduler link: DP group leaders on nodes r > 0 to node 0's main process (listens on
+        node 0 when some DP group's leader runs on another node)
   --port                          HTTP on every node (node 0: the API; others: /health, /metrics)
   --disaggregation-bootstrap-port prefill-decode bootstrap, separate from this plan
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PortPlan", "PortPlanError", "pick_free_base_port"]
 
-#: Ports above the base port that belong to the plan (P+1 coordinator, P+2 reserved).
+#: Ports above the base port that belong to the plan (P+1 coordinator, P+2 scheduler link).
 PORTS_ABOVE_BASE = 2
 
 _PICK_ATTEMPTS = 50
@@ -86,7 +87,7 @@ class PortPlan:
         return self.base.port + 1
 
     @property
-    def reserved_port(self) -> int:
+    def scheduler_link_port(self) -> int:
         return self.base.port + 2
 
     @property
@@ -127,7 +128,8 @@ class PortPlan:
              "node 0"),
             (HostPort(b.host, self.coordinator_port), "cluster coordinator (join, heartbeats)",
              "node 0"),
-            (HostPort(b.host, self.reserved_port), "reserved", "node 0"),
+            (HostPort(b.host, self.scheduler_link_port), "scheduler link (DP leaders on other nodes)",
+             "node 0"),
         ]
         lines = [f"{header}, base port {b.port} {source}):"]
         lines += [f"  {addr!s:<24} {what:<42} {where}" for addr, what, where in rows]

@@ -3,7 +3,7 @@
 World size comes from the group layout (tp, or tp × dp for plain data parallelism);
 global rank = node_rank * ranks_per_node + local_rank, ranks_per_node = world / nnodes. The
 first rank of each DP group (meshserve.cluster.layout) leads it: only the leaders talk to the
-main process.
+main process (from nodes r > 0 through meshserve.cluster.scheduler_link).
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class Topology:
     @property
     def is_leader_node(self) -> bool:
         return self.node_rank == 0
+
+    @property
+    def local_ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
 
     def global_rank(self, local_rank: int) -> int:
         if not 0 <= local_rank < self.ranks_per_node:

@@ -48,13 +48,14 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
 class LeaderLink:
-    """The leader's two ZMQ sockets to the TokenizerManager."""
+    """The leader's two ZMQ sockets to the TokenizerManager: Unix sockets on node 0, loopback
+    relays through node 0's scheduler-link gate elsewhere (meshserve.cluster.scheduler_link)."""
 
     def __init__(self, endpoints: SchedulerEndpoints, dp_rank: int) -> None:
         self.dp_rank = dp_rank
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
-        self._inbox.connect(endpoints.to_scheduler[dp_rank])
+        self._inbox.connect(endpoints.inbox(dp_rank))
         self._outbox = self._ctx.socket(zmq.PUSH)
         self._outbox.connect(endpoints.from_scheduler)
         self._poller = zmq.Poller()

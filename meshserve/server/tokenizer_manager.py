@@ -188,7 +188,8 @@ class TokenizerManager:
         self._ready = loop.create_future()
         self._ctx = zmq.asyncio.Context()
         pushes = []
-        for address in self._endpoints.to_scheduler:
+        for dp_rank in range(len(self._endpoints.to_scheduler)):
+            address = self._endpoints.inbox(dp_rank)
             push = self._ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
             push.bind(address)

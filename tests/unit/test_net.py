@@ -260,13 +260,13 @@ def test_port_plan_from_dist_init_addr() -> None:
     args = ServerArgs().replace(tp_size=4, nnodes=2, node_rank=1,
                                 dist_init_addr="10.0.0.1:20000", port=30000)
     plan = PortPlan.from_args(args)
-    ports = (plan.rendezvous_port, plan.coordinator_port, plan.reserved_port)
+    ports = (plan.rendezvous_port, plan.coordinator_port, plan.scheduler_link_port)
     assert ports == (20000, 20001, 20002)
     assert plan.rendezvous_url == "tcp://10.0.0.1:20000"
     text = plan.describe()
     assert "node 1 of 2" in text and "base port 20000 from --dist-init-addr" in text
     for needle in ("10.0.0.1:20000", "rendezvous", "10.0.0.1:20001", "coordinator",
-                   "10.0.0.1:20002", "reserved", "127.0.0.1:30000", "ephemeral"):
+                   "10.0.0.1:20002", "scheduler link", "127.0.0.1:30000", "ephemeral"):
         assert needle in text
 
 
@@ -288,7 +288,7 @@ def test_port_plan_refuses_collisions_and_overflow() -> None:
 def test_port_plan_picks_free_loopback_ports_for_one_node() -> None:
     plan = PortPlan.from_args(ServerArgs().replace(tp_size=2))
     assert plan.picked and plan.base.host == "127.0.0.1"
-    for port in (plan.rendezvous_port, plan.coordinator_port, plan.reserved_port):
+    for port in (plan.rendezvous_port, plan.coordinator_port, plan.scheduler_link_port):
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))

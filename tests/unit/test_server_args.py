@@ -295,7 +295,7 @@ def test_from_cli_prints_every_problem_and_exits_2(
 ) -> None:
     with pytest.raises(SystemExit) as exc:
         ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16", "--nnodes", "2",
-                             "--dist-init-addr", "10.0.0.1:5000"])
+                             "--dist-init-addr", "10.0.0.1:5000", "--disaggregation-mode", "decode"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1  # --ep is built
@@ -316,10 +316,9 @@ def test_validate_returns_self(on_cpu: None) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--dp-size", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"], "not supported yet: --dp-size 2 ("),
         (["--dp", "2", "--disaggregation-mode", "prefill"], "not supported yet: --dp 2 ("),
         (["--tp", "2", "--dp-size", "2", "--enable-dp-attention", "--nnodes", "2", "--dist-init-addr",
-          "127.0.0.1:5000"], "not supported yet: --enable-dp-attention ("),
+          "127.0.0.1:5000", "--disaggregation-mode", "decode"], "not supported yet: --enable-dp-attention ("),
         (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
     ],
@@ -327,6 +326,15 @@ def test_validate_returns_self(on_cpu: None) -> None:
 def test_refusals(on_cpu: None, argv: list[str], needle: str) -> None:
     problems = problems_of(argv)
     assert any(p.startswith(needle) for p in problems), problems
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dp-size", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"],
+    ["--tp", "16", "--ep", "16", "--dp-size", "16", "--enable-dp-attention", "--enable-dp-lm-head",
+     "--moe-a2a-backend", "deepep", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:20000"],
+])
+def test_data_parallelism_across_nodes_is_accepted(on_cpu: None, argv: list[str]) -> None:
+    assert problems_of(argv) == ()
 
 
 def test_base_gpu_id_allowed_on_gpu(on_gpu: None) -> None:
@@ -364,7 +372,7 @@ def test_refusal_table_rows_name_real_fields() -> None:
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
         ["--tp", "16", "--dp-size", "16", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000",
-         "--moe-a2a-backend", "mooncake"]).validate).value)
+         "--disaggregation-mode", "prefill", "--moe-a2a-backend", "mooncake"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
     assert "--dp-size" in lines[0] and "--moe-a2a-backend" in lines[1]
@@ -495,9 +503,9 @@ def _all_seed_commands() -> list[tuple[str, list[str]]]:
 
 SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 
-# Flags whose feature is not built: a seed command line using them must be refused, naming
-# the flag as the user spelled it.
-UNBUILT_FLAGS = {
+# Flags whose feature is not built with prefill-decode disaggregation: a seed's PD command line
+# using them must be refused, naming the flag as the user spelled it (without PD they run).
+UNBUILT_WITH_PD = {
     "--enable-dp-attention",
 }
 
@@ -516,9 +524,10 @@ def test_seed_extraction_found_the_known_deployments() -> None:
 @pytest.mark.parametrize(("where", "argv"), SEED_COMMANDS, ids=[w for w, _ in SEED_COMMANDS])
 def test_seed_command_lines_parse_and_are_refused(on_gpu: None, where: str, argv: list[str]) -> None:
     args = ServerArgs.parse_args(argv)  # SystemExit(2) on any unknown flag
-    expected = [t for t in argv if t in UNBUILT_FLAGS]
-    if "--dp-size" in argv and "--enable-dp-attention" not in argv:
-        expected.append("--dp-size")  # plain data parallelism: one node, no disaggregation so far
+    pd = args.disagg.disaggregation_mode != "null"
+    expected = [t for t in argv if t in UNBUILT_WITH_PD] if pd else []
+    if pd and "--dp-size" in argv and "--enable-dp-attention" not in argv:
+        expected.append("--dp-size")  # plain data parallelism: not with disaggregation so far
     try:
         args.validate()
         problems: tuple[str, ...] = ()

@@ -1,0 +1,82 @@
+"""Data parallelism across two launch_server "nodes" on loopback: the DP group leaders on node 1
+reach node 0's main process through the cluster's authenticated scheduler link (P+2), take the
+requests the DP controller deals them and send their outputs back.
+
+* the seed's DeepSeek-V3 shape --tp 4 --ep 4 --dp-size 4 --enable-dp-attention (two DP groups
+  per node; every MoE layer spans both nodes) with concurrent requests of uneven lengths, so
+  groups idle in turn while the others compute: greedy outputs equal transformers';
+* plain --dp-size 2 (one replica per node): outputs equal transformers', and node 1 dying
+  stops node 0 naming it, the request in flight answered with an error.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.cluster_nodes import generate, start_nodes
+from tests.hf_reference import hf_greedy
+
+NEW_TOKENS = 6
+
+
+def _prompts(seed: int, count: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 1000) for _ in range(rng.choice((2, 5, 17, 29)))] for _ in range(count)]
+
+
+def test_deepseek_v3_dp_attention_over_two_nodes_matches_transformers(tmp_path, tiny_deepseek_v3_dir):
+    prompts = _prompts(5, 12)
+    reference = hf_greedy(tiny_deepseek_v3_dir, prompts, NEW_TOKENS)
+    node0, node1 = start_nodes(tmp_path, tiny_deepseek_v3_dir, "--ep", "4", "--dp-size", "4",
+                               "--enable-dp-attention", "--enable-dp-lm-head", "--moe-a2a-backend", "deepep",
+                               "--chunked-prefill-size", "8", tp=4)
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(lambda p: generate(node0, p, NEW_TOKENS), prompts)) == reference
+        # Node 1 runs global ranks 2 and 3, the leaders of DP groups 2 and 3.
+        assert "scheduler link: DP group(s) 2, 3 reach node 0" in node1.log()
+        assert len(node1.scheduler_pids()) == 2
+    finally:
+        node0.stop()
+        node1.stop()
+
+
+def test_plain_dp_over_two_nodes_matches_transformers_and_node_1_dying_is_reported(tmp_path, tiny_qwen3_dir):
+    prompts = _prompts(9, 6)
+    reference = hf_greedy(tiny_qwen3_dir, prompts, NEW_TOKENS)
+    node0, node1 = start_nodes(tmp_path, tiny_qwen3_dir, "--dp-size", "2", tp=1)
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(lambda p: generate(node0, p, NEW_TOKENS), prompts)) == reference
+
+        # Two long requests: round robin deals one to each DP group, one on the node that dies.
+        results: list[httpx.Response | httpx.HTTPError] = []
+
+        def long_request() -> None:
+            try:
+                with node0.client(timeout=60) as client:
+                    results.append(client.post("/generate", json={"input_ids": prompts[0], "sampling_params": {
+                        "max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}}))
+            except httpx.HTTPError as err:
+                results.append(err)
+
+        threads = [threading.Thread(target=long_request) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        node1.process.send_signal(signal.SIGKILL)
+        assert node0.wait_exit(timeout=15) != 0
+        for t in threads:
+            t.join(20)
+        assert "node 1" in node0.log()
+        # Neither request was left hanging: each got an error.
+        assert len(results) == 2 and all(isinstance(r, httpx.HTTPError) or r.status_code >= 500 for r in results), results
+    finally:
+        node0.stop()
+        node1.stop()
