@@ -24,7 +24,7 @@ import msgspec
 
 from meshserve.cluster.auth import HANDSHAKE_TIMEOUT_S, ClusterSecret
 from meshserve.cluster.endpoints import SchedulerEndpoints
-from meshserve.cluster.frames import ProtocolError, pack_frame, recv_frame
+from meshserve.cluster.frames import PeerClosed, ProtocolError, pack_frame, recv_frame
 from meshserve.cluster.tunnel import LOOPBACK, Forwarder, UpstreamUnavailable, close_all, listen
 
 __all__ = ["SchedulerLink"]
@@ -91,6 +91,9 @@ class SchedulerLink:
                 try:
                     secret.connect(up, _PURPOSE)
                     up.sendall(pack_frame(_ENCODER.encode(target)))
+                except (PeerClosed, ConnectionError) as err:
+                    up.close()  # node 0 going away (its shutdown): ZMQ retries until this node stops
+                    raise UpstreamUnavailable(f"node 0's scheduler link closed: {err}") from err
                 except BaseException:
                     up.close()
                     raise

@@ -22,16 +22,18 @@ import httpx
 from tests.cluster_nodes import generate, start_nodes
 from tests.hf_reference import hf_greedy
 
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 
 
 def _prompts(seed: int, count: int) -> list[list[int]]:
+    """Uneven lengths: with prefill chunks of 8 tokens the long prompts take several steps
+    while the groups with short ones have finished and only join the MoE collectives."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, 1000) for _ in range(rng.choice((2, 5, 17, 29)))] for _ in range(count)]
+    return [[rng.randrange(3, 1000) for _ in range(rng.choice((2, 3, 11, 23)))] for _ in range(count)]
 
 
 def test_deepseek_v3_dp_attention_over_two_nodes_matches_transformers(tmp_path, tiny_deepseek_v3_dir):
-    prompts = _prompts(5, 12)
+    prompts = _prompts(5, 8)
     reference = hf_greedy(tiny_deepseek_v3_dir, prompts, NEW_TOKENS)
     node0, node1 = start_nodes(tmp_path, tiny_deepseek_v3_dir, "--ep", "4", "--dp-size", "4",
                                "--enable-dp-attention", "--enable-dp-lm-head", "--moe-a2a-backend", "deepep",
