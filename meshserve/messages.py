@@ -136,6 +136,12 @@ class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     num_awaiting_kv: int = 0  # decode: waiting for the KV; prefill: waiting for the decode's request
     num_awaiting_ack: int = 0  # prefill: KV sent, waiting for the decode's acknowledgement
     kv_transfers_in_flight: int = 0  # writes (prefill) or expected writes (decode) not ended yet
+    # MoE expert loads since start-up (layers/moe/eplb.py; empty for dense models): (token, expert)
+    # pairs per logical expert and per expert-parallel rank, summed over MoE layers; EPLB's counts.
+    expert_tokens: tuple[int, ...] = ()
+    ep_rank_tokens: tuple[int, ...] = ()
+    eplb_rebalances: int = 0
+    eplb_moved_experts: int = 0
     dp_rank: int = 0  # the reporting DP group (--dp-size); the TokenizerManager sums them
 
 

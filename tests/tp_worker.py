@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+import msgspec
 import torch
 
 
@@ -49,7 +50,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[l
     else:
         outs, idle_steps = _run_dp_group(scheduler, groups, requests)
     if groups.attn_tp.rank == 0:
-        report = {"outputs": {i: output_ids(outs[str(i)]) for i in mine}, "idle_steps": idle_steps}
+        report = {"outputs": {i: output_ids(outs[str(i)]) for i in mine}, "idle_steps": idle_steps,
+                  "stats": msgspec.to_builtins(scheduler.load())}
         Path(f"{out_file}.dp{groups.dp_rank}").write_text(json.dumps(report))
     # Leave together, then skip the interpreter's teardown: with gloo's threads still alive, C++
     # static destructors at exit were seen to abort a rank ("terminate called without an active
@@ -87,6 +89,13 @@ def dp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_token
                 extra: tuple[str, ...] = (), device_type: str = "cpu") -> tuple[list[list[int]], list[int]]:
     """Greedy outputs of `world` = --tp ranks (processes; on CUDA, rank r on GPU r) split into the
     DP groups that `extra` asks for, by prompt; and each DP group's idle steps."""
+    outputs, reports = _run_ranks(model_dir, world, prompts, new_tokens, tmp, extra, device_type)
+    return outputs, [report["idle_steps"] for report in reports]
+
+
+def _run_ranks(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
+               extra: tuple[str, ...], device_type: str) -> tuple[list[list[int]], list[dict]]:
+    """The outputs by prompt, and each DP group leader's report."""
     from meshserve.cluster.distributed import serve_rendezvous_store
     from meshserve.cluster.topology import layout_from_args
     from meshserve.config.server_args import ServerArgs
@@ -105,10 +114,18 @@ def dp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_token
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     reports = [json.loads(Path(f"{out_file}.dp{d}").read_text()) for d in range(layout.dp)]
     outputs = {int(i): ids for report in reports for i, ids in report["outputs"].items()}
-    return [outputs[i] for i in range(len(prompts))], [report["idle_steps"] for report in reports]
+    return [outputs[i] for i in range(len(prompts))], reports
 
 
 def tp_generate(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
                 extra: tuple[str, ...] = (), device_type: str = "cpu") -> list[list[int]]:
     """Greedy outputs of `world` ranks (processes; on CUDA, rank r on GPU r)."""
     return dp_generate(model_dir, world, prompts, new_tokens, tmp, extra, device_type)[0]
+
+
+def tp_generate_with_stats(model_dir: Path, world: int, prompts: list[list[int]], new_tokens: int, tmp: Path,
+                           extra: tuple[str, ...] = ()) -> tuple[list[list[int]], dict]:
+    """Greedy outputs of `world` ranks on the CPU, and the leader's SchedulerStats (as a dict)
+    after the last step."""
+    outputs, reports = _run_ranks(model_dir, world, prompts, new_tokens, tmp, extra, "cpu")
+    return outputs, reports[0]["stats"]

@@ -37,7 +37,7 @@ __all__ = ["GRAPH_SHAPING_ARGS", "Fingerprint", "GraphValue", "ModelFiles"]
 GRAPH_SHAPING_ARGS: tuple[str, ...] = (
     # Topology: the world size, global rank layout and the groups every rank creates.
     "tp_size", "nnodes", "dp_size", "ep_size", "enable_dp_attention", "enable_dp_lm_head",
-    "moe_a2a_backend", "ep_num_redundant_experts",
+    "moe_a2a_backend", "ep_num_redundant_experts", "enable_eplb", "eplb_rebalance_num_iterations",
     # Device type decides the backend (NCCL vs gloo); both ends of a collective must agree.
     "device",
     # Tensor shapes and dtypes of every layer and collective (resolved from the model config).

@@ -378,6 +378,11 @@ class ParallelArgs(_ConcernMixin):
     ep_num_redundant_experts: int = _arg(
         0, "Extra physical expert slots per MoE layer holding copies of experts (at start experts 0, 1, ...; "
         "with --enable-eplb the hottest ones). Experts + these must divide by --ep.")
+    enable_eplb: bool = _arg(
+        False, "Expert-parallel load balancing: every --eplb-rebalance-num-iterations forward steps, place "
+        "the MoE experts (and the redundant copies) anew from the measured loads and move their weights.")
+    eplb_rebalance_num_iterations: int = _arg(
+        1000, "Forward steps between EPLB rebalances (--enable-eplb).")
 
 
 @dataclass(frozen=True)
@@ -763,6 +768,7 @@ class ServerArgs:
             yield from at_least(name, 1)
         yield from at_least("base_gpu_id", 0)
         yield from at_least("ep_num_redundant_experts", 0)
+        yield from at_least("eplb_rebalance_num_iterations", 1)
         yield from at_least("dist_timeout", 1, optional=True)
         if not p.startup_timeout >= 1:
             yield f"{self.flag_spelling('startup_timeout')} must be >= 1 second, got {p.startup_timeout}"

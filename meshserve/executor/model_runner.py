@@ -19,7 +19,7 @@ from meshserve.executor.loader import DTYPES, load_model
 from meshserve.layers.attention import create_attention_backend, default_attention_backend
 from meshserve.layers.attention.base import AttentionBackend
 from meshserve.layers.moe.dispatch import announce as announce_moe_dispatch
-from meshserve.layers.moe.layer import SparseMoeBlock
+from meshserve.layers.moe.eplb import ExpertBalancer, ExpertLoad
 
 logger = logging.getLogger("meshserve")
 
@@ -58,9 +58,15 @@ class ModelRunner:
         if args.scheduler.random_seed is not None:
             torch.manual_seed(args.scheduler.random_seed)
         self.model = load_model(model_config, device=device, groups=groups, dummy=args.model.load_format == "dummy")
-        if groups.ep_num_redundant_experts and not any(isinstance(m, SparseMoeBlock) for m in self.model.modules()):
-            raise ValueError(f"--ep-num-redundant-experts {groups.ep_num_redundant_experts}: "
-                             f"{model_config.architecture} has no MoE layers")
+        # Expert loads of MoE models (/metrics) and EPLB's rebalancing (layers/moe/eplb.py).
+        self.expert_balancer = ExpertBalancer.of_model(
+            self.model, groups.moe_ep,
+            args.parallel.eplb_rebalance_num_iterations if args.parallel.enable_eplb else None)
+        if self.expert_balancer is None:
+            for flag, value in (("--ep-num-redundant-experts", groups.ep_num_redundant_experts),
+                                ("--enable-eplb", args.parallel.enable_eplb)):
+                if value:
+                    raise ValueError(f"{flag}: {model_config.architecture} has no MoE layers")
         # Every rank of a DP group holds its share of every token's KV, so the pool is as large as
         # the smallest rank allows.
         self.max_total_tokens = groups.attn_tp.min_over_ranks(self._kv_capacity(args))
@@ -95,6 +101,8 @@ class ModelRunner:
                                           max_bs=max_bs, device=device)
             logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
             self.graphs.capture()
+            if self.expert_balancer is not None:
+                self.expert_balancer.reset()  # the capture's forwards routed dummy tokens
 
     def _attention_backend(self, requested: str | None, device: torch.device) -> AttentionBackend:
         """--attention-backend, or the device's default. Multi-head latent attention needs a
@@ -175,11 +183,29 @@ class ModelRunner:
             input_ids = self.last_tokens.index_select(0, req_rows)
             if self.graphs is not None and self.graphs.can_run(seqs):
                 # One token per sequence: the packed integers are the graph's other input rows.
-                return self.graphs.replay(input_ids, on_device.view(DECODE_INPUT_ROWS - 1, seqs))
-        return self._forward_inference(self._make_batch(
+                logits = self.graphs.replay(input_ids, on_device.view(DECODE_INPUT_ROWS - 1, seqs))
+                self._forward_done()
+                return logits
+        logits = self._forward_inference(self._make_batch(
             mode=step.mode, input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc,
             req_rows=req_rows, seq_lens=seq_lens, extend_lens=extend_lens, dp_counts=dp_counts,
             host=HostLens(req_rows=step.req_rows, seq_lens=step.seq_lens, extend_lens=step.extend_lens)))
+        self._forward_done()
+        return logits
+
+    def _forward_done(self) -> None:
+        """After every forward step, real or idle (the same count on every rank of the group):
+        gather expert loads, and rebalance the experts when EPLB's interval is up."""
+        if self.expert_balancer is not None:
+            self.expert_balancer.after_forward()
+
+    def expert_load(self) -> ExpertLoad | None:
+        """The expert loads for the leader's stats: None without MoE layers, and under DP
+        attention outside DP group 0 (every group's MoE layers see every group's tokens, and the
+        TokenizerManager sums the groups' reports)."""
+        if self.expert_balancer is None or (self.dp_attention and self.groups.dp_rank != 0):
+            return None
+        return self.expert_balancer.report()
 
     def _exchange_dp_counts(self, tokens: int) -> list[int]:
         """DP attention: every DP group's token count for this step (over the dp group: its
@@ -195,6 +221,7 @@ class ModelRunner:
         if any(counts):
             with torch.inference_mode():
                 self.model.idle_forward(counts)
+            self._forward_done()
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]

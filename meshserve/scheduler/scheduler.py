@@ -207,6 +207,7 @@ class Scheduler:
         return outputs
 
     def load(self) -> SchedulerStats:
+        experts = self.runner.expert_load()
         return SchedulerStats(
             num_running=len(self.running) + (self.chunked is not None),
             num_waiting=len(self.waiting) + len(self.grammar.pending),
@@ -214,6 +215,9 @@ class Scheduler:
             max_total_tokens=self.pool.size,
             **self.stats,
             **(self.pd.stats() if self.pd is not None else {}),
+            **({} if experts is None else dict(
+                expert_tokens=experts.expert_tokens, ep_rank_tokens=experts.rank_tokens,
+                eplb_rebalances=experts.rebalances, eplb_moved_experts=experts.moved_experts)),
         )
 
     # -- one step --------------------------------------------------------------------------

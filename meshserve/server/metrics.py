@@ -7,7 +7,11 @@ servers or test apps live in one process without duplicate-metric errors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshserve.messages import SchedulerStats
 
@@ -17,6 +21,42 @@ _ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.75, 1.0, 2.5, 5.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _ExpertLoadCollector(Collector):
+    """MoE expert loads (layers/moe/eplb.py), totals kept by the schedulers and reported in their
+    stats: counters exposed as the latest report's values. One series per logical expert and per
+    expert-parallel rank (summed over MoE layers: hundreds of series, not layers × experts)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: SchedulerStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        if stats is None or not stats.expert_tokens:
+            return
+        experts = CounterMetricFamily("meshserve:expert_tokens", "(token, expert) pairs routed to each logical "
+                                      "expert, summed over MoE layers.", labels=("model_name", "expert"))
+        for expert, count in enumerate(stats.expert_tokens):
+            experts.add_metric((self.model_name, str(expert)), count)
+        ranks = CounterMetricFamily("meshserve:ep_rank_tokens", "(token, expert) pairs computed by each "
+                                    "expert-parallel rank, summed over MoE layers.", labels=("model_name", "ep_rank"))
+        for rank, count in enumerate(stats.ep_rank_tokens):
+            ranks.add_metric((self.model_name, str(rank)), count)
+        yield experts
+        yield ranks
+        yield _single_counter("meshserve:eplb_rebalances", "EPLB rebalances of the expert placement.",
+                              self.model_name, stats.eplb_rebalances)
+        yield _single_counter("meshserve:eplb_moved_experts", "Expert slots given another expert's weights by "
+                              "EPLB rebalances, over all MoE layers and ranks.", self.model_name,
+                              stats.eplb_moved_experts)
+
+
+def _single_counter(name: str, doc: str, model_name: str, value: int) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=("model_name",))
+    family.add_metric((model_name,), value)
+    return family
 
 
 class ServerMetrics:
@@ -50,6 +90,8 @@ class ServerMetrics:
         self._waiting = gauge("num_queue_reqs", "Sequences waiting in the scheduler.")
         self._token_usage = gauge("token_usage", "Fraction of the KV cache in use.")
         self._max_total_tokens = gauge("max_total_num_tokens", "KV cache capacity in tokens.")
+        self._expert_load = _ExpertLoadCollector(model_name)
+        self.registry.register(self._expert_load)
 
     def sequence_started(self, prompt_tokens: int) -> None:
         self._prompt_tokens.inc(prompt_tokens)
@@ -73,6 +115,7 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting)
         self._max_total_tokens.set(stats.max_total_tokens)
         self._token_usage.set(stats.used_tokens / stats.max_total_tokens if stats.max_total_tokens else 0.0)
+        self._expert_load.stats = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 import uuid
@@ -632,11 +633,19 @@ class TokenizerManager:
 
 
 def _summed(reports: list[SchedulerStats]) -> SchedulerStats:
-    """The server's load: every count summed over its DP groups."""
+    """The server's load: every count summed over its DP groups (per-expert and per-rank counts
+    element by element; a group that reports none has an empty tuple)."""
     if len(reports) == 1:
         return reports[0]
     fields = msgspec.structs.asdict(reports[0])
-    return SchedulerStats(**{name: sum(getattr(r, name) for r in reports) for name in fields if name != "dp_rank"})
+
+    def total(name: str) -> int | tuple[int, ...]:
+        values = [getattr(r, name) for r in reports]
+        if isinstance(values[0], tuple):
+            return tuple(map(sum, itertools.zip_longest(*values, fillvalue=0)))
+        return sum(values)
+
+    return SchedulerStats(**{name: total(name) for name in fields if name != "dp_rank"})
 
 
 def _serving_limits(groups: list[SchedulerReady]) -> SchedulerReady:

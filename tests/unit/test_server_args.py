@@ -554,3 +554,12 @@ def test_attention_backend_choices_match_the_registry() -> None:
     from meshserve.layers.attention import ATTENTION_BACKENDS as REGISTRY
 
     assert sa.ATTENTION_BACKENDS == tuple(REGISTRY)
+
+
+def test_eplb_flags(on_cpu: None) -> None:
+    args = ServerArgs.parse_args(["--ep", "2", "--ep-num-redundant-experts", "2", "--enable-eplb",
+                                  "--eplb-rebalance-num-iterations", "50"])
+    assert (args.parallel.enable_eplb, args.parallel.eplb_rebalance_num_iterations) == (True, 50)
+    assert ServerArgs().parallel.eplb_rebalance_num_iterations == 1000  # SGLang's default
+    assert problems_of(["--enable-eplb", "--eplb-rebalance-num-iterations", "0"]) == (
+        "--eplb-rebalance-num-iterations must be >= 1, got 0",)

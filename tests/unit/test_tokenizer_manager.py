@@ -410,3 +410,19 @@ def test_bootstrap_fields_only_on_disaggregated_servers_and_passed_on(tokenizer,
     else:
         assert errors == ["bootstrap_room", None, "n"]
         assert [r.bootstrap for r in fake.requests(GenerateReq)] == [bootstrap]
+
+
+def test_dp_group_stats_sum_expert_loads_element_by_element():
+    """DP groups' reports add up; the expert-load tuples add per expert and per rank, and a group
+    that reports no loads (DP attention: only group 0 does) adds nothing."""
+    from meshserve.messages import SchedulerStats
+    from meshserve.server.tokenizer_manager import _summed
+
+    def report(dp_rank: int, **fields) -> SchedulerStats:
+        return SchedulerStats(num_running=1, num_waiting=0, used_tokens=5, max_total_tokens=100, cache_hit_tokens=0,
+                              prompt_tokens=7, generation_tokens=3, num_retracted=0, dp_rank=dp_rank, **fields)
+
+    total = _summed([report(0, expert_tokens=(4, 0, 2), ep_rank_tokens=(5, 1), eplb_rebalances=2),
+                     report(1), report(2, expert_tokens=(1, 1, 1), ep_rank_tokens=(2, 1), eplb_rebalances=1)])
+    assert (total.expert_tokens, total.ep_rank_tokens, total.eplb_rebalances) == ((5, 1, 3), (7, 2), 3)
+    assert (total.num_running, total.prompt_tokens, total.max_total_tokens) == (3, 21, 300)
