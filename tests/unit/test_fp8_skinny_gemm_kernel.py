@@ -4,9 +4,11 @@ machines): per-row and 128 x 128 block scales, rows 1 to 70 (one to two row tile
 ragged N and K, K split in uneven slices, a bias.
 
 Activations are float32 and float16 here: the interpreter gets bfloat16 dots wrong (it multiplies
-the bit patterns), so bfloat16 is covered by tests/gpu/test_fp8_skinny_gemm.py; the kernel code is
-the same for every dtype. Bound: the output's rounding (2**-10 relative for float16, float32's own
-for float32) plus float32 summation-order error, 2**-20 of the sum of the absolute products."""
+the bit patterns), so bfloat16 is covered on CUDA (the exactness test below, compiled, and
+tests/gpu/test_fp8_skinny_gemm.py), where its weights are converted by the kernel's PTX; the
+bit moves of that PTX are replayed here on every byte. Bound: the output's rounding (2**-10
+relative for float16, float32's own for float32) plus float32 summation-order error, 2**-20 of
+the sum of the absolute products."""
 
 from __future__ import annotations
 
@@ -83,3 +85,43 @@ def test_block_width_without_a_k_step_is_refused():
     assert skinny_tiles(1, 256, 384, 132, block_k_divides=96).block_k == 32
     with pytest.raises(ValueError, match="block width 72"):
         skinny_tiles(1, 256, 360, 132, block_k_divides=72)
+
+
+def _every_e4m3(n_rows: int, k: int) -> torch.Tensor:
+    """[n_rows, k] FP8 whose row r starts at byte r and counts up (mod 256), NaN bytes zeroed: the
+    first 16 columns of 256 rows hold every finite e4m3 value, subnormals and -0 included."""
+    codes = (torch.arange(n_rows)[:, None] + torch.arange(k)[None, :]) % 256
+    codes[(codes & 0x7F) == 0x7F] = 0
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_every_fp8_value_passes_exactly(dtype):
+    """One-hot activations pick single weights: the output is each FP8 value times its row's
+    scale (a power of two, so exact in every dtype), bit for bit."""
+    from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
+
+    w8 = _every_e4m3(256, 64).to(DEVICE)
+    scale = (2.0 ** torch.randint(-3, 4, (256, 1), generator=torch.Generator().manual_seed(0))).to(DEVICE)
+    x = torch.eye(16, 64, dtype=dtype, device=DEVICE)
+    out = skinny_fp8_linear(x, w8, scale)
+    assert torch.equal(out, (w8[:, :16].float() * scale).T.to(dtype))
+
+
+def test_bf16_conversion_bit_moves():
+    """The integer steps of kernels/fp8_skinny_gemm._E4M3_TO_BF16_PTX (prmt, shr, and, lop3 0xEA,
+    then times 2**120) replayed on 32-bit words of four e4m3 bytes give torch's bf16 of each."""
+    codes = torch.arange(256, dtype=torch.int64)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    codes = torch.cat([codes, codes[:2]])  # all 254 finite codes and two again: 64 words
+    codes = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))].view(-1, 4)
+    word = codes[:, 0] | codes[:, 1] << 8 | codes[:, 2] << 16 | codes[:, 3] << 24
+    lanes = []
+    for lo, hi in ((0, 1), (2, 3)):  # prmt 0x1404 and 0x3424: bytes lo, hi to the top of each half
+        t = ((word >> 8 * lo) & 0xFF) << 8 | ((word >> 8 * hi) & 0xFF) << 24
+        a = ((t >> 4) & 0x07F007F0) | (t & 0x80008000)
+        lanes += [a & 0xFFFF, a >> 16]
+    bits = torch.stack(lanes, dim=1).to(torch.int16)  # int64 -> int16 keeps the low 16 bits
+    converted = bits.view(torch.bfloat16).float() * 2.0**120
+    expected = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(converted, expected)

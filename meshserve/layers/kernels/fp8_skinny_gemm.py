@@ -8,6 +8,14 @@ every e4m3 value is a bf16/fp16/fp32 value) and multiplied on the tensor cores w
 accumulation. Scales are applied after the dot: per row once at the end, per block after each
 K step (BLOCK_K divides the block's bk, so a step lies in one block column).
 
+The conversion is the kernel's only per-byte arithmetic and can bound it: Triton's e4m3 -> bf16
+on sm_90 is cvt e4m3x2 -> f16x2, then one F2F f16 -> bf16 per element, and the F2F pipe does 16
+per clock per SM, about 4.2 TB/s of weights on 132 SMs at 1.98 GHz, no more than HBM gives. For
+bf16 on CUDA the kernel therefore converts with integer bit moves and one packed multiply
+(`_E4M3_TO_BF16_PTX`: 5 instructions per 2 elements on the integer and FMA pipes; F2F count 0 in
+the compiled loop). fp16 keeps Triton's conversion (one cvt per 2 elements, no F2F); Triton's
+interpreter, which cannot run PTX, uses Triton's conversion for every dtype.
+
 Tiles: one program owns BLOCK_N weight rows and one of `split_k` slices of K, reading the rows'
 contiguous K bytes in BLOCK_K-wide loads. Rows of x are padded to BLOCK_M >= 16 by masks (tl.dot's
 minimum), for M = 1 too: the padded MMA rows cost tensor-core cycles a memory-bound kernel has to
@@ -74,11 +82,42 @@ def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | N
     return SkinnyTiles(block_m, BLOCK_N, block_k, split, per_split * block_k)
 
 
+# e4m3 -> bf16, four elements per call: byte i of $2 is element i, $0 returns elements 0 and 1 as
+# bf16x2 (element 0 in the low half), $1 elements 2 and 3. A byte's sign goes to bit 15 of its
+# 16-bit lane and its 7 exponent and mantissa bits to bits 10..4: that is the bf16 whose value is
+# the e4m3 value times 2**-120, subnormals included (both formats' subnormals scale alike). One
+# exact multiply by 2**120 (bf16 0x7B80; fma adding -0 keeps the sign of zeros) gives the value;
+# bf16 fma has no flush-to-zero mode. The e4m3fn NaN pattern becomes 480: weights hold no NaN.
+_E4M3_TO_BF16_PTX = tl.constexpr("""
+{
+.reg .b32 t, a, s, two120, nz;
+mov.b32 two120, 0x7B807B80;
+mov.b32 nz, 0x80008000;
+prmt.b32 t, $2, 0, 0x1404;           // t = b1 << 24 | b0 << 8
+shr.b32 a, t, 4;                     // a = b1 << 20 | b0 << 4
+and.b32 s, t, 0x80008000;            // the two signs at bits 31 and 15
+lop3.b32 a, a, 0x07F007F0, s, 0xEA;  // (a & 0x07F007F0) | s
+fma.rn.bf16x2 $0, a, two120, nz;
+prmt.b32 t, $2, 0, 0x3424;           // t = b3 << 24 | b2 << 8
+shr.b32 a, t, 4;
+and.b32 s, t, 0x80008000;
+lop3.b32 a, a, 0x07F007F0, s, 0xEA;
+fma.rn.bf16x2 $1, a, two120, nz;
+}
+""")
+
+
+@triton.jit
+def _e4m3_to_bf16(w):
+    return tl.inline_asm_elementwise(_E4M3_TO_BF16_PTX, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
 @triton.jit
 def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
                    stride_os, BLOCK_SCALES: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BF16_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (n tile, K slice, m tile). PARTIAL: store float32 sums of this slice at
     OUT[slice]; else the finished rows (bias added, in OUT's dtype)."""
     pid_n = tl.program_id(0)
@@ -104,7 +143,10 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
         else:
             x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
             w = tl.load(w_rows + k[:, None], mask=mask_n[None, :] & (k < K)[:, None], other=0.0)
-        w = w.to(x.dtype)
+        if BF16_ASM:
+            w = _e4m3_to_bf16(w)
+        else:
+            w = w.to(x.dtype)
         if BLOCK_SCALES:
             s = tl.load(S + (offs_n // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk, mask=mask_n, other=0.0)
             acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
@@ -162,7 +204,7 @@ def skinny_fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bi
                          scale.stride(0), scale.stride(1), n, m * n, BLOCK_SCALES=block is not None, GROUP_N=group_n,
                          GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: true products
-                         EVEN_K=k % tiles.block_k == 0,
+                         EVEN_K=k % tiles.block_k == 0, BF16_ASM=x.dtype == torch.bfloat16 and x.is_cuda,
                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=4,
                          num_stages=3)
     if partial:
