@@ -63,6 +63,37 @@ def test_latent_decode_attention_at_deepseek_v3_dims(batch):
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
+def test_latent_extend_attention_at_deepseek_v3_dims():
+    """Triton extend (prefill) attention over the latent cache at the same shape: two sequences,
+    one with a cached prefix, causal, in bf16, against SDPA in float32. (At these widths the
+    kernel's default tiles need more shared memory than the GPU has; the test pins the choice.)"""
+    import torch.nn.functional as F
+
+    from meshserve.layers.attention.triton_extend import extend_attention
+
+    heads, latent, rope = 16, 512, 64
+    prefix_lens, extend_lens = [0, 300], [257, 100]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1000, 1, latent + rope, device="cuda", generator=gen).bfloat16()
+    v = k[..., :latent]
+    table = torch.stack([torch.randperm(999, device="cuda", generator=gen)[:500] + 1 for _ in range(2)])
+    seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, extend_lens)], device="cuda")
+    ext = torch.tensor(extend_lens, device="cuda")
+    q = torch.randn(sum(extend_lens), heads, latent + rope, device="cuda", generator=gen).bfloat16()
+    out = extend_attention(q, k, v, table, torch.arange(2, device="cuda"), seq_lens, ext, ext.cumsum(0) - ext,
+                           max(extend_lens), 0.05).float()
+    start = 0
+    for b, (prefix, new) in enumerate(zip(prefix_lens, extend_lens)):
+        sl = table[b, : prefix + new]
+        mask = torch.arange(prefix + new, device="cuda")[None, :] <= torch.arange(prefix, prefix + new,
+                                                                                  device="cuda")[:, None]
+        ref = F.scaled_dot_product_attention(q[start: start + new].float().transpose(0, 1),
+                                             k[sl].float().transpose(0, 1), v[sl].float().transpose(0, 1),
+                                             attn_mask=mask, scale=0.05, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(out[start: start + new], ref, rtol=2e-2, atol=2e-2)
+        start += new
+
+
 def test_deepseek_v3_on_the_triton_backend_matches_transformers(tiny_deepseek_v3_dir):
     from tests.hf_reference import hf_greedy
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion

@@ -18,6 +18,10 @@ from meshserve.layers.attention.triton_paged import attend_block, dot_precision,
 
 BLOCK_M = 64
 BLOCK_N = 64
+# Heads wider than this (MLA's 576-wide latent keys, padded to 1024) take smaller tiles and one
+# pipeline stage: a 64 x 1024 bf16 tile is 128 KiB, and 64/64 tiles with two stages need 512 KiB
+# of shared memory (an H200 has 227 KiB). 32/32 with one stage: Q 64 + K 64 + V 32 KiB.
+WIDE_HEAD = 256
 
 
 @triton.jit
@@ -81,14 +85,16 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = q.new_empty(tokens, num_heads, v_dim)
     if tokens == 0:
         return out
-    grid = (triton.cdiv(max_extend_len, BLOCK_M), rows.shape[0], num_heads)
+    block_d = triton.next_power_of_2(head_dim)
+    block_m, block_n, stages = (32, 32, 1) if block_d > WIDE_HEAD else (BLOCK_M, BLOCK_N, 2)
+    grid = (triton.cdiv(max_extend_len, block_m), rows.shape[0], num_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         table.stride(0), scale, k_scale, v_scale,
-        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype), num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype), num_warps=4, num_stages=stages,
     )
     return out
