@@ -142,6 +142,7 @@ class SchedulerStats(msgspec.Struct, tag=True, frozen=True, kw_only=True):
     ep_rank_tokens: tuple[int, ...] = ()
     eplb_rebalances: int = 0
     eplb_moved_experts: int = 0
+    idle_forwards: int = 0  # DP attention: forwards run only to join other DP groups' MLPs, since start
     dp_rank: int = 0  # the reporting DP group (--dp-size); the TokenizerManager sums them
 
 

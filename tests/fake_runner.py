@@ -45,6 +45,7 @@ class FakeRunner:
         self.device = torch.device("cpu")
         self.groups = ParallelGroups.single()
         self.dp_attention = False
+        self.idle_forwards = 0
         self.max_running_requests = max_running_requests
         self.kv_pool = KVPool(size=max_total_tokens, num_layers=1, num_kv_heads=1, head_dim=1,
                               dtype=torch.float32, device=self.device, page_size=page_size)

@@ -88,6 +88,7 @@ class ModelRunner:
         # per step on every rank, then the forward (an idle one on a DP group without work).
         self.dp_attention = groups.layout.dp_attention and groups.dp.size > 1
         self.dp_peers_busy = False  # another DP group had work in the last step
+        self.idle_forwards = 0  # forwards run with no tokens of this group's own (idle_step)
         # meshserve's all-to-all dispatcher reads its split sizes on the host: not capturable; nor
         # are DP attention's gathers, sized by each step's token counts.
         a2a = (groups.moe_a2a_backend != "none" and groups.moe_ep.size > 1) or self.dp_attention
@@ -222,6 +223,7 @@ class ModelRunner:
             with torch.inference_mode():
                 self.model.idle_forward(counts)
             self._forward_done()
+            self.idle_forwards += 1
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]

@@ -213,6 +213,7 @@ class Scheduler:
             num_waiting=len(self.waiting) + len(self.grammar.pending),
             used_tokens=self.kv.used_tokens,
             max_total_tokens=self.pool.size,
+            idle_forwards=self.runner.idle_forwards,
             **self.stats,
             **(self.pd.stats() if self.pd is not None else {}),
             **({} if experts is None else dict(

@@ -32,6 +32,11 @@ def _prompts(seed: int, count: int) -> list[list[int]]:
     return [[rng.randrange(3, 1000) for _ in range(rng.choice((2, 3, 11, 23)))] for _ in range(count)]
 
 
+def _idle_groups(node0) -> int:
+    groups = httpx.get(f"{node0.base_url}/get_load").json()["dp_groups"]
+    return sum(g["idle_forwards"] > 0 for g in groups)
+
+
 def test_deepseek_v3_dp_attention_over_two_nodes_matches_transformers(tmp_path, tiny_deepseek_v3_dir):
     prompts = _prompts(5, 8)
     reference = hf_greedy(tiny_deepseek_v3_dir, prompts, NEW_TOKENS)
@@ -41,6 +46,12 @@ def test_deepseek_v3_dp_attention_over_two_nodes_matches_transformers(tmp_path, 
     try:
         with ThreadPoolExecutor(len(prompts)) as pool:
             assert list(pool.map(lambda p: generate(node0, p, NEW_TOKENS), prompts)) == reference
+        # Groups idled in turn: several ran forwards only to join the others' MoE layers
+        # (each group reports its count once a second).
+        deadline = time.monotonic() + 10
+        while (idled := _idle_groups(node0)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert idled >= 2, httpx.get(f"{node0.base_url}/get_load").text
         # Node 1 runs global ranks 2 and 3, the leaders of DP groups 2 and 3.
         assert "scheduler link: DP group(s) 2, 3 reach node 0" in node1.log()
         assert len(node1.scheduler_pids()) == 2
