@@ -44,8 +44,11 @@ def test_per_row_scales(m, dtype, sms):
     x[:, :64] *= 30.0  # a few large activations, as real models have
     w8, scale = quantize_per_channel(torch.randn(200, 640, generator=gen).to(DEVICE) * 0.02)
     bias = torch.randn(200, generator=gen).to(dtype).to(DEVICE)
-    tiles = skinny_tiles(m, 200, 640, sms)  # 1 SM: one K slice; 64 SMs: slices of 512 and 128 columns
-    assert (tiles.split_k, tiles.k_per_split) == ((1, 768) if sms == 1 else (2, 512))
+    tiles = skinny_tiles(m, 200, 640, sms)  # 1 SM: one K slice; 64 SMs: the last slice is shorter
+    if m <= 32:  # K steps of 256: 3, in slices of 2 and 1
+        assert (tiles.block_k, tiles.split_k, tiles.k_per_split) == ((256, 1, 768) if sms == 1 else (256, 2, 512))
+    else:  # 64-row tiles, K steps of 128: 5, in slices of 2, 2 and 1
+        assert (tiles.block_k, tiles.split_k, tiles.k_per_split) == ((128, 1, 640) if sms == 1 else (128, 3, 256))
     out = skinny_fp8_linear(x, w8, scale, bias, tiles=tiles)
     _check(out, x, dequantize(w8, scale), bias)
 

@@ -19,7 +19,7 @@ interpreter, which cannot run PTX, uses Triton's conversion for every dtype.
 Tiles: one program owns BLOCK_N weight rows and one of `split_k` slices of K, reading the rows'
 contiguous K bytes in BLOCK_K-wide loads. Rows of x are padded to BLOCK_M >= 16 by masks (tl.dot's
 minimum), for M = 1 too: the padded MMA rows cost tensor-core cycles a memory-bound kernel has to
-spare, whereas a multiply-add GEMV is FMA-bound from M of about 8 (2·M flops per weight byte at
+spare, whereas a multiply-add GEMV is FMA-bound from M of about 7 (2·M flops per weight byte at
 4.8 TB/s is 67 TFLOP/s at M = 7, the H200's float32 FMA peak), so one tile shape serves every M.
 With split_k > 1 the slices write float32 partial sums and a second kernel adds them in a fixed
 order (deterministic, unlike atomics) with the bias; with split_k = 1 the first kernel finishes.
@@ -37,10 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes of the per-row-scale kernel (to be tuned on the GPU). BLOCK_K = 256 FP8 bytes is
-# two 128-byte lines of a weight row per step.
+# Tile sizes (to be tuned on the GPU). BLOCK_K = 256 FP8 bytes is two 128-byte lines of a weight
+# row per step. Built for sm_90 on the CPU at BLOCK_M = 16: 94 registers, 48 KB of shared memory
+# (3 stages; 4 programs fit an SM), 614 instructions per warp and K step (4 KB of weights), mma.sync.
+# BLOCK_M = 64 takes wgmma and half the K step (BLOCK_K_WIDE_M), else 160 KB of shared memory
+# would leave one program per SM.
 BLOCK_N = 64
 BLOCK_K = 256
+BLOCK_K_WIDE_M = 128
 # Programs per SM the split of K aims for: enough resident programs to keep many weight loads
 # in flight (the grid of a 4096-row weight is only 64 tiles of BLOCK_N rows for 132 SMs).
 PROGRAMS_PER_SM = 2
@@ -69,7 +73,8 @@ def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | N
     is the block's bk: each K step must lie within one block column."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     # With blocks: the largest power of two dividing bk (tl.arange sizes are powers of two).
-    block_k = BLOCK_K if block_k_divides is None else min(BLOCK_K, block_k_divides & -block_k_divides)
+    widest = BLOCK_K if block_m < 64 else BLOCK_K_WIDE_M
+    block_k = widest if block_k_divides is None else min(widest, block_k_divides & -block_k_divides)
     if block_k < 16:
         raise ValueError(f"FP8 block width {block_k_divides}: no K step of at least 16 (tl.dot's) lies in one block")
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N)
