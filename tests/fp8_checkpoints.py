@@ -20,7 +20,10 @@ from safetensors.torch import save_file
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linear layers an FP8 checkpoint quantizes: attention (DeepSeek's MLA projections too), MLPs,
+# shared experts and routed experts (Mixtral's w1/w3/w2); routers (`mlp.gate`) stay high precision.
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj",
+           "kv_a_proj_with_mqa", "kv_b_proj", "w1", "w3", "w2")
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def with_kv_scales(src: Path, dst: Path, scales: dict[int, tuple[float, float]])
 
 def online_dequantized(src: Path, dst: Path, tp: int) -> Path:
     """What `--quantization fp8 --tp <tp>` computes with, as a plain checkpoint: each rank
-    quantizes its own shard per output row, so the row-parallel projections (o_proj, down_proj:
+    quantizes its own shard per output row, so the row-parallel projections (o_proj, down_proj, experts' w2:
     input columns split over ranks) get one scale per (row, rank's column range)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     channel = Layout("per-channel", "channel", {})
@@ -177,7 +180,7 @@ def online_dequantized(src: Path, dst: Path, tp: int) -> Path:
                 if not name.endswith(".weight") or projection not in LINEARS:
                     tensors[name] = tensor
                     continue
-                parts = tensor.chunk(tp, dim=1) if projection in ("o_proj", "down_proj") else [tensor]
+                parts = tensor.chunk(tp, dim=1) if projection in ("o_proj", "down_proj", "w2") else [tensor]
                 tensors[name] = torch.cat([_quantize(part, channel)[2] for part in parts], dim=1)
     save_file(tensors, str(dst / "model.safetensors"))
     return dst

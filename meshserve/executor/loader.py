@@ -79,7 +79,7 @@ def load_model(model_config: ModelConfig, *, device: torch.device, groups: Paral
     else:
         _load_checkpoint(model, model_config, device)
     for module in model.modules():
-        if isinstance(module, ParallelLinear):
+        if isinstance(module, (ParallelLinear, FusedExperts)):
             module.finish_loading()
     if quant is not None and quant.online and device.type == "cuda":
         torch.cuda.empty_cache()  # the high-precision weights just replaced: the KV cache sizing sees free memory
@@ -99,7 +99,7 @@ def _fill_dummy(model: nn.Module) -> None:
         if param.dtype == FP8:
             values = torch.empty(param.shape, device=param.device, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
             param.data.copy_(values.to(FP8))
-        elif name.endswith("weight_scale"):
+        elif name.endswith(("weight_scale", "w13_scale", "w2_scale")):  # linear layers', experts' scales
             param.data.fill_(1e-3)
         elif name.endswith("input_scale"):
             param.data.fill_(1.0)
@@ -155,8 +155,12 @@ def _log_fp8(model: nn.Module, quant: Fp8Scheme, dtype: torch.dtype) -> None:
     linears = [m for m in model.modules() if isinstance(m, ParallelLinear)]
     paths = Counter(m.gemm_path for m in linears if m.fp8 is not None)
     kept = sum(m.fp8 is None for m in linears)
-    logger.info("FP8: %s; %s; %d linear layers kept in high precision", quant.describe(),
-                ", ".join(f"{n} layers on the {path} GEMM path" for path, n in sorted(paths.items())), kept)
+    experts = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    fp8_experts = sum(m.w13_scale is not None for m in experts)
+    logger.info("FP8: %s; %s; %d linear layers kept in high precision%s", quant.describe(),
+                ", ".join(f"{n} layers on the {path} GEMM path" for path, n in sorted(paths.items())), kept,
+                f"; {fp8_experts} of {len(experts)} MoE expert layers FP8 (W8A16: activations stay {dtype})"
+                if experts else "")
     if "dequant" in paths and any(p.device.type == "cuda" for p in model.parameters()):
         logger.warning("FP8 on CUDA through dequantize + %s GEMM: correct but slow (a GPU without FP8 tensor "
                        "cores, per-channel scales in a model that is not bfloat16, or block-wise layers whose "

@@ -41,8 +41,9 @@ SKINNY_MAX_M = 16
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (w8, scale [out, 1] float32) with |w8| <= FP8_MAX in each row."""
-    scale = (w.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+    """w [..., out, in] -> (w8, scale [..., out, 1] float32) with |w8| <= FP8_MAX in each row
+    (a stack of matrices, e.g. MoE experts [E, out, in], gets one scale per row of each)."""
+    scale = (w.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from meshserve.cluster.comm import SINGLE, RankGroup
 from meshserve.cluster.layout import KVHeadShare
 from meshserve.config.quantization import Fp8Scheme
-from meshserve.layers.fp8 import FP8, fp8_linear, gemm_path, quantize_per_channel
+from meshserve.layers.fp8 import FP8, dequantize, fp8_linear, gemm_path, quantize_per_channel
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,20 @@ class ParallelLinear(nn.Module):
     ([out_local, 1], per-tensor checkpoint scales widened to their rows) or one per block;
     `input_scale` (a static activation scale) when the checkpoint has one. With online
     quantization (`--quantization fp8`) the weight loads in high precision and
-    `finish_loading` quantizes it per row."""
+    `finish_loading` quantizes it per row.
+
+    `dequantize_at_load`: a layer whose weight the model reads directly instead of calling the
+    layer (MLA's kv_b_proj, used in absorbed form) loads FP8 and its scales like any other
+    (the scales sharded with the weight), and `finish_loading` replaces them with the
+    dequantized weight in the model's dtype; under online quantization it is never quantized."""
 
     def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, tp: RankGroup,
-                 fp8: Fp8Scheme | None) -> None:
+                 fp8: Fp8Scheme | None, dequantize_at_load: bool = False) -> None:
         super().__init__()
         self.tp = tp
         self.fp8 = fp8
+        self.dtype = dtype
+        self.dequantize_at_load = dequantize_at_load
         stored = FP8 if fp8 is not None and not fp8.online else dtype
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=stored), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False) if bias else None
@@ -107,8 +114,17 @@ class ParallelLinear(nn.Module):
         _copy(scale.narrow(cut.dim, first, count), loaded.narrow(cut.dim, src_first, count), f"{what} block scales")
 
     def finish_loading(self) -> None:
-        """After every checkpoint tensor is in: quantize an online-FP8 weight per output row."""
-        if self.fp8 is None or not self.fp8.online:
+        """After every checkpoint tensor is in: quantize an online-FP8 weight per output row, or
+        dequantize a `dequantize_at_load` layer's FP8 weight."""
+        if self.fp8 is None:
+            return
+        if self.dequantize_at_load:
+            if not self.fp8.online:
+                real = dequantize(self.weight.data, self.weight_scale.data, self.block).to(self.dtype)
+                self.weight = nn.Parameter(real, requires_grad=False)
+            self.fp8 = self.block = self.weight_scale = self.input_scale = self.gemm_path = None
+            return
+        if not self.fp8.online:
             return
         w8, scale = quantize_per_channel(self.weight.data)
         self.weight = nn.Parameter(w8, requires_grad=False)
@@ -132,9 +148,9 @@ class ColumnParallelLinear(ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
                  dtype: torch.dtype = torch.float32, tp: RankGroup = SINGLE,
-                 fp8: Fp8Scheme | None = None) -> None:
+                 fp8: Fp8Scheme | None = None, dequantize_at_load: bool = False) -> None:
         self.out_start, out_local = tp.shard(out_features)
-        super().__init__(in_features, out_local, bias, dtype, tp, fp8)
+        super().__init__(in_features, out_local, bias, dtype, tp, fp8, dequantize_at_load)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         length = self.weight.shape[0]
@@ -209,15 +225,16 @@ class RowParallelLinear(ParallelLinear):
         return out if self.bias is None else out + self.bias
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(ParallelLinear):
     """A projection every rank holds whole and computes alike (MLA's down-projections): no
-    communication; the checkpoint tensor loads as it is."""
+    communication; the checkpoint tensor (and its FP8 scales) loads as it is."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+                 dtype: torch.dtype = torch.float32, fp8: Fp8Scheme | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype, SINGLE, fp8)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        self._load(param, loaded, _Cut(0, 0, 0, self.weight.shape[0]), "replicated weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)

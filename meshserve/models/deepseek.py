@@ -41,12 +41,12 @@ from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.quantization import Fp8Scheme
 from meshserve.executor.forward_batch import ForwardBatch
 from meshserve.layers.attention.layer import AttentionLayer
-from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from meshserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, layer_fp8
 from meshserve.layers.moe.layer import SparseMoeBlock
 from meshserve.layers.moe.router import Routing
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding, rope_parameters
-from meshserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from meshserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, mlp_prefix
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -70,8 +70,6 @@ class DeepseekMLA(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
                  dtype: torch.dtype, tp: RankGroup, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
-        if quant is not None:
-            raise ValueError("FP8 weights in DeepSeek's latent attention are not supported yet")
         if config.num_attention_heads % tp.size:
             raise ValueError(f"{config.num_attention_heads} attention heads do not divide over "
                              f"tensor-parallel size {tp.size}")
@@ -80,19 +78,32 @@ class DeepseekMLA(nn.Module):
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         heads, bias = config.num_attention_heads, bool(getattr(config, "attention_bias", False))
+        prefix = f"model.layers.{layer_id}.self_attn"  # checkpoint module names, which FP8 skip lists name
+
+        def fp8(name: str) -> Fp8Scheme | None:
+            return layer_fp8(quant, [f"{prefix}.{name}"])
+
         self.q_lora_rank = getattr(config, "q_lora_rank", None)
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(config.hidden_size, heads * qk_dim, dtype=dtype, tp=tp)
+            self.q_proj = ColumnParallelLinear(config.hidden_size, heads * qk_dim, dtype=dtype, tp=tp,
+                                               fp8=fp8("q_proj"))
         else:
-            self.q_a_proj = ReplicatedLinear(config.hidden_size, self.q_lora_rank, bias=bias, dtype=dtype)
+            self.q_a_proj = ReplicatedLinear(config.hidden_size, self.q_lora_rank, bias=bias, dtype=dtype,
+                                             fp8=fp8("q_a_proj"))
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps, dtype=dtype)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, dtype=dtype, tp=tp)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, dtype=dtype, tp=tp,
+                                                 fp8=fp8("q_b_proj"))
         self.kv_a_proj_with_mqa = ReplicatedLinear(config.hidden_size, self.latent_dim + self.rope_dim, bias=bias,
-                                                   dtype=dtype)
+                                                   dtype=dtype, fp8=fp8("kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps, dtype=dtype)
         # Per head, rows [W_UK (qk_nope_head_dim) | W_UV (v_head_dim)] over kv_lora_rank columns.
-        self.kv_b_proj = ColumnParallelLinear(self.latent_dim, heads * (self.nope_dim + self.v_dim), dtype=dtype, tp=tp)
-        self.o_proj = RowParallelLinear(heads * self.v_dim, config.hidden_size, bias=bias, dtype=dtype, tp=tp)
+        # Read as a weight (absorbed form, forward), never called: an FP8 checkpoint's kv_b_proj
+        # loads FP8 with its block scales cut per rank like any column-parallel layer, and is
+        # dequantized to the model's dtype once loaded (dequantize_at_load).
+        self.kv_b_proj = ColumnParallelLinear(self.latent_dim, heads * (self.nope_dim + self.v_dim), dtype=dtype, tp=tp,
+                                              fp8=fp8("kv_b_proj"), dequantize_at_load=True)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, config.hidden_size, bias=bias, dtype=dtype, tp=tp,
+                                        fp8=fp8("o_proj"))
         self.rotary = rotary
         self.interleaved = bool(getattr(config, "rope_interleave", True))
         self.attn = AttentionLayer(layer_id, self.num_heads, 1, self.latent_dim + self.rope_dim,
@@ -142,15 +153,18 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
     attention_cls = DeepseekMLA
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
+                 quant: Fp8Scheme | None) -> nn.Module:
         if getattr(config, "moe_layer_freq", 1) != 1:
             raise ValueError(f"moe_layer_freq {config.moe_layer_freq} is not supported (1)")
+        prefix = mlp_prefix(layer_id)
         if layer_id < (config.first_k_dense_replace or 0):
-            return LlamaMLP(config, dtype, groups.tp)
-        shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.moe_intermediate_size * config.n_shared_experts) \
-            if config.n_shared_experts else None
+            return LlamaMLP(config, dtype, groups.tp, quant=quant, prefix=prefix)
+        shared_size = config.moe_intermediate_size * config.n_shared_experts
+        shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=shared_size, quant=quant,
+                          prefix=f"{prefix}.shared_experts") if config.n_shared_experts else None
         return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, deepseek_routing(config),
-                              dtype=dtype, groups=groups, shared=shared)
+                              dtype=dtype, groups=groups, shared=shared, quant=quant, prefix=prefix)
 
 
 class DeepseekForCausalLM(LlamaForCausalLM):

@@ -21,7 +21,7 @@ from meshserve.layers.attention.layer import AttentionLayer
 from meshserve.layers.dp_attention import mlp_over_dp_groups
 from meshserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from meshserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, layer_fp8
-from meshserve.layers.moe.experts import expert_checkpoint_target
+from meshserve.layers.moe.experts import expert_checkpoint_target, unused_expert_tensor
 from meshserve.layers.norm import RMSNorm
 from meshserve.layers.rotary import RotaryEmbedding
 
@@ -44,6 +44,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+def mlp_prefix(layer_id: int) -> str:
+    """The checkpoint module name of a layer's MLP, which FP8 skip lists name."""
+    return f"model.layers.{layer_id}.mlp"
 
 
 class LlamaAttention(nn.Module):
@@ -91,8 +96,7 @@ class LlamaDecoderLayer(nn.Module):
                  dtype: torch.dtype, groups: ParallelGroups, quant: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary, dtype, groups.attn_tp, quant)
-        self.mlp = self.make_mlp(config, layer_id, dtype, groups) if quant is None \
-            else self.make_fp8_mlp(config, layer_id, dtype, groups, quant)
+        self.mlp = self.make_mlp(config, layer_id, dtype, groups, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         # DP attention: the MLP runs over the tokens of every DP group (layers/dp_attention.py).
@@ -106,17 +110,11 @@ class LlamaDecoderLayer(nn.Module):
         return mlp_over_dp_groups(self.mlp, hidden, dp_counts, self.dp)
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
+                 quant: Fp8Scheme | None) -> nn.Module:
         """The layer's MLP: dense here (over groups.tp); MoE models choose per layer (mixtral.py,
-        qwen_moe.py, deepseek.py)."""
-        return LlamaMLP(config, dtype, groups.tp)
-
-    def make_fp8_mlp(self, config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
-                     quant: Fp8Scheme) -> nn.Module:
-        """The layer's MLP with FP8 weights: dense models only (FP8 MoE experts are not built)."""
-        if type(self).make_mlp is not LlamaDecoderLayer.make_mlp:
-            raise ValueError(f"FP8 weights in {type(self).__name__}'s MoE layers are not supported yet")
-        return LlamaMLP(config, dtype, groups.tp, quant=quant, prefix=f"model.layers.{layer_id}.mlp")
+        qwen_moe.py, deepseek.py). `quant`: FP8 weights (None: high precision)."""
+        return LlamaMLP(config, dtype, groups.tp, quant=quant, prefix=mlp_prefix(layer_id))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
         expert = expert_checkpoint_target(name)
         if expert is not None:
             return expert
-        if "rotary_emb.inv_freq" in name:
+        if "rotary_emb.inv_freq" in name or unused_expert_tensor(name):
             return None
         if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
             return None  # tied: the embedding weight is loaded once

@@ -10,9 +10,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from meshserve.cluster.groups import ParallelGroups
+from meshserve.config.quantization import Fp8Scheme
 from meshserve.layers.moe.layer import SparseMoeBlock
 from meshserve.layers.moe.router import Routing
-from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from meshserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, mlp_prefix
 from meshserve.models.qwen3 import Qwen3Attention
 
 
@@ -27,17 +28,18 @@ def _refuse_sliding_window(config: PretrainedConfig) -> None:
 
 
 def _moe_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
-             shared_expert: bool) -> nn.Module:
+             quant: Fp8Scheme | None, shared_expert: bool) -> nn.Module:
+    prefix = mlp_prefix(layer_id)
     if not is_sparse_layer(config, layer_id):
-        return LlamaMLP(config, dtype, groups.tp)
+        return LlamaMLP(config, dtype, groups.tp, quant=quant, prefix=prefix)
     if config.hidden_act != "silu":
         raise ValueError(f"activation {config.hidden_act!r} is not supported (only silu)")
     routing = Routing(num_experts=config.num_experts, top_k=config.num_experts_per_tok,
                       renormalize=bool(config.norm_topk_prob))
-    shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.shared_expert_intermediate_size) \
-        if shared_expert else None
+    shared = LlamaMLP(config, dtype, groups.tp, intermediate_size=config.shared_expert_intermediate_size,
+                      quant=quant, prefix=f"{prefix}.shared_expert") if shared_expert else None
     return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, routing, dtype=dtype, groups=groups,
-                          shared=shared, shared_gate=shared_expert)
+                          shared=shared, shared_gate=shared_expert, quant=quant, prefix=prefix)
 
 
 class Qwen2MoeAttention(LlamaAttention):
@@ -54,9 +56,10 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen2MoeAttention
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
+                 quant: Fp8Scheme | None) -> nn.Module:
         _refuse_sliding_window(config)
-        return _moe_mlp(config, layer_id, dtype, groups, shared_expert=True)
+        return _moe_mlp(config, layer_id, dtype, groups, quant, shared_expert=True)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
@@ -68,9 +71,10 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen3Attention
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups) -> nn.Module:
+    def make_mlp(config: PretrainedConfig, layer_id: int, dtype: torch.dtype, groups: ParallelGroups,
+                 quant: Fp8Scheme | None) -> nn.Module:
         _refuse_sliding_window(config)
-        return _moe_mlp(config, layer_id, dtype, groups, shared_expert=False)
+        return _moe_mlp(config, layer_id, dtype, groups, quant, shared_expert=False)
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

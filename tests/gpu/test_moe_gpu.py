@@ -139,3 +139,33 @@ def test_eplb_over_two_gpus_matches_transformers(tiny_qwen3_moe_dir, tmp_path, d
     flags = ("--ep", "2", "--moe-a2a-backend", dispatch, "--cuda-graph-max-bs", "8", *EPLB)
     assert tp_generate(tiny_qwen3_moe_dir, 2, prompts, 16, tmp_path, flags, device_type="cuda") \
         == hf_greedy(tiny_qwen3_moe_dir, prompts, 16)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 256])
+@pytest.mark.parametrize("block", [(128, 128), None], ids=["block-128", "per-channel"])
+def test_fp8_fused_experts_at_qwen3_30b_a3b_fp8_shape(tokens, block):
+    """The W8A16 expert kernel (FP8 weights, bf16 activations) at Qwen3-30B-A3B-FP8's layer shape
+    against the reference on the dequantized experts in float32."""
+    from meshserve.layers.fp8 import fp8_supported, quantize_blockwise, quantize_per_channel
+    from meshserve.layers.moe.experts import ExpertScales, experts_reference
+    from meshserve.layers.moe.grouped_gemm import fused_experts
+
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("FP8 experts need compute capability >= 8.9")
+    experts, top_k, hidden, inter = 128, 8, 2048, 768
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
+    quantized = []
+    for shape in ((experts, 2 * inter, hidden), (experts, hidden, inter)):
+        w = torch.randn(*shape, device="cuda", generator=gen) * 0.02
+        if block is None:
+            quantized.append(quantize_per_channel(w))
+        else:
+            parts = [quantize_blockwise(w[e], block) for e in range(experts)]
+            quantized.append((torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])))
+    (w13, s13), (w2, s2) = quantized
+    scales = ExpertScales(s13, s2, block)
+    weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, dim=-1)
+    expected = experts_reference(x.float(), w13, w2, weights, ids, scales)
+    got = fused_experts(x, w13, w2, weights, ids, scales).float()
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()

@@ -40,3 +40,34 @@ def test_fused_experts_match_reference(tokens, experts, top_k, hidden, inter):
     expected = experts_reference(x, w13, w2, weights, ids)
     got = fused_experts(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)))
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), None], ids=["block-16", "block-32x64", "per-channel"])
+def test_fp8_fused_experts_match_the_dequantized_reference(block):
+    """The W8A16 variant: FP8 weight tiles with their block (or per-row) scales applied per K
+    tile, against the reference that dequantizes each expert."""
+    from meshserve.layers.fp8 import quantize_blockwise, quantize_per_channel
+    from meshserve.layers.moe.experts import ExpertScales, experts_reference
+    from meshserve.layers.moe.grouped_gemm import fused_experts
+
+    tokens, experts, top_k, hidden, inter = 19, 4, 2, 128, 64
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=gen)
+    quantized = []
+    for shape in ((experts, 2 * inter, hidden), (experts, hidden, inter)):
+        w = torch.randn(*shape, generator=gen) * torch.linspace(0.05, 2.0, shape[2])  # columns of different range
+        if block is None:
+            quantized.append(quantize_per_channel(w))
+        else:
+            parts = [quantize_blockwise(w[e], block) for e in range(experts)]
+            quantized.append((torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])))
+    (w13, s13), (w2, s2) = quantized
+    scales = ExpertScales(s13, s2, block)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[3, 1] = -1  # a pair held by another expert-parallel rank
+    weights = torch.rand(tokens, top_k, generator=gen)
+    expected = experts_reference(x, w13, w2, weights, ids, scales)
+    on = [t.to(DEVICE) for t in (x, w13, w2, weights, ids, s13, s2)]
+    got = fused_experts(*on[:5], ExpertScales(on[5], on[6], block))
+    # The kernel scales each K tile's float32 product, the reference the weights: rounding only.
+    torch.testing.assert_close(got.cpu(), expected, rtol=5e-4, atol=1e-3)

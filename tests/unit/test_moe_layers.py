@@ -13,7 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from meshserve.layers.moe.experts import FusedExperts, expert_checkpoint_target
+from meshserve.layers.moe.experts import FusedExperts, expert_checkpoint_target, unused_expert_tensor
 from meshserve.layers.moe.router import Routing, TopKRouter
 
 HIDDEN, EXPERTS, TOKENS = 32, 16, 40
@@ -108,3 +108,59 @@ def test_a_missing_expert_projection_is_named():
                 param.weight_loader(param, torch.zeros(shape), shard, e)
     with pytest.raises(ValueError, match=r"lacks projections of experts \[2\]"):
         experts.check_loaded()
+
+
+@pytest.mark.parametrize("layout", ["tensor", "block"])
+def test_fp8_experts_load_scales_per_expert_and_match_dequantized_transformers(layout):
+    """FP8 experts from per-expert checkpoint tensors (`weight` + `weight_scale`, a scalar per
+    projection or one per 8x8 block) compute transformers' experts on the dequantized weights."""
+    from meshserve.config.quantization import resolve_quantization
+    from meshserve.layers.fp8 import dequantize, quantize_blockwise
+
+    block = [8, 8] if layout == "block" else None
+    scheme = resolve_quantization({"quant_method": "fp8", "weight_block_size": block} if block
+                                  else {"quant_method": "fp8"}, None)
+    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=24, num_local_experts=EXPERTS)
+    hf = MixtralExperts(config)
+    ours = FusedExperts(EXPERTS, HIDDEN, 24, dtype=torch.float32, fp8=scheme)
+    gen = torch.Generator().manual_seed(4)
+    real: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
+    for e in range(EXPERTS):
+        parts = []
+        for proj, shape in (("gate_proj", (24, HIDDEN)), ("up_proj", (24, HIDDEN)), ("down_proj", (HIDDEN, 24))):
+            w = torch.randn(shape, generator=gen) * (0.3 + e / 8)  # experts of different ranges (large outputs)
+            if block:
+                w8, scale = quantize_blockwise(w, (8, 8))
+                parts.append(dequantize(w8, scale, (8, 8)))
+            else:
+                scale = w.abs().max().reshape(1) / 448.0
+                w8 = (w / scale).to(torch.float8_e4m3fn)
+                parts.append(w8.float() * scale)
+            for tensor_name, tensor in (("weight", w8), ("weight_scale", scale)):
+                name, shard, expert = expert_checkpoint_target(f"layers.0.mlp.experts.{e}.{proj}.{tensor_name}")
+                param = getattr(ours, name.rsplit(".", 1)[1])
+                param.weight_loader(param, tensor.to(param.dtype), shard, expert)
+        real["gate_up"].append(torch.cat(parts[:2]))
+        real["down"].append(parts[2])
+    ours.check_loaded()
+    assert ours.w13.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        hf.gate_up_proj.copy_(torch.stack(real["gate_up"]))
+        hf.down_proj.copy_(torch.stack(real["down"]))
+        x = torch.randn(TOKENS, HIDDEN, generator=gen)
+        ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:3] for _ in range(TOKENS)])
+        weights = torch.rand(TOKENS, 3, generator=gen)
+        # float32 summation order differs and the outputs are large here: a relative tolerance
+        torch.testing.assert_close(ours(x, weights, ids), hf(x, ids, weights), rtol=1e-4, atol=1e-5)
+    name = "layers.0.mlp.experts.3.up_proj.input_scale"  # W8A16 experts do not quantize activations
+    assert expert_checkpoint_target(name) is None and unused_expert_tensor(name)
+
+
+def test_fp8_expert_blocks_that_do_not_cut_the_intermediate_size_are_refused_with_the_sizes():
+    from meshserve.config.quantization import resolve_quantization
+
+    scheme = resolve_quantization({"quant_method": "fp8", "weight_block_size": [16, 16]}, None)
+    with pytest.raises(ValueError, match=r"blocks of 16x16 do not cut the experts' intermediate size 24 .*24 per rank"):
+        FusedExperts(4, HIDDEN, 24, dtype=torch.float32, fp8=scheme)
+    with pytest.raises(ValueError, match="lacks projections or their FP8 scales of experts"):
+        FusedExperts(4, HIDDEN, 32, dtype=torch.float32, fp8=scheme).check_loaded()

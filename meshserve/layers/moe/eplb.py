@@ -144,13 +144,13 @@ def move_experts(experts: FusedExperts, old: list[int], new: list[int], ep: Rank
     recvs = [[p - first for p, q in plan if p // per_rank == me and q // per_rank == src] for src in range(ep.size)]
     send_rows = torch.tensor([q for rows in sends for q in rows], dtype=torch.int64, device=experts.w13.device)
     recv_rows = torch.tensor([p for rows in recvs for p in rows], dtype=torch.int64, device=experts.w13.device)
-    for param in (experts.w13, experts.w2):
-        outgoing = param.data.index_select(0, send_rows)  # a copy: read before any slot is overwritten
+    for data in experts.slot_tensors():  # weights, and FP8 experts' scales
+        outgoing = data.index_select(0, send_rows)  # a copy: read before any slot is overwritten
         if ep.size == 1:
             incoming = outgoing
         else:
-            incoming = outgoing.new_empty((len(recv_rows), *param.shape[1:]))
+            incoming = outgoing.new_empty((len(recv_rows), *data.shape[1:]))
             dist.all_to_all_single(incoming, outgoing, [len(r) for r in recvs], [len(s) for s in sends],
                                    group=ep.group)
-        param.data.index_copy_(0, recv_rows, incoming)
+        data.index_copy_(0, recv_rows, incoming)
     return len(plan)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from meshserve.cluster.groups import ParallelGroups
+from meshserve.config.quantization import Fp8Scheme
+from meshserve.layers.linear import layer_fp8
 from meshserve.layers.moe.dispatch import make_dispatch
 from meshserve.layers.moe.experts import FusedExperts
 from meshserve.layers.moe.placement import ExpertPlacement
@@ -16,14 +18,18 @@ from meshserve.layers.moe.router import Routing, TopKRouter
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, routing: Routing, *, dtype: torch.dtype,
-                 groups: ParallelGroups, shared: nn.Module | None = None, shared_gate: bool = False) -> None:
+                 groups: ParallelGroups, shared: nn.Module | None = None, shared_gate: bool = False,
+                 quant: Fp8Scheme | None = None, prefix: str = "") -> None:
         """`shared`: the shared experts as a dense (tensor-parallel, self-reducing) MLP; with
-        `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE)."""
+        `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE).
+        `quant`: FP8 routed experts unless the scheme keeps `<prefix>.experts` (the checkpoint
+        module name) in high precision; the router gate always stays in the model's dtype."""
         super().__init__()
         self.gate = TopKRouter(hidden_size, routing, dtype=dtype)
         self.placement = ExpertPlacement(routing.num_experts, groups.ep_num_redundant_experts, groups.moe_ep)
         self.experts = FusedExperts(routing.num_experts, hidden_size, intermediate_size, dtype=dtype,
-                                    tp=groups.moe_tp, local_experts=self.placement.local_experts)
+                                    tp=groups.moe_tp, local_experts=self.placement.local_experts,
+                                    fp8=layer_fp8(quant, [f"{prefix}.experts"]))
         self.dispatch = make_dispatch(groups.moe_a2a_backend, tp=groups.tp, moe_ep=groups.moe_ep,
                                       moe_tp=groups.moe_tp)
         self.shared = shared
