@@ -2,7 +2,8 @@
 projections, shared experts, dense first layer and per-expert `weight_scale_inv`) and Qwen's
 (Qwen3-MoE), made from tiny random models (tests/fp8_checkpoints.py), give the greedy output of
 transformers on the same models with the FP8 weights dequantized: at tp=1 and over 2 gloo ranks
-with expert parallelism (block scales cut with the attention shards, experts split by rank).
+with expert parallelism and redundant experts (block scales cut with the attention shards,
+experts split by rank).
 `--quantization fp8` on a plain Mixtral quantizes its experts per row at load."""
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ def test_deepseek_v3_block_fp8_checkpoint(deepseek_v3_fp8, prompts):
 
 
 def test_deepseek_v3_block_fp8_with_expert_parallelism(deepseek_v3_fp8, prompts, tmp_path):
+    """--tp 2 --ep 2 with 2 redundant experts: MLA's block scales cut per attention head shard,
+    each rank's experts (and the redundant copies) with their own scales."""
     fp8_dir, reference = deepseek_v3_fp8
-    assert tp_generate(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path, ("--ep", "2")) == reference
+    flags = ("--ep", "2", "--ep-num-redundant-experts", "2")
+    assert tp_generate(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path, flags) == reference
 
 
 def test_qwen3_moe_block_fp8_checkpoint(request, prompts, tmp_path_factory):
