@@ -2,8 +2,8 @@
 projections, shared experts, dense first layer and per-expert `weight_scale_inv`) and Qwen's
 (Qwen3-MoE), made from tiny random models (tests/fp8_checkpoints.py), give the greedy output of
 transformers on the same models with the FP8 weights dequantized: at tp=1 and over 2 gloo ranks
-with expert parallelism and redundant experts (block scales cut with the attention shards,
-experts split by rank).
+with expert parallelism, redundant experts and EPLB rebalances (block scales cut with the
+attention shards, experts and their scales split by rank and moved between ranks).
 `--quantization fp8` on a plain Mixtral quantizes its experts per row at load."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from tests.fp8_checkpoints import LAYOUTS, make_fp8_checkpoint, online_dequantized
 from tests.hf_reference import hf_greedy
 from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
-from tests.tp_worker import tp_generate
+from tests.tp_worker import tp_generate_with_stats
 
 NEW_TOKENS = 10
 
@@ -54,11 +54,15 @@ def test_deepseek_v3_block_fp8_checkpoint(deepseek_v3_fp8, prompts):
 
 
 def test_deepseek_v3_block_fp8_with_expert_parallelism(deepseek_v3_fp8, prompts, tmp_path):
-    """--tp 2 --ep 2 with 2 redundant experts: MLA's block scales cut per attention head shard,
-    each rank's experts (and the redundant copies) with their own scales."""
+    """--tp 2 --ep 2 with 2 redundant experts and EPLB every 3 steps: MLA's block scales cut per
+    attention head shard, each rank's experts with their own scales, and rebalances that move
+    FP8 experts between ranks with their scales."""
     fp8_dir, reference = deepseek_v3_fp8
-    flags = ("--ep", "2", "--ep-num-redundant-experts", "2")
-    assert tp_generate(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path, flags) == reference
+    flags = ("--chunked-prefill-size", "8", "--ep", "2", "--ep-num-redundant-experts", "2", "--enable-eplb",
+             "--eplb-rebalance-num-iterations", "3")
+    outputs, stats = tp_generate_with_stats(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path, flags)
+    assert outputs == reference
+    assert stats["eplb_rebalances"] >= 3 and stats["eplb_moved_experts"] > 0
 
 
 def test_qwen3_moe_block_fp8_checkpoint(request, prompts, tmp_path_factory):
