@@ -9,8 +9,10 @@ default `max_num_imprecise_acc` on sm_90 is 2**30: no promotion to float32 insid
 14 bits are kept, DeepSeek-V3 report section 3.3.2) before the kernel adds the block to its float32
 accumulator. Its error is bounded relative to the sum of the absolute products, not to the
 output: the H200 showed up to 0.63 on outputs whose absolute-product sums are >= 2440 (2**-12),
-against the test's former 1e-3. M = 1 (BLOCK_M = 16, below wgmma's 64 rows) runs on mma.sync
-and met 1e-3 there."""
+against the test's former 1e-3. M = 1 (BLOCK_M = 16, below wgmma's 64 rows) met 1e-3: there
+Triton upcasts the FP8 tiles to f16 for mma.sync, which sums in float32. (Both seen in the
+kernel compiled for sm_90 on a CPU: wgmma.m64n128k32.f32.e4m3.e4m3 with maxNumImpreciseAcc
+2**30 at BLOCK_M = 64, mma.sync.m16n8k16.f32.f16.f16.f32 at 16.)"""
 
 from __future__ import annotations
 
