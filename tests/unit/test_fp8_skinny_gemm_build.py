@@ -1,0 +1,34 @@
+"""The skinny FP8 kernel compiled for sm_90 (H100/H200) on this machine, no GPU needed: every
+decode configuration builds (the inline PTX assembles), the bf16 loop converts FP8 without the
+F2F instructions that would bound it (kernels/fp8_skinny_gemm.py), 16-row tiles use mma.sync and
+64-row tiles wgmma, and each leaves room for at least two programs per SM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (_BIN / "ptxas").exists() or not (_BIN / "cuobjdump").exists(),
+                                reason="Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+_SM90_SHARED_BYTES = 227 * 1024  # the most one program may use on sm_90
+
+
+def test_decode_configurations_build_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "tests.sm90_build"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(built) == {"bf16_rows_16", "bf16_blocks_16_split", "bf16_rows_64", "fp16_rows_16"}
+    for name, code in built.items():
+        assert code["f2f"] == 0, (name, code)
+        assert 2 * code["shared"] <= _SM90_SHARED_BYTES, (name, code)
+        assert code["mma"] == ("wgmma" if "_64" in name else "mma.sync"), (name, code)
