@@ -65,9 +65,22 @@ def test_deepseek_v3_block_fp8_with_expert_parallelism(deepseek_v3_fp8, prompts,
     assert stats["eplb_rebalances"] >= 3 and stats["eplb_moved_experts"] > 0
 
 
-def test_qwen3_moe_block_fp8_checkpoint(request, prompts, tmp_path_factory):
-    fp8_dir, reference = _fp8_model(request, "qwen3_moe", tmp_path_factory)
+@pytest.fixture(scope="module")
+def qwen3_moe_fp8(request, tmp_path_factory):
+    return _fp8_model(request, "qwen3_moe", tmp_path_factory)
+
+
+def test_qwen3_moe_block_fp8_checkpoint(qwen3_moe_fp8, prompts):
+    fp8_dir, reference = qwen3_moe_fp8
     assert _generate(fp8_dir, prompts, "--chunked-prefill-size", "7") == reference
+
+
+def test_qwen3_moe_block_fp8_with_expert_tensor_parallelism(qwen3_moe_fp8, prompts, tmp_path):
+    """--tp 2 without --ep: every FP8 expert split over 2 real ranks (16 of its 32 intermediate
+    rows, one block, each), partial outputs all-reduced (the exact cuts: test_moe_layers.py)."""
+    fp8_dir, reference = qwen3_moe_fp8
+    outputs, _ = tp_generate_with_stats(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path)
+    assert outputs == reference
 
 
 def test_online_fp8_quantizes_mixtral_experts(tiny_mixtral_dir, prompts, tmp_path):

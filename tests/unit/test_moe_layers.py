@@ -164,3 +164,38 @@ def test_fp8_expert_blocks_that_do_not_cut_the_intermediate_size_are_refused_wit
         FusedExperts(4, HIDDEN, 24, dtype=torch.float32, fp8=scheme)
     with pytest.raises(ValueError, match="lacks projections or their FP8 scales of experts"):
         FusedExperts(4, HIDDEN, 32, dtype=torch.float32, fp8=scheme).check_loaded()
+
+
+@pytest.mark.parametrize("block", [(8, 8), None], ids=["block-8", "per-channel"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_fp8_experts_under_expert_tensor_parallelism_hold_slices_of_the_dequantized_weights(block, world):
+    """Each expert-TP rank's slots dequantize to exactly its slice of every expert's real
+    weights: gate/up rows (and their block-scale rows), down columns (and block-scale columns)."""
+    from meshserve.cluster.comm import RankGroup
+    from meshserve.config.quantization import Fp8Scheme
+    from meshserve.layers.fp8 import dequantize, quantize_blockwise, quantize_per_channel
+
+    scheme = Fp8Scheme(method="fp8", granularity="block" if block else "channel", block=block)
+    inter, gen = 32, torch.Generator().manual_seed(world)
+    full = {}  # (expert, shard) -> (fp8, scale, dequantized)
+    for e in range(4):
+        for shard, shape in (("w1", (inter, HIDDEN)), ("w3", (inter, HIDDEN)), ("w2", (HIDDEN, inter))):
+            w = torch.randn(shape, generator=gen) * torch.rand(shape[1], generator=gen) * 4  # columns differ
+            w8, scale = quantize_blockwise(w, block) if block else quantize_per_channel(w)
+            full[e, shard] = (w8, scale, dequantize(w8, scale, block))
+    n = inter // world
+    for rank in range(world):
+        sentinel = object()  # loading only: no collective is called on this group
+        tp = RankGroup(rank=rank, ranks=tuple(range(world)), group=sentinel,  # type: ignore[arg-type]
+                       cpu_group=sentinel)
+        experts = FusedExperts(4, HIDDEN, inter, dtype=torch.float32, tp=tp, fp8=scheme)
+        for (e, shard), (w8, scale, _) in full.items():
+            experts.weight_loader(experts.w2 if shard == "w2" else experts.w13, w8, shard, e)
+            experts.weight_loader(experts.w2_scale if shard == "w2" else experts.w13_scale, scale, shard, e)
+        experts.check_loaded()
+        rows = slice(rank * n, (rank + 1) * n)
+        for e in range(4):
+            w13 = dequantize(experts.w13.data[e], experts.w13_scale.data[e], block)
+            w2 = dequantize(experts.w2.data[e], experts.w2_scale.data[e], block)
+            assert torch.equal(w13, torch.cat([full[e, "w1"][2][rows], full[e, "w3"][2][rows]]))
+            assert torch.equal(w2, full[e, "w2"][2][:, rows])
