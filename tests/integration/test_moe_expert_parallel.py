@@ -58,9 +58,10 @@ def test_eplb_rebalances_during_generation_and_outputs_stay_transformers(request
     assert outputs == reference
     assert stats["eplb_rebalances"] >= 3 and stats["eplb_moved_experts"] > 0
     # Loads per logical expert and per rank; every counted pair is on one expert and one rank,
-    # and whole forward steps are counted (2 MoE layers, top-2: 4 pairs per token).
+    # and whole forward steps are counted (2 MoE layers, top-2: 4 pairs per token) but the last
+    # two (gathered at the next rebalance; at most 2 decode tokens each).
     expert_tokens, ranks = stats["expert_tokens"], stats["ep_rank_tokens"]
     assert len(expert_tokens) == experts and len(ranks) == 2 and min(ranks) > 0
     tokens = sum(len(p) for p in prompts) + len(prompts) * 9  # the prompts, then 9 decode steps each
     assert sum(expert_tokens) == sum(ranks) and sum(expert_tokens) % 4 == 0
-    assert 0 < sum(expert_tokens) <= 4 * tokens
+    assert 4 * (tokens - 4) <= sum(expert_tokens) <= 4 * tokens

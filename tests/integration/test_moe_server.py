@@ -64,7 +64,10 @@ def test_eplb_server_matches_transformers_and_reports_expert_loads(start_server,
     ranks = _samples(text, "meshserve:ep_rank_tokens_total")
     assert sorted(experts, key=int) == [str(e) for e in range(8)] and sorted(ranks) == ["0", "1"]
     assert min(ranks.values()) > 0
-    # 2 MoE layers × top-2 = 4 pairs per token, at most every prompt token and generated token
+    # One MoE layer (decoder_sparse_step 2) × top-2 = 2 pairs per token, counted by whole forward
+    # steps: our tokens (prompts, then one per decode step) but the last two steps' (gathered at
+    # the next rebalance), plus the start-up warm-up generation's (a short prompt, 4 tokens).
     pairs = sum(experts.values())
-    assert pairs == sum(ranks.values()) and pairs % 4 == 0
-    assert 0 < pairs <= 4 * (sum(map(len, prompts)) + len(prompts) * (NEW_TOKENS - 1))
+    ours = sum(map(len, prompts)) + len(prompts) * (NEW_TOKENS - 1)
+    assert pairs == sum(ranks.values()) and pairs % 2 == 0
+    assert 2 * (ours - 2) <= pairs <= 2 * (ours + 16)
