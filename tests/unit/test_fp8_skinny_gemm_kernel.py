@@ -82,6 +82,16 @@ def test_tiles_cover_an_h200_at_llama_8b_shapes(n, k):
         assert t.k_per_split % t.block_k == 0 and (t.split_k - 1) * t.k_per_split < k <= t.split_k * t.k_per_split
 
 
+def test_weight_that_is_not_rows_of_k_bytes_is_refused():
+    from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
+
+    w8, scale = quantize_per_channel(torch.randn(64, 32))
+    with pytest.raises(ValueError, match="input width 48"):
+        skinny_fp8_linear(torch.randn(1, 48), w8, scale)
+    with pytest.raises(ValueError, match="strides"):
+        skinny_fp8_linear(torch.randn(1, 64), w8.t(), scale)
+
+
 def test_block_width_without_a_k_step_is_refused():
     from meshserve.layers.kernels.fp8_skinny_gemm import skinny_tiles
 

@@ -189,6 +189,9 @@ def skinny_fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bi
     """x [..., K] @ (w8 [N, K] times its per-row [N, 1] or per-block scales).T (+ bias) -> [..., N]
     in x's dtype. `tiles` overrides the heuristic (tests, tuning)."""
     lead, k = x.shape[:-1], x.shape[-1]
+    if w8.shape[1] != k or w8.stride(1) != 1:
+        raise ValueError(f"skinny FP8 GEMM: weight {tuple(w8.shape)} with strides {w8.stride()} for input width {k}; "
+                         "it reads rows of K contiguous bytes")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
