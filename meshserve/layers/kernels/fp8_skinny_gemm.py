@@ -113,7 +113,8 @@ fma.rn.bf16x2 $1, a, two120, nz;
 
 
 @triton.jit
-def _e4m3_to_bf16(w):
+def e4m3_to_bf16(w):
+    """FP8 e4m3 tile -> bf16 with `_E4M3_TO_BF16_PTX` (CUDA only; the MoE expert kernel uses it too)."""
     return tl.inline_asm_elementwise(_E4M3_TO_BF16_PTX, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
                                      dtype=tl.bfloat16, is_pure=True, pack=4)
 
@@ -149,7 +150,7 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
             x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
             w = tl.load(w_rows + k[:, None], mask=mask_n[None, :] & (k < K)[:, None], other=0.0)
         if BF16_ASM:
-            w = _e4m3_to_bf16(w)
+            w = e4m3_to_bf16(w)
         else:
             w = w.to(x.dtype)
         if BLOCK_SCALES:

@@ -11,7 +11,8 @@ Each program computes one BLOCK_M × BLOCK_N tile of one block, which belongs to
 it streams that expert's weights once for up to BLOCK_M tokens.
 
 FP8 experts (W8A16): the kernel loads FP8 weight tiles (half the bytes, which is what a
-memory-bound decode step pays for), widens them to the activations' dtype, and multiplies each
+memory-bound decode step pays for), widens them to the activations' dtype (bf16 on CUDA by the
+skinny FP8 kernel's bit-move conversion, kernels/fp8_skinny_gemm.py says why), and multiplies each
 K tile's partial product by the weight scale of its (output column, K block): one scale per
 (GROUP_N rows, GROUP_K columns) block of the expert; per-channel scales are the block
 (1, K). A K tile must lie inside one scale block, so BLOCK_K divides the block's bk (both
@@ -29,6 +30,7 @@ import triton.language as tl
 
 from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.triton_paged import dot_precision
+from meshserve.layers.kernels.fp8_skinny_gemm import e4m3_to_bf16
 from meshserve.layers.moe.experts import ExpertScales
 
 BLOCK_M = 16  # decode batches give each expert a few tokens; small blocks waste little padding
@@ -42,6 +44,7 @@ def _grouped_gemm(
     num_pairs, N, K, stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_se, stride_sn, stride_sk,
     group_n, group_k,
     TOP_K: tl.constexpr, ROWS_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr, FP8_WEIGHTS: tl.constexpr,
+    BF16_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -65,7 +68,11 @@ def _grouped_gemm(
         if FP8_WEIGHTS:
             scale = tl.load(Scale + expert * stride_se + (offs_n // group_n) * stride_sn + (k0 // group_k) * stride_sk,
                             mask=mask_n, other=0.0)
-            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * scale[None, :]
+            if BF16_ASM:
+                w = e4m3_to_bf16(w)
+            else:
+                w = w.to(a.dtype)
+            acc += tl.dot(a, w, input_precision=PRECISION) * scale[None, :]
         else:
             acc += tl.dot(a, w, input_precision=PRECISION)
     if WEIGHTED:
@@ -117,6 +124,7 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
         out.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         *(scale.stride() if scale is not None else (0, 0, 0)), group_n, group_k,
         TOP_K=top_k, ROWS_PER_TOKEN=rows_per_token, WEIGHTED=pair_weights is not None, FP8_WEIGHTS=scale is not None,
+        BF16_ASM=scale is not None and a.dtype == torch.bfloat16 and a.is_cuda,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
 
 
