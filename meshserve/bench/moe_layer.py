@@ -1,0 +1,91 @@
+"""Where an MoE layer's decode time goes on the GPU, and which tiles the grouped expert GEMM
+should use: one Qwen3-30B-A3B layer's routed experts (128 experts, top 8, hidden 2048, expert
+width 768, bf16) at several token counts, in CUDA graphs, beside the time its touched experts'
+weights take to read at HBM speed.
+
+  python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep]
+
+Rows: sort (the (token, expert) pair ordering alone), experts (the whole fused_experts call:
+sort, two grouped GEMMs, activation, sum), floor (touched experts' bytes / --bandwidth-tbs).
+--sweep times fused_experts for every (BLOCK_N, BLOCK_K) of the grid below. Several layers'
+distinct weights are cycled so the 50 MB L2 does not hold a layer's experts between calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from meshserve.layers.moe import grouped_gemm
+
+EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2048, 768
+LAYERS = 4  # distinct weights cycled per timed call
+SWEEP_N, SWEEP_K = (32, 64, 128), (64, 128, 256)
+
+
+def _graph_ms(fn, iters: int = 20) -> float:
+    """Mean time of one replay of `fn` captured in a CUDA graph (ms)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.8)
+    ns = parser.parse_args(argv)
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w13 = [torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device=dev, dtype=dt, generator=gen) * 0.02 for _ in range(LAYERS)]
+    w2 = [torch.randn(EXPERTS, HIDDEN, WIDTH, device=dev, dtype=dt, generator=gen) * 0.02 for _ in range(LAYERS)]
+    expert_bytes = 3 * WIDTH * HIDDEN * 2
+    print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'sort ms':>8} {'experts ms':>11} {'x floor':>8}")
+    for tokens in ns.tokens:
+        x = torch.randn(tokens, HIDDEN, device=dev, dtype=dt, generator=gen)
+        logits = torch.randn(LAYERS, tokens, EXPERTS, device=dev, generator=gen)
+        weights, ids = logits.softmax(-1).topk(TOP_K, dim=-1)
+        touched = sum(ids[layer].unique().numel() for layer in range(LAYERS)) / LAYERS
+        floor = touched * expert_bytes / (ns.bandwidth_tbs * 1e9)
+
+        def experts() -> None:
+            for layer in range(LAYERS):
+                grouped_gemm.fused_experts(x, w13[layer], w2[layer], weights[layer], ids[layer])
+
+        def sort() -> None:
+            for layer in range(LAYERS):
+                grouped_gemm.sort_pairs(ids[layer], EXPERTS, grouped_gemm.BLOCK_M)
+
+        sort_ms, experts_ms = _graph_ms(sort) / LAYERS, _graph_ms(experts) / LAYERS
+        print(f"{tokens:>6} {touched:>8.1f} {floor:>9.4f} {sort_ms:>8.4f} {experts_ms:>11.4f} {experts_ms / floor:>8.2f}")
+        if ns.sweep:
+            default = grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K
+            results = []
+            for block_n, block_k in itertools.product(SWEEP_N, SWEEP_K):
+                grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K = block_n, block_k
+                try:
+                    results.append((_graph_ms(experts) / LAYERS, block_n, block_k))
+                except Exception as err:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
+                    print(f"        BLOCK_N {block_n} BLOCK_K {block_k}: {type(err).__name__}")
+            grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K = default
+            print("        " + "  ".join(f"{n}x{k}: {ms:.4f}" for ms, n, k in sorted(results)))
+
+
+if __name__ == "__main__":
+    main()
