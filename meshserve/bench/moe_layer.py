@@ -3,12 +3,14 @@ should use: one Qwen3-30B-A3B layer's routed experts (128 experts, top 8, hidden
 width 768, bf16) at several token counts, in CUDA graphs, beside the time its touched experts'
 weights take to read at HBM speed.
 
-  python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep]
+  python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep] [--fp8 block|channel]
 
 Rows: sort (the (token, expert) pair ordering alone), experts (the whole fused_experts call:
 sort, two grouped GEMMs, activation, sum), floor (touched experts' bytes / --bandwidth-tbs).
 --sweep times fused_experts for every (BLOCK_N, BLOCK_K) of the grid below. Several layers'
 distinct weights are cycled so the 50 MB L2 does not hold a layer's experts between calls.
+--fp8: the same experts in FP8 (W8A16, Qwen3-30B-A3B-FP8's 128 x 128 blocks or per-row scales);
+the floor is then their FP8 bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import itertools
 
 import torch
 
+from meshserve.layers.fp8 import quantize_blockwise, quantize_per_channel
 from meshserve.layers.moe import grouped_gemm
+from meshserve.layers.moe.experts import ExpertScales
 
 EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2048, 768
 LAYERS = 4  # distinct weights cycled per timed call
@@ -50,12 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8)
+    parser.add_argument("--fp8", choices=("block", "channel"), help="FP8 experts: 128x128 block or per-row scales")
     ns = parser.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     w13 = [torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device=dev, dtype=dt, generator=gen) * 0.02 for _ in range(LAYERS)]
     w2 = [torch.randn(EXPERTS, HIDDEN, WIDTH, device=dev, dtype=dt, generator=gen) * 0.02 for _ in range(LAYERS)]
-    expert_bytes = 3 * WIDTH * HIDDEN * 2
+    scales: list[ExpertScales | None] = [None] * LAYERS
+    if ns.fp8 is not None:
+        w13, w2, scales = _quantized(w13, w2, (128, 128) if ns.fp8 == "block" else None)
+    expert_bytes = 3 * WIDTH * HIDDEN * (1 if ns.fp8 else 2)
     print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'sort ms':>8} {'experts ms':>11} {'x floor':>8}")
     for tokens in ns.tokens:
         x = torch.randn(tokens, HIDDEN, device=dev, dtype=dt, generator=gen)
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def experts() -> None:
             for layer in range(LAYERS):
-                grouped_gemm.fused_experts(x, w13[layer], w2[layer], weights[layer], ids[layer])
+                grouped_gemm.fused_experts(x, w13[layer], w2[layer], weights[layer], ids[layer], scales[layer])
 
         def sort() -> None:
             for layer in range(LAYERS):
@@ -85,6 +93,19 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"        BLOCK_N {block_n} BLOCK_K {block_k}: {type(err).__name__}")
             grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K = default
             print("        " + "  ".join(f"{n}x{k}: {ms:.4f}" for ms, n, k in sorted(results)))
+
+
+def _quantized(w13: list[torch.Tensor], w2: list[torch.Tensor], block: tuple[int, int] | None):
+    """Each layer's experts in FP8 with their scales (per expert: block-wise, or per row)."""
+    def one(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if block is None:
+            return quantize_per_channel(w)
+        parts = [quantize_blockwise(expert, block) for expert in w]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+    q13, q2 = [one(w) for w in w13], [one(w) for w in w2]
+    return ([w for w, _ in q13], [w for w, _ in q2],
+            [ExpertScales(a[1], b[1], block) for a, b in zip(q13, q2)])
 
 
 if __name__ == "__main__":
