@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from safetensors import safe_open
 
 from tests.fp8_checkpoints import LAYOUTS, make_fp8_checkpoint, online_dequantized
 from tests.hf_reference import hf_greedy
@@ -26,11 +27,12 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(3, 49152) for _ in range(n)] for n in (5, 23)]
 
 
-def _fp8_model(request, arch: str, tmp_path_factory) -> tuple:
-    """(fp8 dir, transformers' greedy output on the dequantized model) for a 16x16-block checkpoint."""
+def _fp8_model(request, arch: str, tmp_path_factory, layout: str = "block-16") -> tuple:
+    """(fp8 dir, transformers' greedy output on the dequantized model) for a checkpoint of
+    `layout` (tests/fp8_checkpoints.py; default 16x16 blocks)."""
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     root = tmp_path_factory.mktemp(f"fp8-{arch}")
-    fp8_dir, dequant_dir = make_fp8_checkpoint(model_dir, root / "fp8", root / "dequant", LAYOUTS["block-16"])
+    fp8_dir, dequant_dir = make_fp8_checkpoint(model_dir, root / "fp8", root / "dequant", LAYOUTS[layout])
     prompts = request.getfixturevalue("prompts")
     reference = hf_greedy(dequant_dir, prompts, NEW_TOKENS)
     assert reference != hf_greedy(model_dir, prompts, NEW_TOKENS), "quantization changed nothing: a weak test"
@@ -81,6 +83,16 @@ def test_qwen3_moe_block_fp8_with_expert_tensor_parallelism(qwen3_moe_fp8, promp
     fp8_dir, reference = qwen3_moe_fp8
     outputs, _ = tp_generate_with_stats(fp8_dir, 2, prompts, NEW_TOKENS, tmp_path)
     assert outputs == reference
+
+
+def test_mixtral_per_tensor_fp8_checkpoint_with_static_input_scales(request, prompts, tmp_path_factory):
+    """compressed-tensors per-tensor FP8 (the layout of FP8 Mixtral releases): one scalar scale per
+    expert projection, widened to its rows, and a static `input_scale` the W8A16 experts skip."""
+    fp8_dir, reference = _fp8_model(request, "mixtral", tmp_path_factory, "compressed-tensors-tensor")
+    with safe_open(str(fp8_dir / "model.safetensors"), framework="pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.input_scale" in f.keys()
+        assert f.get_tensor("model.layers.0.block_sparse_moe.experts.3.w2.weight_scale").numel() == 1
+    assert _generate(fp8_dir, prompts) == reference
 
 
 def test_online_fp8_quantizes_mixtral_experts(tiny_mixtral_dir, prompts, tmp_path):
