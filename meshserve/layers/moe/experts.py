@@ -177,7 +177,11 @@ class FusedExperts(nn.Module):
         if self.fp8 is None or not self.fp8.online:
             return
         for name in ("w13", "w2"):
-            w8, scale = quantize_per_channel(getattr(self, name).data)
+            weight = getattr(self, name).data
+            w8 = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+            scale = torch.empty((*weight.shape[:2], 1), dtype=torch.float32, device=weight.device)
+            for slot in range(self.num_local):  # one slot at a time: the float32 temporaries stay one expert's
+                w8[slot], scale[slot] = quantize_per_channel(weight[slot])
             setattr(self, name, nn.Parameter(w8, requires_grad=False))
             setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
 
