@@ -107,13 +107,8 @@ class ModelRunner:
 
     def _attention_backend(self, requested: str | None, device: torch.device) -> AttentionBackend:
         """--attention-backend, or the device's default. Multi-head latent attention needs a
-        backend that reads the latent KV layout, and by default takes torch_native: the Triton
-        kernels read it too (checked in the interpreter), but at DeepSeek's 576-wide keys they
-        are not yet measured on a GPU, so they run only when asked for."""
-        if self.model_config.is_mla and requested is None:
-            logger.info("multi-head latent attention: the torch_native attention backend (--attention-backend "
-                        "triton runs the Triton kernels on the latent cache)")
-            requested = "torch_native"
+        backend that reads the latent KV layout: both do (the Triton kernels, the default on
+        CUDA, at DeepSeek's 576-wide keys too, and with CUDA graphs)."""
         backend = create_attention_backend(requested or default_attention_backend(device.type))
         if self.model_config.is_mla and not backend.supports_latent_kv:
             raise ValueError(f"--attention-backend {requested} cannot run multi-head latent attention "

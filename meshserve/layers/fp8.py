@@ -35,9 +35,10 @@ _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no 
 # Calls with at most this many rows take the skinny W8A16 kernel, larger ones the FP8 x FP8 GEMM.
 # At decode sizes the GEMM is bound by the weight's bytes, which the skinny kernel reads once and
 # nothing else; `_scaled_mm` adds an activation-quantize kernel and runs far below the HBM limit
-# there (docs/benchmarks.md). 16 is the kernel's smallest row tile; to be tuned on the GPU with
-# `python -m meshserve.bench.linear_floor --compare-fp8`, which times both up to 64 rows.
-SKINNY_MAX_M = 16
+# there (docs/benchmarks.md). Measured on the H200 (`python -m meshserve.bench.linear_floor
+# --compare-fp8`, Llama-3.1-8B shape, 2026-12-04): the skinny kernel is 2.1-2.3x faster than
+# `_scaled_mm` up to 16 rows, 1.69x at 32 and still 1.37x at 64 (where bf16 itself is faster).
+SKINNY_MAX_M = 64
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
