@@ -74,6 +74,12 @@ class FakeRunner:
             logits[i, next_token(context)] = 10.0
         return logits
 
+    def idle_step(self) -> None:
+        """A step without a forward: no DP attention and no MoE layers, so nothing to join or gather."""
+
+    def expert_load(self) -> None:
+        return None  # no MoE layers
+
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         assert self._step_rows is not None
         rows = self._step_rows if among is None else self._step_rows.index_select(0, among)

@@ -211,14 +211,20 @@ class ModelRunner:
         return counts
 
     def idle_step(self) -> None:
-        """DP attention, a step in which this DP group runs no forward: exchange counts, and join
-        the other groups' MLP collectives if any of them has tokens."""
-        counts = self._exchange_dp_counts(0)
-        if any(counts):
-            with torch.inference_mode():
-                self.model.idle_forward(counts)
-            self._forward_done()
-            self.idle_forwards += 1
+        """A step in which this group runs no forward of its own. Under DP attention: exchange
+        counts, and join the other DP groups' MLP collectives if any of them has tokens. A step
+        without any forward on any rank (the same on every rank of the group: no DP attention,
+        or every DP group idle) gathers the expert loads still counted locally."""
+        if self.dp_attention:
+            counts = self._exchange_dp_counts(0)
+            if any(counts):
+                with torch.inference_mode():
+                    self.model.idle_forward(counts)
+                self.idle_forwards += 1
+                self._forward_done()
+                return
+        if self.expert_balancer is not None:
+            self.expert_balancer.flush()
 
     def record_tokens(self, token_ids: torch.Tensor, among: torch.Tensor | None = None) -> None:
         """Remember sampled tokens as their sequences' newest, on the device: token_ids[i]

@@ -224,12 +224,12 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One scheduling step: at most one forward pass. Under DP attention a step without one
-        still joins the other DP groups' (ModelRunner.idle_step): every rank of the world runs
-        the same number of forwards."""
+        """One scheduling step: at most one forward pass. A step without one goes to
+        ModelRunner.idle_step: under DP attention it still joins the other DP groups' forwards
+        (every rank of the world runs the same number of forwards)."""
         self._forwarded = False
         self._step()
-        if self.runner.dp_attention and not self._forwarded:
+        if not self._forwarded:
             self.runner.idle_step()
 
     def _step(self) -> None:

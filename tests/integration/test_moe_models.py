@@ -42,3 +42,22 @@ def _generate(model_dir, prompts, *extra) -> list[list[int]]:
 def test_moe_models_match_transformers(request, arch, extra, prompts):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     assert _generate(model_dir, prompts, *extra) == hf_greedy(model_dir, prompts, NEW_TOKENS)
+
+
+def test_eplb_on_one_rank_and_exact_expert_loads_once_idle(tiny_mixtral_dir):
+    """4 experts in 6 slots on one rank, rebalanced every 3 forward steps (copies change places
+    within the rank): outputs stay transformers'; once the scheduler runs a step without a
+    forward, the expert loads count every (token, expert) pair exactly: 2 MoE layers × top-2 per
+    forwarded token (prompt tokens, then one per decode step)."""
+    new_tokens = 14  # 14 forward steps: the last ones are not at a gather (every 3 and 16)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (6, 29)]
+    scheduler = build_scheduler(tiny_mixtral_dir, "--ep-num-redundant-experts", "2", "--enable-eplb",
+                                "--eplb-rebalance-num-iterations", "3")
+    outs = run_to_completion(scheduler, {str(i): (p, greedy(new_tokens)) for i, p in enumerate(prompts)})
+    assert [output_ids(outs[str(i)]) for i in range(2)] == hf_greedy(tiny_mixtral_dir, prompts, new_tokens)
+    scheduler.step()  # idle: gathers what the last forwards counted
+    load = scheduler.runner.expert_load()
+    tokens = sum(map(len, prompts)) + len(prompts) * (new_tokens - 1)
+    assert sum(load.expert_tokens) == sum(load.rank_tokens) == 4 * tokens
+    assert len(load.expert_tokens) == 4 and load.rebalances >= 3 and load.moved_experts > 0

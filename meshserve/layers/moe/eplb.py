@@ -3,8 +3,9 @@ expert copies between expert-parallel ranks so that every rank computes about as
 (token, expert) pairs.
 
 Loads. Each FusedExperts counts, on the device, the pairs its local slots computed. Every
-LOAD_SYNC_FORWARDS forward steps (and before a rebalance) the counts are all-gathered over
-moe_ep into per-slot counts of the whole group — no host read — and added to running totals:
+LOAD_SYNC_FORWARDS forward steps, before a rebalance, and at the first step in which the group
+runs no forward (it went idle) the counts are all-gathered over moe_ep into per-slot counts of
+the whole group — no host read — and added to running totals:
 per logical expert (summed over layers) and per moe_ep rank. `report()` reads them (the
 leader, for /metrics, once per stats interval).
 
@@ -65,6 +66,7 @@ class ExpertBalancer:
         self.expert_tokens = torch.zeros(first.num_experts, dtype=torch.int64, device=device)
         self.rank_tokens = torch.zeros(ep.size, dtype=torch.int64, device=device)
         self.forwards = 0
+        self.ungathered = 0  # forwards counted locally since the last gather
         self.rebalances = 0
         self.moved_experts = 0
 
@@ -82,11 +84,18 @@ class ExpertBalancer:
 
     def after_forward(self) -> None:
         self.forwards += 1
+        self.ungathered += 1
         due = self.rebalance_every is not None and self.forwards % self.rebalance_every == 0
         if due or self.forwards % LOAD_SYNC_FORWARDS == 0:
             self._gather()
         if due:
             self._rebalance()
+
+    def flush(self) -> None:
+        """At a step without any forward on any rank of the group (it went idle): gather what is
+        still counted locally, so the totals are exact while nothing runs."""
+        if self.ungathered:
+            self._gather()
 
     def report(self) -> ExpertLoad:
         return ExpertLoad(expert_tokens=tuple(self.expert_tokens.tolist()),
@@ -94,6 +103,7 @@ class ExpertBalancer:
                           rebalances=self.rebalances, moved_experts=self.moved_experts)
 
     def _gather(self) -> None:
+        self.ungathered = 0
         local = torch.stack([block.experts.take_load() for block in self.blocks])  # [layers, local slots]
         slots = self.ep.all_gather(local, dim=1)  # [layers, all slots], rank k's at [k·s, (k+1)·s)
         self.window += slots
