@@ -1,6 +1,7 @@
 """On CUDA: the grouped-GEMM expert kernel against the PyTorch reference at a Qwen3-30B-A3B layer's
-shape in bfloat16, and MoE models (Triton attention + CUDA graphs + the expert kernel; DeepSeek's
-latent attention on torch_native) greedy-equal to transformers in float32. Skipped without CUDA."""
+shape in bfloat16, and MoE models (Triton attention + CUDA graphs + the expert kernel, DeepSeek's
+latent attention included) greedy-equal to transformers in float32, and in bfloat16 but at
+named near-ties. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ def test_moe_models_on_cuda_match_transformers(request, arch):
     scheduler = build_scheduler(model_dir, "--cuda-graph-max-bs", "8", device="cuda")
     outs = run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(prompts)})
     assert [output_ids(outs[str(i)]) for i in range(len(prompts))] == hf_greedy(model_dir, prompts, 24)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_models_in_bf16_match_transformers_but_at_near_ties(request, arch):
+    """bf16 on both sides (DeepSeek-V3 on the default Triton latent kernels, CUDA graphs, the
+    expert kernel): equal to transformers except where its top two logits nearly tie, each named."""
+    from tests.greedy_compare import NEW_TOKENS, assert_matches, hf_greedy, random_prompts
+    from tests.models import VOCAB_SIZE
+    from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    prompts = random_prompts(VOCAB_SIZE)
+    reference, ref_logits = hf_greedy(model_dir, torch.bfloat16, prompts)
+    scheduler = build_scheduler(model_dir, "--dtype", "bfloat16", "--cuda-graph-max-bs", "8", device="cuda")
+    outs = run_to_completion(scheduler, {str(i): (p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)})
+    assert_matches([output_ids(outs[str(i)]) for i in range(len(prompts))], reference, ref_logits, "bfloat16")
 
 
 @pytest.mark.parametrize("batch", [1, 64])
