@@ -139,8 +139,13 @@ def test_eplb_with_cuda_graphs_matches_transformers(tiny_mixtral_dir):
     assert scheduler.runner.graphs is not None
     outs = run_to_completion(scheduler, {str(i): (p, greedy(24)) for i, p in enumerate(prompts)})
     assert [output_ids(outs[str(i)]) for i in range(len(prompts))] == hf_greedy(tiny_mixtral_dir, prompts, 24)
+    scheduler.step()  # idle: gathers the last forwards' counts
+    torch.cuda.synchronize()  # the host copy of the totals has landed
     load = scheduler.runner.expert_load()
     assert load.rebalances >= 5 and load.moved_experts > 0
+    # 2 MoE layers × top-2 per forwarded token; a graph padded to a larger batch counts its padding
+    tokens = sum(map(len, prompts)) + len(prompts) * 23
+    assert sum(load.expert_tokens) == sum(load.rank_tokens) >= 4 * tokens
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

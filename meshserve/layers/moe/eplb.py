@@ -7,15 +7,16 @@ LOAD_SYNC_FORWARDS forward steps, before a rebalance, and at the first step in w
 runs no forward (it went idle) the counts are all-gathered over moe_ep into per-slot counts of
 the whole group — no host read — and added to running totals:
 per logical expert (summed over layers) and per moe_ep rank. `report()` reads them (the
-leader, for /metrics, once per stats interval).
+leader, for /metrics, once per stats interval; on CUDA from an asynchronous host copy, so the
+report never waits for the GPU).
 
 Rebalance, every --eplb-rebalance-num-iterations forward steps: the per-slot counts since the
 last rebalance become per-logical-expert loads of each layer; every rank computes the same new
 map from them (placement.balanced_slots, deterministic on identical all-gathered integers);
 then the weights move: each slot whose expert changes receives that expert's weights from a
 rank that held it — its own rank if possible, else the lowest such rank — through one
-all_to_all_single per stacked tensor and layer, and is overwritten in place (the same
-storage, so captured CUDA graphs stay valid). A window without any counted pair changes
+all_to_all_single per slot tensor (stacked weights, FP8 experts' scales) and layer, and is
+overwritten in place (the same storage, so captured CUDA graphs stay valid). A window without any counted pair changes
 nothing.
 
 When: `after_forward()` is called once per forward step by the model runner. Every rank of a
@@ -63,8 +64,15 @@ class ExpertBalancer:
         first = blocks[0].placement
         device = first.replicas.device
         self.window = torch.zeros(len(blocks), first.num_slots, dtype=torch.int64, device=device)
-        self.expert_tokens = torch.zeros(first.num_experts, dtype=torch.int64, device=device)
-        self.rank_tokens = torch.zeros(ep.size, dtype=torch.int64, device=device)
+        # Running totals: pairs per logical expert, then per moe_ep rank.
+        self.num_experts = first.num_experts
+        self.totals = torch.zeros(first.num_experts + ep.size, dtype=torch.int64, device=device)
+        # On CUDA each gather also copies the totals to pinned host memory (asynchronously), and
+        # report() takes the latest copy that has landed: the stats never wait for the GPU.
+        cuda = device.type == "cuda"
+        self._host_totals = torch.zeros(self.totals.shape, dtype=torch.int64, pin_memory=cuda)
+        self._copied = torch.cuda.Event() if cuda else None
+        self._reported = [0] * self.totals.numel()
         self.forwards = 0
         self.ungathered = 0  # forwards counted locally since the last gather
         self.rebalances = 0
@@ -79,8 +87,9 @@ class ExpertBalancer:
         """Forget what was counted so far (CUDA graph capture runs forwards on dummy tokens)."""
         for block in self.blocks:
             block.experts.take_load()
-        for totals in (self.window, self.expert_tokens, self.rank_tokens):
+        for totals in (self.window, self.totals, self._host_totals):
             totals.zero_()
+        self._reported = [0] * self.totals.numel()
 
     def after_forward(self) -> None:
         self.forwards += 1
@@ -98,8 +107,12 @@ class ExpertBalancer:
             self._gather()
 
     def report(self) -> ExpertLoad:
-        return ExpertLoad(expert_tokens=tuple(self.expert_tokens.tolist()),
-                          rank_tokens=tuple(self.rank_tokens.tolist()),
+        if self._copied is None:
+            self._reported = self.totals.tolist()
+        elif self._copied.query():  # the last gather's copy has landed
+            self._reported = self._host_totals.tolist()
+        values = self._reported
+        return ExpertLoad(expert_tokens=tuple(values[:self.num_experts]), rank_tokens=tuple(values[self.num_experts:]),
                           rebalances=self.rebalances, moved_experts=self.moved_experts)
 
     def _gather(self) -> None:
@@ -107,9 +120,12 @@ class ExpertBalancer:
         local = torch.stack([block.experts.take_load() for block in self.blocks])  # [layers, local slots]
         slots = self.ep.all_gather(local, dim=1)  # [layers, all slots], rank k's at [k·s, (k+1)·s)
         self.window += slots
-        self.rank_tokens += slots.view(len(self.blocks), self.ep.size, -1).sum(dim=(0, 2))
+        self.totals[self.num_experts:] += slots.view(len(self.blocks), self.ep.size, -1).sum(dim=(0, 2))
         experts = torch.stack([block.placement.slot_expert for block in self.blocks])
-        self.expert_tokens.index_add_(0, experts.flatten(), slots.flatten())
+        self.totals.index_add_(0, experts.flatten(), slots.flatten())  # logical expert e is totals[e]
+        if self._copied is not None:
+            self._host_totals.copy_(self.totals, non_blocking=True)
+            self._copied.record()
 
     def _rebalance(self) -> None:
         window = self.window.tolist()
