@@ -25,6 +25,7 @@ Placements:
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 
@@ -47,19 +48,30 @@ def balanced_slots(loads: Sequence[int], ep_size: int, current: Sequence[int]) -
         raise ValueError(f"{num_slots} slots for {num_experts} experts over {ep_size} ranks")
     per_rank = num_slots // ep_size
     copies = [1] * num_experts
+    # Each extra copy to the highest load per copy; among equals the expert with fewer copies,
+    # then the lowest id (a heap of (-load per copy, copies, expert)).
+    heap = [(-loads[e], 1, e) for e in range(num_experts)]
+    heapq.heapify(heap)
     for _ in range(num_slots - num_experts):
-        # Highest load per copy; among equals the expert with fewer copies, then the lowest id.
-        hottest = max(range(num_experts), key=lambda e: (loads[e] / copies[e], -copies[e], -e))
+        _, _, hottest = heapq.heappop(heap)
         copies[hottest] += 1
+        heapq.heappush(heap, (-loads[hottest] / copies[hottest], copies[hottest], hottest))
     items = sorted(((loads[e] / copies[e], e) for e in range(num_experts) for _ in range(copies[e])),
                    key=lambda item: (-item[0], item[1]))
     ranks: list[list[int]] = [[] for _ in range(ep_size)]
     rank_load = [0.0] * ep_size
     for load, expert in items:
-        free = [r for r in range(ep_size) if len(ranks[r]) < per_rank]
-        # A second copy on the same rank balances nothing: prefer ranks without one.
-        without = [r for r in free if expert not in ranks[r]] or free
-        rank = min(without, key=lambda r: (rank_load[r], r))
+        best = fallback = None  # the lightest free rank without a copy of `expert`, and with one
+        for r in range(ep_size):
+            if len(ranks[r]) == per_rank:
+                continue
+            if expert not in ranks[r]:
+                if best is None or rank_load[r] < rank_load[best]:
+                    best = r
+            elif fallback is None or rank_load[r] < rank_load[fallback]:
+                fallback = r
+        # A second copy on the same rank balances nothing: only when every free rank has one.
+        rank = best if best is not None else fallback
         ranks[rank].append(expert)
         rank_load[rank] += load
     slots: list[int] = []
