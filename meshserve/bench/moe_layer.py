@@ -21,7 +21,7 @@ import itertools
 import torch
 
 from meshserve.layers.fp8 import quantize_blockwise, quantize_per_channel
-from meshserve.layers.moe import grouped_gemm
+from meshserve.layers.moe import grouped_gemm, pair_sort
 from meshserve.layers.moe.experts import ExpertScales
 
 EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2048, 768
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def sort() -> None:
             for layer in range(LAYERS):
-                grouped_gemm.sort_pairs(ids[layer], EXPERTS, grouped_gemm.BLOCK_M)
+                pair_sort.sort_pairs(ids[layer], EXPERTS, grouped_gemm.BLOCK_M)
 
         sort_ms, experts_ms = _graph_ms(sort) / LAYERS, _graph_ms(experts) / LAYERS
         print(f"{tokens:>6} {touched:>8.1f} {floor:>9.4f} {sort_ms:>8.4f} {experts_ms:>11.4f} {experts_ms / floor:>8.2f}")

@@ -15,17 +15,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_pairs_are_sorted_by_expert_in_whole_blocks():
-    from meshserve.layers.moe.grouped_gemm import sort_pairs
-
-    ids = torch.tensor([[2, 0], [2, 3], [0, 2]], device=DEVICE)  # expert 1 gets nothing
-    sorted_pairs, block_expert, num_blocks = sort_pairs(ids, 4, block_m=2)
-    used = int(num_blocks) * 2
-    assert sorted_pairs[:used].tolist() == [1, 4, 0, 2, 5, 6, 3, 6]  # 6 = padding (number of pairs)
-    assert block_expert[: int(num_blocks)].tolist() == [0, 2, 2, 3]
-    assert (sorted_pairs[used:] == 6).all()
-
-
 @pytest.mark.parametrize(("tokens", "experts", "top_k", "hidden", "inter"), [(1, 8, 2, 64, 32), (37, 6, 3, 48, 40)])
 def test_fused_experts_match_reference(tokens, experts, top_k, hidden, inter):
     from meshserve.layers.moe.experts import experts_reference

@@ -195,13 +195,13 @@ class FusedExperts(nn.Module):
         """x [T, H]; weights, local ids [T, top_k] (-1: not on this rank) -> sum over each token's
         local experts of weight * expert(x), [T, H] in x's dtype: a partial sum whenever moe_tp or
         moe_ep has more than one rank (the block reduces)."""
-        flat = ids.flatten() + 1
-        self.load.index_add_(0, flat, torch.ones_like(flat))
         scales = None if self.w13_scale is None else ExpertScales(self.w13_scale, self.w2_scale, self.block)
         if x.is_cuda:
             from meshserve.layers.moe.grouped_gemm import fused_experts
 
-            return fused_experts(x, self.w13, self.w2, weights, ids, scales)
+            return fused_experts(x, self.w13, self.w2, weights, ids, scales, load=self.load)  # counts as it sorts
+        flat = ids.flatten() + 1
+        self.load.index_add_(0, flat, torch.ones_like(flat))
         return experts_reference(x, self.w13, self.w2, weights, ids, scales)
 
 

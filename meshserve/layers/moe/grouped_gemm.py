@@ -32,6 +32,7 @@ from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.triton_paged import dot_precision
 from meshserve.layers.kernels.fp8_skinny_gemm import e4m3_to_bf16
 from meshserve.layers.moe.experts import ExpertScales
+from meshserve.layers.moe.pair_sort import sort_pairs
 
 BLOCK_M = 16  # decode batches give each expert a few tokens; small blocks waste little padding
 BLOCK_N = 64
@@ -81,30 +82,6 @@ def _grouped_gemm(
              mask=valid[:, None] & mask_n[None, :])
 
 
-def sort_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, expert) pairs (pair p = token p // top_k's (p % top_k)-th choice) ordered by expert,
-    each expert's run padded to whole blocks of block_m; pairs of expert -1 (another rank's) go
-    last, past num_blocks. Returns (sorted_pairs [max_blocks * block_m], padding = number of
-    pairs; block_expert [max_blocks]; num_blocks [1]) — all on the device, computed without
-    reading anything back to the host."""
-    flat = ids.flatten()
-    flat = flat.masked_fill(flat < 0, num_experts)  # a virtual last expert, never computed
-    num_experts += 1
-    pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    blocks = (counts + block_m - 1) // block_m
-    block_end = blocks.cumsum(0)  # exclusive end block of each expert's run
-    max_blocks = pairs + num_experts  # at least sum(ceil(count / block_m)) for block_m >= 1
-    order = flat.argsort(stable=True)
-    expert_sorted = flat[order]
-    run_start = counts.cumsum(0) - counts
-    dest = (block_end - blocks)[expert_sorted] * block_m + torch.arange(pairs, device=ids.device) - run_start[expert_sorted]
-    sorted_pairs = torch.full((max_blocks * block_m,), pairs, dtype=torch.int64, device=ids.device)
-    sorted_pairs[dest] = order
-    block_expert = torch.searchsorted(block_end, torch.arange(max_blocks, device=ids.device), right=True)
-    return sorted_pairs, block_expert.clamp_(max=num_experts - 2), block_end[-2:-1]
-
-
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
           num_blocks: torch.Tensor, pair_weights: torch.Tensor | None, top_k: int, rows_per_token: bool,
           scale: torch.Tensor | None, block: tuple[int, int] | None) -> None:
@@ -129,13 +106,14 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, scales: ExpertScales | None = None) -> torch.Tensor:
+                  ids: torch.Tensor, scales: ExpertScales | None = None, load: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as experts.experts_reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I]
-    (FP8 with `scales`, else x's dtype), weights/ids [T, top_k] -> [T, H] in x's dtype."""
+    (FP8 with `scales`, else x's dtype), weights/ids [T, top_k] -> [T, H] in x's dtype. `load`
+    [E + 1]: each expert's pair count is added to it (FusedExperts.load's layout), by the sort."""
     tokens, top_k = ids.shape
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
     block = None if scales is None else scales.block
-    sorted_pairs, block_expert, num_blocks = sort_pairs(ids, w13.shape[0], BLOCK_M)
+    sorted_pairs, block_expert, num_blocks = sort_pairs(ids, w13.shape[0], BLOCK_M, load)
     h = torch.empty(tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
     _gemm(x, w13, h, sorted_pairs, block_expert, num_blocks, None, top_k, rows_per_token=True,
           scale=None if scales is None else scales.w13, block=block)
