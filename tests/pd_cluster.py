@@ -69,10 +69,11 @@ class Answer:
 
 
 def send_pd(prefill: Prefill, decode: ServerProcess, path: str, body: dict,
-            timeout: float = 120.0) -> tuple[Answer, Answer]:
-    """POST `body` plus a fresh room to both halves at once; (prefill's, decode's) answers."""
+            timeout: float = 120.0, room: int | None = None) -> tuple[Answer, Answer]:
+    """POST `body` plus `room` (default: a fresh one) to both halves at once; (prefill's,
+    decode's) answers."""
     pd_body = {**body, "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port,
-               "bootstrap_room": random.randrange(2**63)}
+               "bootstrap_room": random.randrange(2**63) if room is None else room}
 
     def post(server: ServerProcess) -> Answer:
         start = time.monotonic()

@@ -555,15 +555,6 @@ class Refusal:
 
 # Delete a row when its feature lands. Predicates see the whole ServerArgs.
 REFUSALS: tuple[Refusal, ...] = (
-    # Data parallelism (plain, or with --enable-dp-attention) across nodes is built; with PD not yet.
-    Refusal("dp_size", lambda a: a.parallel.dp_size > 1 and not a.parallel.enable_dp_attention
-            and a.disagg.disaggregation_mode != "null",
-            "data parallelism does not run with prefill-decode disaggregation yet (the bootstrap server "
-            "does not know which DP group holds a request's KV cache)"),
-    Refusal("enable_dp_attention", lambda a: a.parallel.enable_dp_attention
-            and a.disagg.disaggregation_mode != "null",
-            "data-parallel attention does not run with prefill-decode disaggregation yet (the bootstrap "
-            "server does not know which DP group holds a request's KV cache)"),
     Refusal("moe_a2a_backend", lambda a: a.parallel.moe_a2a_backend not in ("none", "deepep"),
             "only the 'none' and 'deepep' MoE all-to-all backends are built"),
     Refusal("quantization", lambda a: a.model.quantization not in (None, *SERVED_QUANTIZATION),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from meshserve.disagg.protocol import KVLayout, Registration
+from meshserve.disagg.protocol import KVLayout, Registration, prefill_dp_rank
 
 LOOKUP_TIMEOUT_S = 5.0
 REGISTER_TIMEOUT_S = 60.0  # the server starts before the ranks; this only covers a slow machine
@@ -58,11 +58,13 @@ class PrefillDirectory:
         self._layout = layout
         self._tp_rank = tp_rank
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-pd-lookup")
-        self._entries: dict[tuple[str, int], Future[Prefill]] = {}
+        # (host, port) -> this rank's peer in each of the prefill's DP groups
+        self._entries: dict[tuple[str, int], Future[tuple[Prefill, ...]]] = {}
 
-    def get(self, host: str, port: int) -> Prefill | Exception | None:
-        """The prefill at host:port, an error saying why it cannot be reached, or None while the
-        lookup is running. The compatibility check runs once per address; a failed lookup is
+    def get(self, host: str, port: int, room: int) -> Prefill | Exception | None:
+        """This rank's peer for bootstrap room `room` at the prefill at host:port (in the DP group
+        that runs the room), an error saying why it cannot be reached, or None while the lookup
+        is running. The compatibility check runs once per address; a failed lookup is
         forgotten, so the next request tries again."""
         key = (host, port)
         entry = self._entries.get(key)
@@ -74,7 +76,8 @@ class PrefillDirectory:
         if exc is not None:
             del self._entries[key]
             return exc
-        return entry.result()
+        groups = entry.result()
+        return groups[prefill_dp_rank(room, len(groups))]
 
     def forget(self, host: str, port: int) -> None:
         """Look the address up again next time (the prefill may have restarted elsewhere)."""
@@ -82,22 +85,25 @@ class PrefillDirectory:
         if entry is not None and entry.done():
             del self._entries[(host, port)]
 
-    def _lookup(self, host: str, port: int) -> Prefill:
-        """Prefill rank 0 tells the prefill's layout; decode rank j then pairs with prefill rank
-        j // fanout, which holds its KV heads."""
-        first = self._route(host, port, 0)
+    def _lookup(self, host: str, port: int) -> tuple[Prefill, ...]:
+        """Prefill rank 0 of DP group 0 tells the prefill's layout and DP size; decode rank j
+        then pairs with prefill rank j // fanout of each DP group, which holds its KV heads
+        there (every DP group has the same layout: one server, one set of flags)."""
+        first = self._route(host, port, 0, 0)
         problems = first.layout.pairing_problems(self._layout)
         if problems:
-            return Prefill(endpoint=first.endpoint, metadata=first.metadata, problems=tuple(problems))
+            return (Prefill(endpoint=first.endpoint, metadata=first.metadata, problems=tuple(problems)),)
         fanout = first.layout.fanout(self._layout)
         rank = self._tp_rank // fanout
-        reg = first if rank == 0 else self._route(host, port, rank)
-        return Prefill(endpoint=reg.endpoint, metadata=reg.metadata, problems=(),
-                       head_start=(self._tp_rank % fanout) * self._layout.kv_heads, fanout=fanout)
+        regs = [first if (group, rank) == (0, 0) else self._route(host, port, group, rank)
+                for group in range(first.dp_size)]
+        return tuple(Prefill(endpoint=reg.endpoint, metadata=reg.metadata, problems=(),
+                             head_start=(self._tp_rank % fanout) * self._layout.kv_heads, fanout=fanout)
+                     for reg in regs)
 
     @staticmethod
-    def _route(host: str, port: int, rank: int) -> Registration:
-        url = _url(host, port, f"/route?tp_rank={rank}")
+    def _route(host: str, port: int, dp_rank: int, rank: int) -> Registration:
+        url = _url(host, port, f"/route?tp_rank={rank}&dp_rank={dp_rank}")
         try:
             with urllib.request.urlopen(url, timeout=LOOKUP_TIMEOUT_S) as response:
                 return msgspec.json.decode(response.read(), type=Registration)

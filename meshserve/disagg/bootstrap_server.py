@@ -2,8 +2,9 @@
 service, at --disaggregation-bootstrap-port on the prefill server's node 0).
 
 Plain HTTP with JSON bodies, so it can be read with curl:
-  PUT /register          a Registration (one per prefill tp rank; a restarted rank replaces its entry)
-  GET /route?tp_rank=N   that rank's Registration, or 404 while it has not registered
+  PUT /register                    a Registration (one per prefill rank; a restarted rank replaces its entry)
+  GET /route?tp_rank=N&dp_rank=D   rank N of DP group D's (dp_rank defaults to 0), or 404 while it
+                                   has not registered
   GET /health            200
 It runs on threads in the launch_server process and binds only the server's --host.
 """
@@ -36,7 +37,7 @@ class _Server6(_Server):
 
 class BootstrapServer:
     def __init__(self, host: str, port: int) -> None:
-        self._registrations: dict[int, bytes] = {}  # tp rank -> Registration as JSON
+        self._registrations: dict[tuple[int, int], bytes] = {}  # (dp rank, tp rank) -> Registration as JSON
         self._lock = threading.Lock()
         server = self
 
@@ -46,11 +47,13 @@ class BootstrapServer:
                 if url.path == "/health":
                     self._reply(HTTPStatus.OK, b"{}")
                 elif url.path == "/route":
-                    rank = parse_qs(url.query).get("tp_rank", ["0"])[0]
-                    found = server.lookup(int(rank)) if rank.isdigit() else None
+                    query = parse_qs(url.query)
+                    rank, group = query.get("tp_rank", ["0"])[0], query.get("dp_rank", ["0"])[0]
+                    found = server.lookup(int(group), int(rank)) if rank.isdigit() and group.isdigit() else None
                     if found is None:
+                        where = f"prefill tp rank {rank}" + (f" of DP group {group}" if group != "0" else "")
                         self._reply(HTTPStatus.NOT_FOUND, msgspec.json.encode(
-                            {"error": f"prefill tp rank {rank} has not registered"}))
+                            {"error": f"{where} has not registered"}))
                     else:
                         self._reply(HTTPStatus.OK, found)
                 else:
@@ -94,12 +97,13 @@ class BootstrapServer:
 
     def register(self, reg: Registration) -> None:
         with self._lock:
-            self._registrations[reg.tp_rank] = msgspec.json.encode(reg)
-        logger.info("PD bootstrap: prefill tp rank %d registered at %s", reg.tp_rank, reg.endpoint)
+            self._registrations[reg.dp_rank, reg.tp_rank] = msgspec.json.encode(reg)
+        logger.info("PD bootstrap: prefill tp rank %d of DP group %d registered at %s", reg.tp_rank, reg.dp_rank,
+                    reg.endpoint)
 
-    def lookup(self, tp_rank: int) -> bytes | None:
+    def lookup(self, dp_rank: int, tp_rank: int) -> bytes | None:
         with self._lock:
-            return self._registrations.get(tp_rank)
+            return self._registrations.get((dp_rank, tp_rank))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -95,7 +95,7 @@ class DecodeSide:
                     self.ep.control.send(self.prefills[msg.room].endpoint, KVAck(msg.room))
         now = time.monotonic()
         waiting, held, queue = sorted(self.awaiting), sorted(self.quarantine), list(self.bootstrapping)
-        found = [self.directory.get(r.bootstrap.host, r.bootstrap.port) for r in queue]
+        found = [self.directory.get(r.bootstrap.host, r.bootstrap.port, r.bootstrap.room) for r in queue]
         usable = [isinstance(f, Prefill) and not f.problems for f in found]
         facts = self.agreement.facts(
             [isinstance(self.heard.get(r), KVDone) for r in waiting]

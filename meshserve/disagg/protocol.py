@@ -6,7 +6,9 @@ JSON at the bootstrap server; never pickle: a peer's bytes can only decode into 
   prefill -> decode                  KVDone (the write ended, here is the first token) or KVFailed
   decode -> prefill                  KVAck: the prefill may now free the room's KV
 
-A room is the 64-bit id the router gives both halves of one request (Bootstrap.room).
+A room is the 64-bit id the router gives both halves of one request (Bootstrap.room). With
+--dp-size on the prefill server, room r runs in (and its KV stays in) the prefill's DP group
+`prefill_dp_rank(r, dp_size)`; the decode finds that group's ranks at the bootstrap server.
 """
 
 from __future__ import annotations
@@ -56,10 +58,18 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         return decode.tp_size // self.tp_size
 
 
+def prefill_dp_rank(room: int, dp_size: int) -> int:
+    """The prefill DP group that runs bootstrap room `room` and holds its KV (SGLang's rule)."""
+    return room % dp_size
+
+
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
-    """A prefill rank, as decode ranks find it at the bootstrap server."""
+    """A prefill rank, as decode ranks find it at the bootstrap server: rank `tp_rank` of the
+    attention tensor-parallel group of DP group `dp_rank` (of `dp_size`)."""
 
     tp_rank: int
+    dp_rank: int = 0
+    dp_size: int = 1
     endpoint: str  # the rank's control socket, tcp://host:port
     metadata: bytes  # its transfer backend's local_metadata()
     layout: KVLayout

@@ -103,7 +103,7 @@ def run_scheduler_process(args: ServerArgs, endpoints: SchedulerEndpoints | None
         scheduler = _build_scheduler(args, device, groups)
         tp = groups.attn_tp
         if args.disagg.disaggregation_mode != "null":
-            scheduler.pd = _pd_side(args, scheduler, rank, tp)
+            scheduler.pd = _pd_side(args, scheduler, dp_rank, tp)
         if link is not None:
             link.send(SchedulerReady(
                 max_total_tokens=scheduler.pool.size, max_running_requests=scheduler.max_running,
@@ -140,9 +140,10 @@ def _build_scheduler(args: ServerArgs, device: torch.device, groups: ParallelGro
     return Scheduler(args, model_config, runner, tokenizer)
 
 
-def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: RankGroup) -> PrefillSide | DecodeSide:
+def _pd_side(args: ServerArgs, scheduler: Scheduler, dp_rank: int, tp: RankGroup) -> PrefillSide | DecodeSide:
     """This rank's end of prefill-decode disaggregation: its KV pool registered with the transfer
-    backend; a prefill rank also registers at the bootstrap server on its node 0."""
+    backend; a prefill rank also registers at the bootstrap server on its node 0, as rank
+    `tp.rank` of DP group `dp_rank` (a DP group's KV pool is its attention-TP ranks')."""
     from meshserve.disagg.agreement import Agreement
     from meshserve.disagg.bootstrap_client import register_rank
     from meshserve.disagg.decode_side import DecodeSide
@@ -150,7 +151,7 @@ def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: RankGroup) -
     from meshserve.disagg.prefill_side import PrefillSide
     from meshserve.disagg.protocol import Registration
 
-    endpoint = KVEndpoint.open(args, scheduler.model_config, scheduler.pool, tp_rank=rank, tp_size=tp.size)
+    endpoint = KVEndpoint.open(args, scheduler.model_config, scheduler.pool, tp_rank=tp.rank, tp_size=tp.size)
     if args.disagg.disaggregation_mode == "decode":
         return DecodeSide(scheduler, endpoint, Agreement(tp))
     # The bootstrap server runs beside node 0's HTTP server; other nodes reach node 0 at the
@@ -158,8 +159,8 @@ def _pd_side(args: ServerArgs, scheduler: Scheduler, rank: int, tp: RankGroup) -
     p = args.parallel
     host = reachable_host(args.http.host) if p.node_rank == 0 else p.dist_init_addr.rpartition(":")[0].strip("[]")
     register_rank(host, args.disagg.disaggregation_bootstrap_port, Registration(
-        tp_rank=rank, endpoint=endpoint.control.endpoint, metadata=endpoint.backend.local_metadata(),
-        layout=endpoint.layout))
+        tp_rank=tp.rank, dp_rank=dp_rank, dp_size=args.parallel.dp_size, endpoint=endpoint.control.endpoint,
+        metadata=endpoint.backend.local_metadata(), layout=endpoint.layout))
     return PrefillSide(scheduler, endpoint, Agreement(tp))
 
 

@@ -153,7 +153,8 @@ class TokenizerManager:
         self.tokenizer = tokenizer
         self.disaggregation_mode = disaggregation_mode
         self._endpoints = endpoints
-        self._dp = DPController(len(endpoints.to_scheduler), load_balance_method)
+        self._dp = DPController(len(endpoints.to_scheduler), load_balance_method,
+                                by_room=disaggregation_mode == "prefill")
         self._scheduler_dead = scheduler_dead
         self._metrics = metrics
         self.scheduler_info: SchedulerReady | None = None  # set once the scheduler is ready
@@ -547,7 +548,7 @@ class TokenizerManager:
         the sequence (none once it ended), a flush to every group."""
         group: int | None = None
         if isinstance(msg, GenerateReq):
-            group = self._dp.dispatch(msg.rid)
+            group = self._dp.dispatch(msg.rid, msg.bootstrap.room if msg.bootstrap is not None else None)
         elif isinstance(msg, AbortReq):
             group = self._dp.owner(msg.rid)
             if group is None:

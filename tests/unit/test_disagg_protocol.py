@@ -13,7 +13,8 @@ import zmq
 from meshserve.disagg.bootstrap_client import Prefill, PrefillDirectory, register_rank
 from meshserve.disagg.bootstrap_server import BootstrapServer
 from meshserve.disagg.control import ControlChannel
-from meshserve.disagg.protocol import KVAck, KVDone, KVFailed, KVLayout, Registration, prompt_digest
+from meshserve.disagg.protocol import (KVAck, KVDone, KVFailed, KVLayout, Registration, prefill_dp_rank,
+                                       prompt_digest)
 from meshserve.messages import TopLogprob
 from tests.server_process import free_port
 
@@ -21,9 +22,9 @@ LAYOUT = KVLayout(model="config.json abc, weights def, tokenizer 123", dtype="fl
                   kv_heads=3, head_dim=64, page_size=1, tp_size=1)
 
 
-def _wait(directory: PrefillDirectory, host: str, port: int) -> Prefill | Exception:
+def _wait(directory: PrefillDirectory, host: str, port: int, room: int = 0) -> Prefill | Exception:
     deadline = time.monotonic() + 10
-    while (found := directory.get(host, port)) is None:
+    while (found := directory.get(host, port, room)) is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return found
@@ -67,12 +68,37 @@ def test_bootstrap_server_registers_and_routes_with_the_compatibility_check() ->
         found = _wait(directory, "127.0.0.1", port)  # a failed lookup is not cached: asked again
         assert found == Prefill(endpoint="tcp://127.0.0.1:1", metadata=b"\x00md",
                                 problems=("head_dim: prefill has 64, decode has 128",))
-        assert directory.get("127.0.0.1", port) is found  # cached per address
+        assert directory.get("127.0.0.1", port, 0) is found  # cached per address
         # Plain JSON, readable with curl; a body that is not a Registration is refused.
         assert httpx.get(f"http://127.0.0.1:{port}/route?tp_rank=0").json()["endpoint"] == "tcp://127.0.0.1:1"
         assert httpx.put(f"http://127.0.0.1:{port}/register", content=b'{"tp_rank": "x"}').status_code == 400
         directory.close()
     finally:
+        server.close()
+
+
+def test_a_room_finds_its_prefill_dp_group() -> None:
+    """A prefill with --dp-size 2 (attention TP 2 in each group): decode rank 1 of a room pairs
+    with rank 1 of DP group room % 2, the group the prefill's DPController gave the room to."""
+    port = free_port()
+    server = BootstrapServer("127.0.0.1", port)
+    server.start()
+    layout = msgspec.structs.replace(LAYOUT, tp_size=2)
+    directory = PrefillDirectory(layout, tp_rank=1)
+    try:
+        for group, rank in ((0, 0), (0, 1), (1, 0)):
+            register_rank("127.0.0.1", port, Registration(tp_rank=rank, dp_rank=group, dp_size=2, layout=layout,
+                                                          endpoint=f"tcp://127.0.0.1:{10 * group + rank + 1}",
+                                                          metadata=b""))
+        missing = _wait(directory, "127.0.0.1", port)
+        assert isinstance(missing, RuntimeError) and "prefill tp rank 1 of DP group 1 has not registered" in str(missing)
+        register_rank("127.0.0.1", port, Registration(tp_rank=1, dp_rank=1, dp_size=2, layout=layout,
+                                                      endpoint="tcp://127.0.0.1:12", metadata=b""))
+        assert [_wait(directory, "127.0.0.1", port, room).endpoint for room in (6, 7, 2**63 - 1)] == [
+            "tcp://127.0.0.1:2", "tcp://127.0.0.1:12", "tcp://127.0.0.1:12"]
+        assert prefill_dp_rank(7, 2) == 1 and prefill_dp_rank(6, 2) == 0
+    finally:
+        directory.close()
         server.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.config.server_args import ServerArgs, ServerArgsError
+from meshserve.config.server_args import ServerArgs
 from meshserve.server.dp_controller import DPController
 
 
@@ -27,12 +27,19 @@ def test_shortest_queue_fills_the_emptiest_group():
     assert dp.dispatch("e") == 0 and dp.dispatch("f") == 1
 
 
+def test_a_prefill_server_places_a_room_in_group_room_mod_dp_size():
+    dp = DPController(4, "shortest_queue", by_room=True)
+    assert [dp.dispatch(f"r{room}", room) for room in (9, 9 + 4, 2**63 - 2)] == [1, 1, 2]
+    assert dp.dispatch("warm-up") == 0  # no room (no bootstrap fields): the method decides
+    assert dp.live == [1, 2, 1, 0]
+    assert DPController(4).dispatch("r", 9) == 0  # not a prefill server: the room plays no part
+
+
 def test_the_flag_and_its_refusals():
     args = ServerArgs.parse_args(["--device", "cpu", "--dp-size", "2", "--load-balance-method", "shortest_queue"])
     assert args.validate().parallel.load_balance_method == "shortest_queue"
     with pytest.raises(SystemExit):
         ServerArgs.parse_args(["--load-balance-method", "minimum_tokens"])
-    with pytest.raises(ServerArgsError, match="not supported yet: --dp-size 2"):
-        ServerArgs.parse_args(["--device", "cpu", "--dp-size", "2", "--disaggregation-mode", "prefill"]).validate()
+    ServerArgs.parse_args(["--device", "cpu", "--dp-size", "2", "--disaggregation-mode", "prefill"]).validate()
     with pytest.raises(ValueError, match="unknown load balance method"):
         DPController(2, "random")

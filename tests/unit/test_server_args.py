@@ -282,7 +282,7 @@ def test_programmatic_choices_checked(on_cpu: None) -> None:
 
 
 def test_all_problems_reported_together(on_cpu: None) -> None:
-    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--enable-dp-attention",
+    problems = problems_of(["--port", "0", "--page-size", "0", "--tp", "2", "--kv-cache-dtype", "fp8_e5m2",
                             "--disaggregation-mode", "prefill", "--moe-a2a-backend", "mooncake"])
     assert len(problems) == 4
     # value errors first, then refusals
@@ -295,12 +295,13 @@ def test_from_cli_prints_every_problem_and_exits_2(
 ) -> None:
     with pytest.raises(SystemExit) as exc:
         ServerArgs.from_cli(["--tp", "16", "--dp-size", "16", "--ep", "16", "--nnodes", "2",
-                             "--dist-init-addr", "10.0.0.1:5000", "--disaggregation-mode", "decode"])
+                             "--dist-init-addr", "10.0.0.1:5000", "--moe-a2a-backend", "mooncake",
+                             "--kv-cache-dtype", "fp8_e5m2"])
     assert exc.value.code == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 1  # --ep is built
+    assert len(err_lines) == 2  # --ep and --dp-size are built
     assert all("error: not supported yet: " in line for line in err_lines)
-    assert "--dp-size 16" in err_lines[0]
+    assert "--moe-a2a-backend mooncake" in err_lines[0] and "--kv-cache-dtype fp8_e5m2" in err_lines[1]
 
 
 def test_validate_returns_self(on_cpu: None) -> None:
@@ -316,9 +317,6 @@ def test_validate_returns_self(on_cpu: None) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--dp", "2", "--disaggregation-mode", "prefill"], "not supported yet: --dp 2 ("),
-        (["--tp", "2", "--dp-size", "2", "--enable-dp-attention", "--nnodes", "2", "--dist-init-addr",
-          "127.0.0.1:5000", "--disaggregation-mode", "decode"], "not supported yet: --enable-dp-attention ("),
         (["--moe-a2a-backend", "mooncake"], "not supported yet: --moe-a2a-backend mooncake ("),
         (["--base-gpu-id", "1"], "not supported yet: --base-gpu-id 1"),
     ],
@@ -332,8 +330,11 @@ def test_refusals(on_cpu: None, argv: list[str], needle: str) -> None:
     ["--dp-size", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"],
     ["--tp", "16", "--ep", "16", "--dp-size", "16", "--enable-dp-attention", "--enable-dp-lm-head",
      "--moe-a2a-backend", "deepep", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:20000"],
+    ["--dp", "2", "--disaggregation-mode", "prefill"],
+    ["--tp", "16", "--dp-size", "16", "--enable-dp-attention", "--nnodes", "2", "--dist-init-addr",
+     "10.0.0.1:5000", "--disaggregation-mode", "decode"],
 ])
-def test_data_parallelism_across_nodes_is_accepted(on_cpu: None, argv: list[str]) -> None:
+def test_data_parallelism_across_nodes_and_with_disaggregation_is_accepted(on_cpu: None, argv: list[str]) -> None:
     assert problems_of(argv) == ()
 
 
@@ -372,10 +373,10 @@ def test_refusal_table_rows_name_real_fields() -> None:
 def test_refusal_message_example_from_brief(on_cpu: None) -> None:
     message = str(pytest.raises(ServerArgsError, ServerArgs.parse_args(
         ["--tp", "16", "--dp-size", "16", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000",
-         "--disaggregation-mode", "prefill", "--moe-a2a-backend", "mooncake"]).validate).value)
+         "--kv-cache-dtype", "fp8_e5m2", "--moe-a2a-backend", "mooncake"]).validate).value)
     lines = message.splitlines()
     assert len(lines) == 2
-    assert "--dp-size" in lines[0] and "--moe-a2a-backend" in lines[1]
+    assert "--moe-a2a-backend" in lines[0] and "--kv-cache-dtype" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,13 +504,6 @@ def _all_seed_commands() -> list[tuple[str, list[str]]]:
 
 SEED_COMMANDS = _all_seed_commands() if SEEDS_DIR.is_dir() else []
 
-# Flags whose feature is not built with prefill-decode disaggregation: a seed's PD command line
-# using them must be refused, naming the flag as the user spelled it (without PD they run).
-UNBUILT_WITH_PD = {
-    "--enable-dp-attention",
-}
-
-
 @pytest.mark.skipif(not SEED_COMMANDS, reason="seed files not available")
 def test_seed_extraction_found_the_known_deployments() -> None:
     flat = [" ".join(argv) for _, argv in SEED_COMMANDS]
@@ -522,22 +516,14 @@ def test_seed_extraction_found_the_known_deployments() -> None:
 
 @pytest.mark.skipif(not SEED_COMMANDS, reason="seed files not available")
 @pytest.mark.parametrize(("where", "argv"), SEED_COMMANDS, ids=[w for w, _ in SEED_COMMANDS])
-def test_seed_command_lines_parse_and_are_refused(on_gpu: None, where: str, argv: list[str]) -> None:
+def test_seed_command_lines_parse_and_validate(on_gpu: None, where: str, argv: list[str]) -> None:
     args = ServerArgs.parse_args(argv)  # SystemExit(2) on any unknown flag
-    pd = args.disagg.disaggregation_mode != "null"
-    expected = [t for t in argv if t in UNBUILT_WITH_PD] if pd else []
-    if pd and "--dp-size" in argv and "--enable-dp-attention" not in argv:
-        expected.append("--dp-size")  # plain data parallelism: not with disaggregation so far
     try:
         args.validate()
         problems: tuple[str, ...] = ()
     except ServerArgsError as err:
         problems = err.problems
-    refused = [p for p in problems if p.startswith("not supported yet: ")]
-    assert len(refused) == len(problems), problems  # nothing but refusals
-    for flag in expected:
-        assert any(p.startswith(f"not supported yet: {flag} ") for p in refused), (flag, problems)
-    assert len(refused) == len(expected), problems
+    assert problems == (), problems  # every seed deployment's flags are built
 
 
 def test_kubernetes_spellings(on_gpu: None) -> None:
