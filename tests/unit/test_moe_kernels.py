@@ -25,10 +25,23 @@ def test_fused_experts_match_reference(tokens, experts, top_k, hidden, inter):
     w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2
     w2 = torch.randn(experts, hidden, inter, generator=gen) * 0.2
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[1::4, -1] = -1  # pairs held by another expert-parallel rank: their rows of y are never written
+    ids[2::7] = -1  # tokens with no expert on this rank at all
     weights = torch.rand(tokens, top_k, generator=gen)
     expected = experts_reference(x, w13, w2, weights, ids)
     got = fused_experts(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)))
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_experts_of_no_tokens():
+    """A rank's idle forward: no tokens, nothing launched, an empty [0, H] result."""
+    from meshserve.layers.moe.grouped_gemm import fused_experts
+
+    w13, w2 = torch.randn(4, 64, 32, device=DEVICE), torch.randn(4, 32, 32, device=DEVICE)
+    load = torch.zeros(5, dtype=torch.int64, device=DEVICE)
+    out = fused_experts(torch.empty(0, 32, device=DEVICE), w13, w2, torch.empty(0, 2, device=DEVICE),
+                        torch.empty(0, 2, dtype=torch.int64, device=DEVICE), load=load)
+    assert out.shape == (0, 32) and not load.any()
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 64), None], ids=["block-16", "block-32x64", "per-channel"])

@@ -1,14 +1,19 @@
 """The routed experts on the GPU: two grouped GEMMs in Triton over the (token, expert) pairs
-sorted by expert, with the activation between them.
+sorted by expert (pair_sort.py), the activation in the first one's epilogue.
 
     pairs sorted by expert, each expert's run padded to whole BLOCK_M blocks
-    GEMM 1: h[pair]  = x[pair // top_k] @ w13[expert]^T          [pairs, 2I]
+    GEMM 1: h[pair]  = x[pair // top_k] @ w13[expert]^T          (gate and up tiles, in registers)
             a[pair]  = silu(h_gate) * h_up                         [pairs, I]
     GEMM 2: y[pair]  = weight[pair] * (a[pair] @ w2[expert]^T)     [pairs, H]
-    out[t]  = sum over t's top_k pairs of y                        [T, H]
+    out[t]  = sum over t's top_k pairs of this rank of y           [T, H]
 
-Each program computes one BLOCK_M × BLOCK_N tile of one block, which belongs to one expert, so
-it streams that expert's weights once for up to BLOCK_M tokens.
+Four launches per call (sort, two GEMMs, sum), a fixed cost that matters at decode, where a
+layer's touched weights take ~16 us to read. Each GEMM program computes one BLOCK_M × BLOCK_N
+tile of one block, which belongs to one expert, so it streams that expert's weights once for up
+to BLOCK_M tokens; GEMM 1's program holds the gate tile and the matching up tile (rows I + n)
+and rounds both, and the activation, where the separate GEMM output and activation kernel would
+(the same numbers). y's rows of other ranks' pairs (id -1) are never written and the sum skips
+them, so y needs no zeroing; the sum runs in float32 in choice order (deterministic).
 
 FP8 experts (W8A16): the kernel loads FP8 weight tiles (half the bytes, which is what a
 memory-bound decode step pays for), widens them to the activations' dtype (bf16 on CUDA by the
@@ -28,15 +33,33 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.activation import silu_and_mul
 from meshserve.layers.attention.triton_paged import dot_precision
 from meshserve.layers.kernels.fp8_skinny_gemm import e4m3_to_bf16
+from meshserve.layers.kernels.rounding import round_to
 from meshserve.layers.moe.experts import ExpertScales
 from meshserve.layers.moe.pair_sort import sort_pairs
 
 BLOCK_M = 16  # decode batches give each expert a few tokens; small blocks waste little padding
 BLOCK_N = 64
 BLOCK_K = 64
+SUM_BLOCK = 1024  # hidden columns per program of the final per-token sum
+
+
+@triton.jit
+def _tile_dot(acc, a, W, Scale, rows_n, offs_k, k0, mask_n, mask_k, stride_wn, stride_wk, stride_sn, stride_sk,
+              group_n, group_k, FP8_WEIGHTS: tl.constexpr, BF16_ASM: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ W[rows_n, offs_k]^T (W, Scale: this expert's); FP8 tiles widened and scaled
+    per (row block, K block)."""
+    w = tl.load(W + rows_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+    if FP8_WEIGHTS:
+        scale = tl.load(Scale + (rows_n // group_n) * stride_sn + (k0 // group_k) * stride_sk, mask=mask_n, other=0.0)
+        if BF16_ASM:
+            w = e4m3_to_bf16(w)
+        else:
+            w = w.to(a.dtype)
+        return acc + tl.dot(a, w, input_precision=PRECISION) * scale[None, :]
+    return acc + tl.dot(a, w, input_precision=PRECISION)
 
 
 @triton.jit
@@ -44,7 +67,7 @@ def _grouped_gemm(
     A, W, C, SortedPairs, BlockExpert, NumBlocks, PairWeights, Scale,
     num_pairs, N, K, stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_se, stride_sn, stride_sk,
     group_n, group_k,
-    TOP_K: tl.constexpr, ROWS_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr, FP8_WEIGHTS: tl.constexpr,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, FP8_WEIGHTS: tl.constexpr,
     BF16_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -55,37 +78,53 @@ def _grouped_gemm(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(SortedPairs + offs_m)  # padding entries hold num_pairs
     valid = pairs < num_pairs
-    rows = pairs // TOP_K if ROWS_PER_TOKEN else pairs  # GEMM 1 reads the token's row, GEMM 2 the pair's
+    rows = pairs // TOP_K if GATED else pairs  # GEMM 1 reads the token's row, GEMM 2 the pair's
     expert = tl.load(BlockExpert + pid_m).to(tl.int64)
+    W += expert * stride_we
+    Scale += expert * stride_se
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED: rows N + offs_n of w13
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if FP8_WEIGHTS:
-            scale = tl.load(Scale + expert * stride_se + (offs_n // group_n) * stride_sn + (k0 // group_k) * stride_sk,
-                            mask=mask_n, other=0.0)
-            if BF16_ASM:
-                w = e4m3_to_bf16(w)
-            else:
-                w = w.to(a.dtype)
-            acc += tl.dot(a, w, input_precision=PRECISION) * scale[None, :]
-        else:
-            acc += tl.dot(a, w, input_precision=PRECISION)
+        acc = _tile_dot(acc, a, W, Scale, offs_n, offs_k, k0, mask_n, mask_k, stride_wn, stride_wk, stride_sn,
+                        stride_sk, group_n, group_k, FP8_WEIGHTS, BF16_ASM, PRECISION)
+        if GATED:
+            acc_up = _tile_dot(acc_up, a, W, Scale, N + offs_n, offs_k, k0, mask_n, mask_k, stride_wn, stride_wk,
+                               stride_sn, stride_sk, group_n, group_k, FP8_WEIGHTS, BF16_ASM, PRECISION)
+    dtype = C.dtype.element_ty
+    if GATED:  # silu(gate) * up, rounded where the unfused GEMM output and activation kernel round
+        gate = round_to(acc, dtype)
+        acc = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * round_to(acc_up, dtype), dtype)
     if WEIGHTED:
         acc *= tl.load(PairWeights + pairs, mask=valid, other=0.0)[:, None]
-    tl.store(C + pairs[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
-             mask=valid[:, None] & mask_n[None, :])
+    tl.store(C + pairs[:, None] * stride_cm + offs_n[None, :], acc.to(dtype), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _sum_pairs(Y, Ids, Out, H, stride_y, stride_out, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over t's pairs of this rank (id >= 0; the others' rows of y were never
+    written) of y, in float32, in choice order."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = token * TOP_K + k
+        own = tl.load(Ids + pair) >= 0
+        acc += tl.load(Y + pair * stride_y + offs, mask=mask & own, other=0.0).to(tl.float32)
+    tl.store(Out + token * stride_out + offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
-          num_blocks: torch.Tensor, pair_weights: torch.Tensor | None, top_k: int, rows_per_token: bool,
+          num_blocks: torch.Tensor, pair_weights: torch.Tensor | None, top_k: int, gated: bool,
           scale: torch.Tensor | None, block: tuple[int, int] | None) -> None:
-    n, k = w.shape[1], w.shape[2]
+    """out[pair] = a[row] @ w[expert]^T, over out's columns n (gated: w's first n rows are the
+    gate, the next n the up projection, and out gets silu(gate) * up)."""
+    n, k = out.shape[1], w.shape[2]
     block_k = BLOCK_K
     if scale is None:
         group_n, group_k = 1, 1  # unused
@@ -100,7 +139,7 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
         out if scale is None else scale,
         out.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         *(scale.stride() if scale is not None else (0, 0, 0)), group_n, group_k,
-        TOP_K=top_k, ROWS_PER_TOKEN=rows_per_token, WEIGHTED=pair_weights is not None, FP8_WEIGHTS=scale is not None,
+        TOP_K=top_k, GATED=gated, WEIGHTED=pair_weights is not None, FP8_WEIGHTS=scale is not None,
         BF16_ASM=scale is not None and a.dtype == torch.bfloat16 and a.is_cuda,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
 
@@ -111,14 +150,21 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     (FP8 with `scales`, else x's dtype), weights/ids [T, top_k] -> [T, H] in x's dtype. `load`
     [E + 1]: each expert's pair count is added to it (FusedExperts.load's layout), by the sort."""
     tokens, top_k = ids.shape
+    hidden = w2.shape[1]
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
     block = None if scales is None else scales.block
+    ids = ids.contiguous()
     sorted_pairs, block_expert, num_blocks = sort_pairs(ids, w13.shape[0], BLOCK_M, load)
-    h = torch.empty(tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    _gemm(x, w13, h, sorted_pairs, block_expert, num_blocks, None, top_k, rows_per_token=True,
+    a = torch.empty(tokens * top_k, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
+    _gemm(x, w13, a, sorted_pairs, block_expert, num_blocks, None, top_k, gated=True,
           scale=None if scales is None else scales.w13, block=block)
-    a = silu_and_mul(h)
-    y = torch.zeros(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)  # pairs of other ranks stay 0
+    y = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs unwritten
+    # The router's weights are float32 already: flatten is a view and float() a no-op, no copy per call.
     _gemm(a, w2, y, sorted_pairs, block_expert, num_blocks, weights.flatten().float().contiguous(), top_k,
-          rows_per_token=False, scale=None if scales is None else scales.w2, block=block)
-    return y.view(tokens, top_k, w2.shape[1]).sum(dim=1)
+          gated=False, scale=None if scales is None else scales.w2, block=block)
+    _sum_pairs[(tokens, triton.cdiv(hidden, SUM_BLOCK))](y, ids, out, hidden, y.stride(0), out.stride(0),
+                                                         TOP_K=top_k, BLOCK_H=SUM_BLOCK)
+    return out
