@@ -52,7 +52,13 @@ class Routing:
                              f"top {self.topk_groups} groups: not a valid grouping")
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [T, E] float32 -> (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
+        """logits [T, E] float32 -> (weights [T, top_k] float32, expert ids [T, top_k] int64).
+        On CUDA without expert groups: one Triton launch (routing_kernel.py), the same function."""
+        if logits.is_cuda and self.num_groups == 1:
+            from meshserve.layers.moe.routing_kernel import select_top_k
+
+            return select_top_k(logits, self.top_k, sigmoid=self.scoring == "sigmoid", bias=bias,
+                                renormalize=self.renormalize, scaling_factor=self.scaling_factor)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if bias is None else scores + bias
         if self.num_groups > 1:
