@@ -5,9 +5,10 @@ weights take to read at HBM speed.
 
   python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep] [--fp8 block|channel]
 
-Rows: sort (the (token, expert) pair ordering alone), experts (the whole fused_experts call:
-sort, two grouped GEMMs, activation, sum), floor (touched experts' bytes / --bandwidth-tbs).
---sweep times fused_experts for every (BLOCK_N, BLOCK_K) of the grid below. Several layers'
+Columns: route (the router: gate GEMM, scoring, top-k, renormalisation), sort (the (token,
+expert) pair ordering alone), experts (the whole fused_experts call: sort, the gated GEMM 1, GEMM 2,
+sum), floor (touched experts' bytes / --bandwidth-tbs). --sweep times fused_experts for every
+(BLOCK_N, BLOCK_K) of the grid below (GEMM 1's tiles are BLOCK_N / 2 wide, gate and up each). Several layers'
 distinct weights are cycled so the 50 MB L2 does not hold a layer's experts between calls.
 --fp8: the same experts in FP8 (W8A16, Qwen3-30B-A3B-FP8's 128 x 128 blocks or per-row scales);
 the floor is then their FP8 bytes.
@@ -23,6 +24,7 @@ import torch
 from meshserve.layers.fp8 import quantize_blockwise, quantize_per_channel
 from meshserve.layers.moe import grouped_gemm, pair_sort
 from meshserve.layers.moe.experts import ExpertScales
+from meshserve.layers.moe.router import Routing, TopKRouter
 
 EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2048, 768
 LAYERS = 4  # distinct weights cycled per timed call
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     if ns.fp8 is not None:
         w13, w2, scales = _quantized(w13, w2, (128, 128) if ns.fp8 == "block" else None)
     expert_bytes = 3 * WIDTH * HIDDEN * (1 if ns.fp8 else 2)
-    print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'sort ms':>8} {'experts ms':>11} {'x floor':>8}")
+    router = TopKRouter(HIDDEN, Routing(EXPERTS, TOP_K, renormalize=True), dtype=dt).to(dev)  # Qwen3-MoE's
+    router.weight.data.normal_(0, 0.02, generator=gen)
+    print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'route ms':>9} {'sort ms':>8} {'experts ms':>11} {'x floor':>8}")
     for tokens in ns.tokens:
         x = torch.randn(tokens, HIDDEN, device=dev, dtype=dt, generator=gen)
         logits = torch.randn(LAYERS, tokens, EXPERTS, device=dev, generator=gen)
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 pair_sort.sort_pairs(ids[layer], EXPERTS, grouped_gemm.BLOCK_M)
 
         sort_ms, experts_ms = _graph_ms(sort) / LAYERS, _graph_ms(experts) / LAYERS
-        print(f"{tokens:>6} {touched:>8.1f} {floor:>9.4f} {sort_ms:>8.4f} {experts_ms:>11.4f} {experts_ms / floor:>8.2f}")
+        route_ms = _graph_ms(lambda: router(x))
+        print(f"{tokens:>6} {touched:>8.1f} {floor:>9.4f} {route_ms:>9.4f} {sort_ms:>8.4f} {experts_ms:>11.4f} "
+              f"{experts_ms / floor:>8.2f}")
         if ns.sweep:
             default = grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K
             results = []

@@ -133,7 +133,10 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
     else:
         group_n, group_k = block
         block_k = min(BLOCK_K, group_k)  # divides group_k: FusedExperts admits powers of two >= 16 on CUDA
-    grid = (block_expert.numel(), triton.cdiv(n, BLOCK_N))
+    # Gated: half-width tiles, so each program still streams BLOCK_N weight rows (gate + up) per
+    # K step and a decode step keeps as many programs, hence bytes in flight, as over all 2I rows.
+    block_n = BLOCK_N // 2 if gated else BLOCK_N
+    grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm[grid](
         a, w, out, sorted_pairs, block_expert, num_blocks, out if pair_weights is None else pair_weights,
         out if scale is None else scale,
@@ -141,7 +144,7 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
         *(scale.stride() if scale is not None else (0, 0, 0)), group_n, group_k,
         TOP_K=top_k, GATED=gated, WEIGHTED=pair_weights is not None, FP8_WEIGHTS=scale is not None,
         BF16_ASM=scale is not None and a.dtype == torch.bfloat16 and a.is_cuda,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
