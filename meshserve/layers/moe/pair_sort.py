@@ -50,15 +50,9 @@ def sort_pairs(ids: torch.Tensor, num_experts: int, block_m: int,
     module docstring describes; with `load` ([num_experts + 1] int64), each expert's pair count
     is added to it."""
     flat = ids.flatten()
-    if flat.numel() <= KERNEL_MAX_PAIRS and (flat.is_cuda or triton_interpreted()):
+    if flat.numel() <= KERNEL_MAX_PAIRS:
         return _sort_triton(flat, num_experts, block_m, load)
     return _sort_torch(flat, num_experts, block_m, load)
-
-
-def triton_interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
