@@ -53,12 +53,11 @@ class Routing:
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [T, E] float32 -> (weights [T, top_k] float32, expert ids [T, top_k] int64).
-        On CUDA without expert groups: one Triton launch (routing_kernel.py), the same function."""
-        if logits.is_cuda and self.num_groups == 1:
+        On CUDA: one Triton launch (routing_kernel.py), the same function; below, the reference."""
+        if logits.is_cuda:
             from meshserve.layers.moe.routing_kernel import select_top_k
 
-            return select_top_k(logits, self.top_k, sigmoid=self.scoring == "sigmoid", bias=bias,
-                                renormalize=self.renormalize, scaling_factor=self.scaling_factor)
+            return select_top_k(logits, self, bias)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if bias is None else scores + bias
         if self.num_groups > 1:
