@@ -75,6 +75,23 @@ def test_unsupported_routing_is_refused_by_name():
         Routing(num_experts=8, top_k=2, num_groups=3)
 
 
+def test_gate_holds_model_dtype_values_in_float32():
+    """The gate is kept in float32 (no widening per step) but holds what a model-dtype parameter
+    would: a float32 checkpoint tensor rounded to bfloat16, and the same logits follow."""
+    from meshserve.executor.loader import _replicated_weight_loader
+
+    router = TopKRouter(HIDDEN, Routing(num_experts=EXPERTS, top_k=2), dtype=torch.bfloat16)
+    loaded = torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(1))
+    getattr(router.weight, "weight_loader", _replicated_weight_loader)(router.weight, loaded)
+    assert router.weight.dtype == torch.float32 and torch.equal(router.weight, loaded.bfloat16().float())
+    x = torch.randn(3, HIDDEN).bfloat16()
+    logits = torch.nn.functional.linear(x.float(), loaded.bfloat16().float())
+    expected = Routing(num_experts=EXPERTS, top_k=2).select(logits)
+    assert all(torch.equal(a, b) for a, b in zip(router(x), expected))
+    with pytest.raises(ValueError, match="shape"):
+        router.weight.weight_loader(router.weight, loaded[:, :-1])
+
+
 def test_experts_load_per_expert_and_match_transformers():
     config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=24, num_local_experts=EXPERTS)
     hf = MixtralExperts(config)

@@ -37,7 +37,8 @@ def _check(impl, ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     sorted_pairs, block_expert, num_blocks = impl(ids.to(DEVICE).flatten(), num_experts, block_m, counter)
     used = int(num_blocks)
     assert used == len(experts)
-    assert sorted_pairs.numel() == max_blocks(ids.numel(), num_experts, block_m) * block_m == block_expert.numel() * block_m
+    bound = max_blocks(ids.numel(), num_experts, block_m)
+    assert sorted_pairs.numel() == bound * block_m and block_expert.numel() == bound
     assert sorted_pairs[: used * block_m].tolist() == pairs
     assert block_expert[:used].tolist() == experts
     assert (sorted_pairs[used * block_m :] == ids.numel()).all()  # past the used blocks: padding only

@@ -148,7 +148,8 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: tor
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, scales: ExpertScales | None = None, load: torch.Tensor | None = None) -> torch.Tensor:
+                  ids: torch.Tensor, scales: ExpertScales | None = None,
+                  load: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as experts.experts_reference: x [T, H], w13 [E, 2I, H], w2 [E, H, I]
     (FP8 with `scales`, else x's dtype), weights/ids [T, top_k] -> [T, H] in x's dtype. `load`
     [E + 1]: each expert's pair count is added to it (FusedExperts.load's layout), by the sort."""

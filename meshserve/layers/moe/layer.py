@@ -23,7 +23,7 @@ class SparseMoeBlock(nn.Module):
         """`shared`: the shared experts as a dense (tensor-parallel, self-reducing) MLP; with
         `shared_gate` its output is scaled by sigmoid(x . shared_expert_gate) (Qwen2-MoE).
         `quant`: FP8 routed experts unless the scheme keeps `<prefix>.experts` (the checkpoint
-        module name) in high precision; the router gate always stays in the model's dtype."""
+        module name) in high precision; the router gate is never FP8 (model-dtype values, held in float32)."""
         super().__init__()
         self.gate = TopKRouter(hidden_size, routing, dtype=dtype)
         self.placement = ExpertPlacement(routing.num_experts, groups.ep_num_redundant_experts, groups.moe_ep)

@@ -83,12 +83,25 @@ class TopKRouter(nn.Module):
     def __init__(self, hidden_size: int, routing: Routing, *, dtype: torch.dtype) -> None:
         super().__init__()
         self.routing = routing
-        self.weight = nn.Parameter(torch.empty(routing.num_experts, hidden_size, dtype=dtype), requires_grad=False)
+        self.model_dtype = dtype
+        # The logits are computed in float32 from the model-dtype weight (the reference's way):
+        # the weight is stored widened once, at load, rather than per step (a kernel per layer).
+        self.weight = nn.Parameter(torch.empty(routing.num_experts, hidden_size, dtype=torch.float32),
+                                   requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
         # The correction bias stays float32 in any model dtype (it separates scores ~1e-3 apart).
         self.e_score_correction_bias = nn.Parameter(torch.zeros(routing.num_experts, dtype=torch.float32),
                                                     requires_grad=False) if routing.correction_bias else None
 
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """The checkpoint's gate rounded to the model's dtype (as a model-dtype parameter would
+        hold it), kept in float32."""
+        if param.shape != loaded.shape:
+            raise ValueError(f"MoE gate: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                             f"expected {tuple(param.shape)}")
+        param.data.copy_(loaded.to(self.model_dtype))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         return self.routing.select(logits, self.e_score_correction_bias)
