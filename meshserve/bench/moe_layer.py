@@ -3,7 +3,7 @@ should use: one Qwen3-30B-A3B layer's routed experts (128 experts, top 8, hidden
 width 768, bf16) at several token counts, in CUDA graphs, beside the time its touched experts'
 weights take to read at HBM speed.
 
-  python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep] [--fp8 block|channel]
+  python -m meshserve.bench.moe_layer [--tokens 1 64 256] [--sweep] [--sort-paths] [--fp8 block|channel]
 
 Columns: route (the router: gate GEMM, scoring, top-k, renormalisation), sort (the (token,
 expert) pair ordering alone), experts (the whole fused_experts call: sort, the gated GEMM 1, GEMM 2,
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sort-paths", action="store_true",
+                        help="time both pair-sort implementations at every size (to place KERNEL_MAX_PAIRS)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8)
     parser.add_argument("--fp8", choices=("block", "channel"), help="FP8 experts: 128x128 block or per-row scales")
     ns = parser.parse_args(argv)
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     expert_bytes = 3 * WIDTH * HIDDEN * (1 if ns.fp8 else 2)
     router = TopKRouter(HIDDEN, Routing(EXPERTS, TOP_K, renormalize=True), dtype=dt).to(dev)  # Qwen3-MoE's
     router.weight.data.normal_(0, 0.02, generator=gen)
-    print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'route ms':>9} {'sort ms':>8} {'experts ms':>11} {'x floor':>8}")
+    print(f"{'tokens':>6} {'touched':>8} {'floor ms':>9} {'route ms':>9} {'sort ms':>8} {'experts ms':>11} "
+          f"{'x floor':>8}")
     for tokens in ns.tokens:
         x = torch.randn(tokens, HIDDEN, device=dev, dtype=dt, generator=gen)
         logits = torch.randn(LAYERS, tokens, EXPERTS, device=dev, generator=gen)
@@ -88,6 +91,16 @@ def main(argv: list[str] | None = None) -> None:
         route_ms = _graph_ms(lambda: router(x))
         print(f"{tokens:>6} {touched:>8.1f} {floor:>9.4f} {route_ms:>9.4f} {sort_ms:>8.4f} {experts_ms:>11.4f} "
               f"{experts_ms / floor:>8.2f}")
+        if ns.sort_paths:
+            paths = {}
+            for name, impl in (("kernel", pair_sort._sort_triton), ("torch", pair_sort._sort_torch)):
+                def run(impl=impl) -> None:
+                    for layer in range(LAYERS):
+                        impl(ids[layer].flatten(), EXPERTS, grouped_gemm.BLOCK_M, None)
+
+                paths[name] = _graph_ms(run) / LAYERS
+            print(f"        {tokens * TOP_K} pairs: sort kernel {paths['kernel']:.4f} ms, "
+                  f"torch {paths['torch']:.4f} ms (the kernel runs up to {pair_sort.KERNEL_MAX_PAIRS} pairs)")
         if ns.sweep:
             default = grouped_gemm.BLOCK_N, grouped_gemm.BLOCK_K
             results = []
