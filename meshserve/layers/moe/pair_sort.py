@@ -35,6 +35,10 @@ import triton.language as tl
 # torch path's fixed launches (a few thousand pairs: decode batches and small prefills).
 KERNEL_MAX_PAIRS = 8192
 _MAX_CHUNK = 1024  # ids per scan step of one program
+_NUM_WARPS = 4
+# At least one id per thread: a smaller block would be held in several copies across the threads,
+# which the histogram must then discount (Triton does, by layout arithmetic; not relied upon).
+_MIN_CHUNK = 32 * _NUM_WARPS
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -108,7 +112,8 @@ def _sort_triton(flat: torch.Tensor, num_experts: int, block_m: int,
         flat, sorted_pairs, block_expert, num_blocks, num_blocks if load is None else load,
         pairs, num_experts, blocks,
         BLOCK_M=block_m, BINS=triton.next_power_of_2(num_experts + 1),
-        CHUNK=min(_MAX_CHUNK, max(16, triton.next_power_of_2(pairs))), COUNT_LOAD=load is not None)
+        CHUNK=min(_MAX_CHUNK, max(_MIN_CHUNK, triton.next_power_of_2(pairs))), COUNT_LOAD=load is not None,
+        num_warps=_NUM_WARPS)
     return sorted_pairs, block_expert, num_blocks
 
 
