@@ -21,6 +21,10 @@ BLOCK_N = 64
 # Heads wider than this (MLA's 576-wide latent keys, padded to 1024) take smaller tiles and one
 # pipeline stage: a 64 x 1024 bf16 tile is 128 KiB, and 64/64 tiles with two stages need 512 KiB
 # of shared memory (an H200 has 227 KiB). 32/32 with one stage: Q 64 + K 64 + V 32 KiB.
+# Heads whose width is not a power of two (padded, masked) take the same tiles: with 64/64 tiles
+# the compiled kernel returns wrong values for 16-bit inputs at such widths (measured on the H200,
+# Triton 3.6: a 40-wide latent head in bf16 and fp16 off by up to 3.6, with one stage too; 32/32
+# tiles are exact, and so is every width in float32). The interpreter cannot show it.
 WIDE_HEAD = 256
 
 
@@ -86,7 +90,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if tokens == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, stages = (32, 32, 1) if block_d > WIDE_HEAD else (BLOCK_M, BLOCK_N, 2)
+    padded_or_wide = block_d > WIDE_HEAD or block_d != head_dim
+    block_m, block_n, stages = (32, 32, 1) if padded_or_wide else (BLOCK_M, BLOCK_N, 2)
     grid = (triton.cdiv(max_extend_len, block_m), rows.shape[0], num_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,

@@ -257,8 +257,10 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
     tokens = order // top_k
-    pair_weights = weights.flatten()[order].to(x.dtype)
-    out = torch.zeros_like(x)
+    # Weighted and summed in float32, then rounded once, as the CUDA sum kernel (grouped_gemm.py)
+    # and transformers' DeepSeek-V3 do; identical to before in float32 models.
+    pair_weights = weights.flatten()[order].float()
+    out = torch.zeros_like(x, dtype=torch.float32)
     start = counts[0]
     for expert, count in enumerate(counts[1:]):
         if count:
@@ -266,6 +268,6 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
             gate_up, down = (w13[expert], w2[expert]) if scales is None else \
                 scales.dequantized(w13, w2, expert, x.dtype)
             h = silu_and_mul(x[rows] @ gate_up.t()) @ down.t()
-            out.index_add_(0, rows, h * pair_weights[start : start + count, None])
+            out.index_add_(0, rows, h.float() * pair_weights[start : start + count, None])
             start += count
-    return out
+    return out.to(x.dtype)
