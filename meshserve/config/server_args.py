@@ -444,6 +444,13 @@ class SchedulerArgs(_ConcernMixin):
     enable_deterministic_check: bool = _arg(
         False, "Debug: check every step that all ranks scheduled the same batch (hash "
         "comparison across ranks, DESIGN §2).")
+    decode_log_interval: int = _arg(
+        40, "Log the batch state (running and waiting requests, KV usage, generation rate) every "
+        "this many decode steps; every prefill batch is logged too.")
+    step_trace_file: str | None = _arg(
+        None, "Debug: write one JSON line per forward step (mode, sequences, tokens, KV use, launch "
+        "time) to this file, for profiling a run (`python -m meshserve.bench.step_trace FILE`). "
+        "With --dp-size N each DP group writes its own file (.dpK before the suffix).")
 
     def resolved_overlap_schedule(self, device_type: str) -> bool:
         """Whether decode steps overlap: on CUDA unless disabled; elsewhere only when asked."""
@@ -813,6 +820,7 @@ class ServerArgs:
             yield "--attention-backend triton needs --device cuda; on cpu use torch_native"
         yield from at_least("random_seed", 0, optional=True)
         yield from at_least("stream_interval", 1)
+        yield from at_least("decode_log_interval", 1)
 
         # http / disagg
         yield from port("port")

@@ -32,6 +32,7 @@ from meshserve.scheduler.finish import FinishChecker
 from meshserve.scheduler.kv_ledger import KVLedger
 from meshserve.scheduler.policy import PrefillBudget, PrefillPolicy
 from meshserve.scheduler.request import Req, ReqState
+from meshserve.scheduler.step_log import StepLog, StepRecord
 
 if TYPE_CHECKING:
     from meshserve.disagg.decode_side import DecodeSide
@@ -83,6 +84,7 @@ class _Sampled:
 class _Extend:
     req: Req
     slots: torch.Tensor  # KV slots (CPU int64) of the new tokens computed for req in this step
+    cached: int = 0  # prefix tokens found in the cache when req was admitted in this step
 
     @property
     def length(self) -> int:
@@ -130,6 +132,10 @@ class Scheduler:
         # Prefill-decode disaggregation (--disaggregation-mode): set by the scheduler process.
         self.pd: PrefillSide | DecodeSide | None = None
         self.stats = dict(prompt_tokens=0, generation_tokens=0, cache_hit_tokens=0, num_retracted=0)
+        s, groups = args.scheduler, runner.groups
+        self.step_log = StepLog.open(decode_log_interval=s.decode_log_interval, pool_size=self.pool.size,
+                                     trace_file=s.step_trace_file, leader=groups.attn_tp.rank == 0,
+                                     dp_rank=groups.dp_rank, dp_size=args.parallel.dp_size)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -325,7 +331,7 @@ class Scheduler:
             req.cached_tokens = match.length
             self.stats["cache_hit_tokens"] += match.length
         req.state = ReqState.PREFILLING
-        batch.append(_Extend(req, self.kv.extend(req, take)))
+        batch.append(_Extend(req, self.kv.extend(req, take), cached=match.length if fresh else 0))
         if take < remaining:
             self.chunked = req
         return True
@@ -349,6 +355,8 @@ class Scheduler:
             seq_lens=[item.req.kv_len + item.length for item in batch],
             extend_lens=[item.length for item in batch],
         )
+        launched_at = self.step_log.now() if self.step_log is not None else 0.0
+        mixed = any(item.req.state is ReqState.RUNNING for item in batch)  # decodes ride along
         logits = self._forward(step)
         done: list[tuple[int, Req]] = []
         for i, item in enumerate(batch):
@@ -372,6 +380,7 @@ class Scheduler:
                 if not req.finished and req.state is ReqState.PREFILLING:
                     req.state = ReqState.RUNNING
                     self.running.append(req)
+        self._log_step(launched_at, "mixed" if mixed else "prefill", batch, cached=sum(item.cached for item in batch))
 
     def _run_decode(self) -> None:
         self._make_room_for_decode()
@@ -391,10 +400,12 @@ class Scheduler:
             seq_lens=[req.kv_len + 1 for req in reqs],
             extend_lens=[1] * len(reqs),
         )
+        launched_at = self.step_log.now() if self.step_log is not None else 0.0
         logits = self._forward(step)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for req in reqs:
             req.kv_len += 1
+        self._log_step(launched_at, "decode", reqs)
         if any(req.grammar is not None for req in in_flight):
             # A grammar's mask for this step needs the in-flight token: read it now (the device
             # meanwhile runs this step's forward), then sample. Batches without grammars overlap
@@ -406,6 +417,15 @@ class Scheduler:
             self._in_flight = launched
         else:
             self._advance(launched)
+
+    def _log_step(self, launched_at: float, mode: str, batch: list[_Extend] | list[Req], cached: int = 0) -> None:
+        if self.step_log is None:
+            return
+        tokens = len(batch) if mode == "decode" else sum(item.length for item in batch)
+        self.step_log.record(StepRecord(
+            t=launched_at, mode=mode, seqs=len(batch), tokens=tokens, running=len(self.running),
+            waiting=len(self.waiting), kv_used=self.kv.used_tokens, retracted=self.stats["num_retracted"]),
+            cached_tokens=cached)
 
     @property
     def _in_flight_reqs(self) -> set[Req]:
