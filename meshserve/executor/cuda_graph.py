@@ -9,6 +9,7 @@ logits are dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,23 @@ from meshserve.executor.forward_batch import ForwardBatch, ForwardMode
 logger = logging.getLogger("meshserve")
 
 DECODE_INPUT_ROWS = 5  # input ids, positions, KV slots, request rows, sequence lengths
+
+
+def capture_graph(forward: Callable[[ForwardBatch], torch.Tensor], batch: Callable[[], ForwardBatch],
+                  stream: torch.cuda.Stream, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """One forward captured on `stream` into a graph drawing from memory `pool` (None: a new
+    pool), after two warm-up runs outside the graph (Triton compilation, cuBLAS workspaces).
+    Each run gets a fresh batch from `batch`: a ForwardBatch caches values derived from its
+    inputs (extend_starts), which the captured run must compute inside the graph. Returns the
+    graph and its output tensor, which each replay overwrites."""
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward(batch())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = forward(batch())
+    return graph, out
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -51,19 +69,17 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         # Largest first: later, smaller graphs reuse the largest one's memory pool.
         for bs in reversed(self.sizes):
-            batch = self._static_batch(bs)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (Triton compilation, cuBLAS workspaces) outside the graph
-                    self._forward(batch)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                out = self._forward(batch)
+            graph, out = capture_graph(self._forward, functools.partial(self._static_batch, bs), stream, self._pool)
             self._pool = graph.pool()
             self._graphs[bs], self._outputs[bs] = graph, out
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes,
                     time.perf_counter() - started)
+
+    @property
+    def pool(self):
+        """The graphs' memory pool (after capture), for other graphs to share."""
+        return self._pool
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs

@@ -13,6 +13,7 @@ from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.cuda_graph import DECODE_INPUT_ROWS, CudaGraphRunner
+from meshserve.executor.extend_graph import ExtendGraphRunner
 from meshserve.executor.forward_batch import ForwardBatch, ForwardMode, HostLens
 from meshserve.executor.host_copy import to_device_async
 from meshserve.executor.loader import DTYPES, load_model
@@ -84,6 +85,7 @@ class ModelRunner:
         self._step_rows: torch.Tensor | None = None  # request rows of the last forward step (device)
         logger.info("KV cache: %d tokens, %d request rows", self.max_total_tokens, self.max_running_requests)
         self.graphs: CudaGraphRunner | None = None
+        self.extend_graphs: ExtendGraphRunner | None = None
         # DP attention's step contract (DPStep in docs/architecture.md): one token-count exchange
         # per step on every rank, then the forward (an idle one on a DP group without work).
         self.dp_attention = groups.layout.dp_attention and groups.dp.size > 1
@@ -102,6 +104,9 @@ class ModelRunner:
                                           max_bs=max_bs, device=device)
             logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
             self.graphs.capture()
+            self.extend_graphs = ExtendGraphRunner(forward=self._forward_inference, make_batch=self._make_batch,
+                                                   device=device)
+            self.extend_graphs.capture(self.graphs.pool)
             if self.expert_balancer is not None:
                 self.expert_balancer.reset()  # the capture's forwards routed dummy tokens
 
@@ -175,6 +180,10 @@ class ModelRunner:
             extend_lens, input_ids = extend
             token_rows = torch.repeat_interleave(req_rows, extend_lens, output_size=tokens)
         self.req_to_token.table[token_rows, positions] = out_cache_loc
+        if not decode and self.extend_graphs is not None and self.extend_graphs.can_run(seqs, tokens):
+            logits = self.extend_graphs.replay(input_ids, positions, out_cache_loc, req_rows, seq_lens, extend_lens)
+            self._forward_done()
+            return logits
         if decode:
             input_ids = self.last_tokens.index_select(0, req_rows)
             if self.graphs is not None and self.graphs.can_run(seqs):

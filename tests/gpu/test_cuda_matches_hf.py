@@ -29,6 +29,19 @@ def test_cuda_fused_decode_matches_transformers(tmp_path, monkeypatch, dtype):
     _check_greedy_matches_transformers(tmp_path, dtype, ())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_prefills_replay_extend_graphs_and_match_transformers(tmp_path, monkeypatch, dtype):
+    """The prompts (up to 512 tokens, at most 8 per step) are prefilled by replaying the extend
+    graphs (executor/extend_graph.py), and the output still equals transformers'."""
+    from meshserve.executor.extend_graph import ExtendGraphRunner
+
+    replays: list[int] = []
+    run = ExtendGraphRunner._run
+    monkeypatch.setattr(ExtendGraphRunner, "_run", lambda self, bucket: replays.append(bucket) or run(self, bucket))
+    _check_greedy_matches_transformers(tmp_path, dtype, ())
+    assert replays, "no prefill ran in an extend graph"
+
+
 def _check_greedy_matches_transformers(tmp_path, dtype: str, engine_args: tuple[str, ...]) -> None:
     from meshserve.bench.random_model import SHAPES, write_random_model
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion

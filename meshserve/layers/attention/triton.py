@@ -24,10 +24,11 @@ class TritonBackend(AttentionBackend):
                batch: ForwardBatch) -> torch.Tensor:
         from meshserve.layers.attention.triton_extend import extend_attention
 
-        assert batch.host is not None
         pool, i = batch.kv_pool, layer.layer_id
+        # Inside a CUDA graph (no host lengths) the grid covers a sequence holding every token.
+        max_extend_len = batch.host.max_extend_len if batch.host is not None else q.shape[0]
         return extend_attention(q, pool.k[i], pool.v[i], batch.req_to_token.table, batch.req_rows, batch.seq_lens,
-                                batch.extend_lens, batch.extend_starts, batch.host.max_extend_len, layer.scaling,
+                                batch.extend_lens, batch.extend_starts, max_extend_len, layer.scaling,
                                 k_scale=pool.k_scale[i], v_scale=pool.v_scale[i])
 
     def decode(self, layer: AttentionLayer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
