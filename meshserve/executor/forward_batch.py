@@ -48,30 +48,39 @@ class ForwardBatch:
         return self.seq_lens.shape[0]
 
     @functools.cached_property
-    def single_token_groups(self) -> list[PaddedKV]:
-        """The sequences with exactly one new token (all of them in decode; the decodes riding
-        in a mixed extend step), sorted by length and packed into groups whose padded K/V gather
-        (sequences × longest length) stays within PADDED_GATHER_MAX_TOKENS — so one long sequence
-        among many short ones does not pad them all to its length. A sequence longer than the
-        bound forms a group alone. Computed once per step and shared by every layer."""
+    def decode_rows(self) -> int:
+        """How many sequences at the end of the batch are decodes: each has exactly one new token,
+        whose query is its sequence's last position and so sees every key it has. All of them in
+        a DECODE step; in an EXTEND step, the decodes riding in a mixed extend step
+        (--enable-mixed-chunk: the scheduler appends the running sequences after the prompts).
+        Backends attend to these rows as in a decode step and to the rows before them as
+        prompts. Counted once per step on the host. Inside an extend CUDA graph (host None; at
+        most a few sequences, executor/extend_graph.py) none: its replays cannot depend on the
+        step's lengths, and the extend kernel serves one-token rows too, only more slowly."""
+        if self.mode is ForwardMode.DECODE:
+            return self.batch_size
+        return 0 if self.host is None else self.host.trailing_single_tokens
+
+    @functools.cached_property
+    def decode_groups(self) -> list[PaddedKV]:
+        """The decode rows (decode_rows), sorted by length and packed into groups whose padded
+        K/V gather (sequences × longest length) stays within PADDED_GATHER_MAX_TOKENS — so one
+        long sequence among many short ones does not pad them all to its length. A sequence
+        longer than the bound forms a group alone. Computed once per step and shared by every layer."""
         assert self.host is not None
         host = self.host
-        singles: list[tuple[int, int, int]] = []  # (length, token index, request row)
-        token = 0
-        for row, seq_len, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            if new == 1:
-                singles.append((seq_len, token, row))
-            token += new
-        singles.sort()
+        first, tokens = len(host.extend_lens) - self.decode_rows, sum(host.extend_lens)
+        # (length, token index, request row) of each decode row (one token each), by length
+        decodes = sorted(zip(host.seq_lens[first:], range(tokens - self.decode_rows, tokens), host.req_rows[first:]))
         groups: list[PaddedKV] = []
         begin = 0
-        for end, (seq_len, _, _) in enumerate(singles, start=1):
+        for end, (seq_len, _, _) in enumerate(decodes, start=1):
             # sorted, so this sequence is the longest of the group it would join
             if end - begin > 1 and (end - begin) * seq_len > PADDED_GATHER_MAX_TOKENS:
-                groups.append(self._padded(singles[begin : end - 1]))
+                groups.append(self._padded(decodes[begin : end - 1]))
                 begin = end - 1
-        if singles:
-            groups.append(self._padded(singles[begin:]))
+        if decodes:
+            groups.append(self._padded(decodes[begin:]))
         return groups
 
     def _padded(self, seqs: list[tuple[int, int, int]]) -> PaddedKV:
@@ -100,7 +109,7 @@ class ForwardBatch:
 @dataclass(frozen=True)
 class PaddedKV:
     """Sequences with one new token each, attended together over their K/V gathered into one
-    padded batch (the reference backend's way; see ForwardBatch.single_token_groups)."""
+    padded batch (the reference backend's way; see ForwardBatch.decode_groups)."""
 
     tokens: torch.Tensor  # [B] index of each sequence's new token on the batch's [T] axis
     slots: torch.Tensor  # [B, L] KV slots; entries past a sequence's length are stale but valid
@@ -117,3 +126,13 @@ class HostLens:
     def max_extend_len(self) -> int:
         """Computed once per step, shared by every layer."""
         return max(self.extend_lens)
+
+    @functools.cached_property
+    def trailing_single_tokens(self) -> int:
+        """How many sequences at the end have one new token each (ForwardBatch.decode_rows)."""
+        count = 0
+        for new in reversed(self.extend_lens):
+            if new != 1:
+                break
+            count += 1
+        return count

@@ -45,7 +45,7 @@ logger = logging.getLogger("meshserve")
 # well (most sequences stop well before max_new_tokens) and jumps back up after a retraction.
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
-NEW_TOKEN_RATIO_DECAY = 0.001  # per decode step
+NEW_TOKEN_RATIO_DECAY = 0.001  # per step that decodes the running sequences (decode or mixed)
 NEW_TOKEN_RATIO_BUMP = 0.1  # per retraction
 
 
@@ -256,9 +256,12 @@ class Scheduler:
             batch = self._admit()
             if batch:
                 self._complete_in_flight()  # extend steps run in lockstep
-                if self.mixed_chunk:
-                    batch += self._decodes_as_extends()
-                self._run_extend(batch)
+                # The decodes ride after the prompts: backends attend to the trailing one-token
+                # rows as decodes (ForwardBatch.decode_rows).
+                decodes = self._decodes_as_extends() if self.mixed_chunk else []
+                self._run_extend(batch + decodes)
+                if decodes:
+                    self._decay_new_token_ratio()  # a token for every running sequence, as a decode step
                 return
         if self.running:
             self._run_decode()
@@ -402,7 +405,7 @@ class Scheduler:
         )
         launched_at = self.step_log.now() if self.step_log is not None else 0.0
         logits = self._forward(step)
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self._decay_new_token_ratio()
         for req in reqs:
             req.kv_len += 1
         self._log_step(launched_at, "decode", reqs)
@@ -426,6 +429,11 @@ class Scheduler:
             t=launched_at, mode=mode, seqs=len(batch), tokens=tokens, running=len(self.running),
             waiting=len(self.waiting), kv_used=self.kv.used_tokens, retracted=self.stats["num_retracted"]),
             cached_tokens=cached)
+
+    def _decay_new_token_ratio(self) -> None:
+        """After a step that gave every running sequence a token (a decode step, or a mixed extend
+        step carrying them): decoding went on without a retraction."""
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
 
     @property
     def _in_flight_reqs(self) -> set[Req]:

@@ -1,5 +1,7 @@
 """The Triton paged decode kernel equals PyTorch SDPA over the same pages, and (fused) stores the
-rotated new keys and the new values exactly where the reference would (CUDA only)."""
+rotated new keys and the new values exactly where the reference would; a mixed extend step
+(prompts, then the decodes riding in it through the decode kernel) equals the same reference
+(CUDA only)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,29 @@ def test_decode_kernel_matches_sdpa(fused, dtype, heads, kv_heads, head_dim):
     for b in range(out.shape[0]):
         err = (out[b].float() - ref[b]).norm() / ref[b].norm()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), (b, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "v_head_dim"),
+                         [(32, 8, 128, None), (9, 3, 64, None), (16, 1, 576, 512)], ids=["llama-8b", "gqa-3", "mla"])
+def test_mixed_step_matches_sdpa(dtype, heads, kv_heads, head_dim, v_head_dim):
+    """The Triton backend's extend on a mixed step (prompt rows through the extend kernel, decode
+    rows through the decode kernel, the new tokens stored by the rotate-and-store kernel first)
+    against float32 SDPA over the pool, and against every row through the extend kernel."""
+    from meshserve.layers.attention.triton import TritonBackend
+    from meshserve.layers.attention.triton_extend import extend_attention
+    from tests.mixed_step_case import PROMPT_ROWS, SEQUENCES, make_mixed_step
+
+    step = make_mixed_step(heads, kv_heads, head_dim, dtype, "cuda", v_head_dim=v_head_dim)
+    assert step.batch.decode_rows == len(SEQUENCES) - PROMPT_ROWS
+    out = step.run(TritonBackend())
+    ref = step.reference()
+    batch, pool = step.batch, step.batch.kv_pool
+    all_extend = extend_attention(step.rotated_q(), pool.k[0], pool.v[0], batch.req_to_token.table, batch.req_rows,
+                                  batch.seq_lens, batch.extend_lens, batch.extend_starts, batch.host.max_extend_len,
+                                  step.layer.scaling)
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for t in range(out.shape[0]):
+        for other in (ref, all_extend.float()):
+            err = (out[t].float() - other[t]).norm() / other[t].norm()
+            assert err < bound, (t, float(err))

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from meshserve.executor.forward_batch import ForwardMode
 from meshserve.messages import GenerateReq
 from tests.fake_runner import expected_output, fake_scheduler
 from tests.scheduler_driver import check_kv_accounting, greedy, output_ids, run_to_completion
@@ -139,3 +140,34 @@ def test_chunked_prefill_holds_no_slot_beyond_its_tokens(prompts, page_size):
     while scheduler.has_work:
         scheduler.step()
     assert output_ids(scheduler.take_outputs()) == expected_output(prompt, 2)
+
+
+def test_a_mixed_step_decays_the_new_token_ratio_as_a_decode_step(prompts):
+    """--enable-mixed-chunk: a prefill step that carries the running sequences gives each a token,
+    as a decode step does, so it lowers the admission reserve's ratio as much (else the reserve
+    stays at its start while prompts keep arriving); a step of prompts alone does not. The
+    decodes ride after the prompts, one token each."""
+    from meshserve.scheduler.scheduler import INIT_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY
+
+    scheduler = fake_scheduler("--chunked-prefill-size", "4", "--enable-mixed-chunk")
+    forward = scheduler.runner.forward
+    steps = []
+    scheduler.runner.forward = lambda step: steps.append(step) or forward(step)
+    scheduler.add_request(GenerateReq(rid="a", input_ids=prompts[0], sampling=greedy(30)))
+    scheduler.step()  # a's 3-token prompt, alone
+    assert scheduler.new_token_ratio == INIT_NEW_TOKEN_RATIO
+    scheduler.add_request(GenerateReq(rid="b", input_ids=prompts[4], sampling=greedy(2)))
+    (a,) = scheduler.running
+    for chunk in range(1, 11):  # b's 41 tokens in chunks of 4: 11 steps, each carrying a's decode
+        scheduler.step()
+        last = steps[-1]
+        assert last.mode is ForwardMode.EXTEND and last.extend_lens == [4, 1] and last.req_rows[-1] == a.row
+        assert len(a.output_ids) == 1 + chunk
+        assert scheduler.new_token_ratio == pytest.approx(INIT_NEW_TOKEN_RATIO - chunk * NEW_TOKEN_RATIO_DECAY)
+    while scheduler.has_work:
+        scheduler.step()
+    outs = {}
+    for out in scheduler.take_outputs():
+        outs.setdefault(out.rid, []).append(out)
+    assert output_ids(outs["a"]) == expected_output(prompts[0], 30)
+    assert output_ids(outs["b"]) == expected_output(prompts[4], 2)

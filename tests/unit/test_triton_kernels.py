@@ -140,27 +140,38 @@ def test_extend_attention_matches_sdpa(heads, kv_heads, head_dim):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, tests/gpu/test_cuda_matches_hf covers the Triton "
                     "backend against transformers (and the GPU machines lack the default model's tokenizer)")
-@pytest.mark.parametrize("fused_max_batch", [0, 64])
-def test_engine_with_triton_backend_matches_torch_native(tiny_llama_dir, monkeypatch, fused_max_batch):
-    """The whole engine on the Triton backend (in the interpreter on CPU machines): batched
-    prompts, chunked prefill (extend over a cached prefix) and decode give the same greedy
-    tokens as the torch_native reference backend — with decode steps bringing the new tokens in
-    through the separate kernel (0) or inside decode attention (64)."""
+@pytest.mark.parametrize(("fused_max_batch", "mixed"), [(0, True), (64, False)], ids=["separate-mixed", "fused"])
+def test_engine_with_triton_backend_matches_torch_native(tiny_llama_dir, monkeypatch, fused_max_batch, mixed):
+    """The whole engine on the Triton backend (in the interpreter on CPU machines): concurrent
+    prompts of uneven lengths, chunked prefill (extend over a cached prefix) and decode give the
+    same greedy tokens as the torch_native reference backend and as transformers — with decode
+    steps bringing the new tokens in through the separate kernel (0) or inside decode attention
+    (64); with the running sequences' decodes riding in the prefill steps (--enable-mixed-chunk,
+    their rows through the decode kernel) or waiting for decode steps of their own."""
     from meshserve.layers.attention import triton_decode
     from meshserve.layers.attention.triton import TritonBackend
+    from tests.hf_reference import hf_greedy
 
     monkeypatch.setattr(triton_decode, "FUSED_NEW_TOKEN_MAX_BATCH", fused_max_batch)
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
-    requests = {f"r{i}": (list(range(3 + 7 * i, 8 + 18 * i)), greedy(12)) for i in range(4)}
+    prompts = [list(range(3 + 7 * i, 8 + 18 * i)) for i in range(4)]  # 5, 16, 27 and 38 tokens
+    requests = {f"r{i}": (p, greedy(12)) for i, p in enumerate(prompts)}
     device = ["--device", DEVICE, "--dtype", "float32"]
     reference = run_to_completion(build_scheduler(tiny_llama_dir, *device, "--attention-backend", "torch_native",
                                                   device=DEVICE), requests)
     scheduler = build_scheduler(tiny_llama_dir, *device, "--chunked-prefill-size", "8", "--disable-cuda-graph",
                                 "--attention-backend", "torch_native", device=DEVICE)
     scheduler.runner.attn_backend = TritonBackend()  # --attention-backend triton is refused on CPU
+    scheduler.mixed_chunk = mixed  # always on for the CPU, where --enable-mixed-chunk cannot turn it off
+    forward, extend_lens = scheduler.runner.forward, []
+    scheduler.runner.forward = lambda step: extend_lens.append(step.extend_lens) or forward(step)
     got = run_to_completion(scheduler, requests)
     assert {r: output_ids(o) for r, o in got.items()} == {r: output_ids(o) for r, o in reference.items()}
+    assert [output_ids(got[f"r{i}"]) for i in range(4)] == hf_greedy(tiny_llama_dir, prompts, 12)
+    # Prefill steps that carried decodes after their prompt rows: with mixed chunks only.
+    carried = [lens for lens in extend_lens if lens[0] > 1 and lens[-1] == 1]
+    assert bool(carried) == mixed
 
 
 def test_bfloat16_kernels_round_like_reference():
@@ -209,3 +220,43 @@ def test_bfloat16_kernels_round_like_reference():
     assert torch.equal(case.k_cache, expected[0]) and torch.equal(case.v_cache, expected[1])
     if DEVICE == "cuda":  # Triton's interpreter gets bfloat16 dots wrong (1e8-sized outputs, before this kernel too)
         torch.testing.assert_close(out.float(), case.reference(expected), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "v_head_dim"), [(8, 2, 64, None), (4, 1, 48, 32)],
+                         ids=["gqa", "latent"])
+def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch, heads, kv_heads, head_dim, v_head_dim):
+    """A mixed extend step on the Triton backend: the prompt rows go through one extend launch
+    and the decode rows riding in the step through one decode launch; together they equal the
+    float32 SDPA reference, the all-extend path (every row through the extend kernel) and the
+    torch_native backend."""
+    from meshserve.layers.attention import triton_decode, triton_extend
+    from meshserve.layers.attention.torch_native import TorchNativeBackend
+    from meshserve.layers.attention.triton import TritonBackend
+    from tests.mixed_step_case import PROMPT_ROWS, SEQUENCES, make_mixed_step
+
+    step = make_mixed_step(heads, kv_heads, head_dim, torch.float32, DEVICE, v_head_dim=v_head_dim, seed=heads)
+    assert step.batch.decode_rows == len(SEQUENCES) - PROMPT_ROWS
+    calls: list[tuple[str, int, list[int]]] = []  # (kernel, query rows, sequences' lengths)
+
+    def spy(name, kernel, seq_lens_at):
+        def call(*args, **kwargs):
+            calls.append((name, args[0].shape[0], args[seq_lens_at].tolist()))
+            return kernel(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(triton_extend, "extend_attention", spy("extend", triton_extend.extend_attention, 5))
+    monkeypatch.setattr(triton_decode, "decode_attention", spy("decode", triton_decode.decode_attention, 6))
+    split = step.run(TritonBackend())
+    totals = [prefix + new for prefix, new in SEQUENCES]
+    prompt_tokens = sum(new for _, new in SEQUENCES[:PROMPT_ROWS])
+    assert calls == [("extend", prompt_tokens, totals[:PROMPT_ROWS]),
+                     ("decode", len(SEQUENCES) - PROMPT_ROWS, totals[PROMPT_ROWS:])]
+    reference = step.reference()
+    torch.testing.assert_close(split, reference, rtol=1e-4, atol=1e-5)
+
+    batch, pool = step.batch, step.batch.kv_pool
+    all_extend = triton_extend.extend_attention(
+        step.rotated_q(), pool.k[0], pool.v[0], batch.req_to_token.table, batch.req_rows, batch.seq_lens,
+        batch.extend_lens, batch.extend_starts, batch.host.max_extend_len, step.layer.scaling)
+    torch.testing.assert_close(split, all_extend, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step.run(TorchNativeBackend()), reference, rtol=1e-4, atol=1e-5)

@@ -5,10 +5,11 @@ Runs on CPU and CUDA; the correctness reference, not the GPU fast path. Every SD
 which never materialises the [queries, keys] score matrix (3-D inputs fall back to the math
 path: 9 × 8191² float32 scores per layer for one 8k prompt of SmolLM2, 2.4 GB).
 
-- Sequences with several new tokens (prompts, chunks of them) attend one at a time, their
-  queries in blocks of at most QUERY_BLOCK, so any mask is at most [QUERY_BLOCK, keys].
-- Sequences with one new token (decode, and the decodes riding in a mixed extend step) attend
-  together, in groups whose padded K/V gather is bounded (ForwardBatch.single_token_groups).
+- Prompts (and chunks of them) attend one at a time, their queries in blocks of at most
+  QUERY_BLOCK, so any mask is at most [QUERY_BLOCK, keys].
+- Decodes (ForwardBatch.decode_rows: all sequences of a decode step, the decodes riding in a
+  mixed extend step) attend together, in groups whose padded K/V gather is bounded
+  (ForwardBatch.decode_groups).
 """
 
 from __future__ import annotations
@@ -33,19 +34,19 @@ class TorchNativeBackend(AttentionBackend):
                batch: ForwardBatch) -> torch.Tensor:
         assert batch.host is not None
         out = q.new_empty(*q.shape[:2], layer.v_head_dim)
-        self._attend_single_tokens(layer, q, batch, out)
+        self._attend_decodes(layer, q, batch, out)
         pool = batch.kv_pool
         start = 0
         host = batch.host
-        for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            if new > 1:
-                # Without a cached prefix the new keys and values are the whole sequence (an FP8
-                # pool's rounded copies are read instead, as every later step will read them).
-                if new == total and not pool.quantized:
-                    ks, vs = k[start : start + new], v[start : start + new]
-                else:
-                    ks, vs = pool.gather(layer.layer_id, batch.req_to_token.table[row, :total], q.dtype)
-                self._attend_new_tokens(layer, q[start : start + new], ks, vs, out[start : start + new])
+        prompts = batch.batch_size - batch.decode_rows
+        for row, total, new in zip(host.req_rows[:prompts], host.seq_lens[:prompts], host.extend_lens[:prompts]):
+            # Without a cached prefix the new keys and values are the whole sequence (an FP8
+            # pool's rounded copies are read instead, as every later step will read them).
+            if new == total and not pool.quantized:
+                ks, vs = k[start : start + new], v[start : start + new]
+            else:
+                ks, vs = pool.gather(layer.layer_id, batch.req_to_token.table[row, :total], q.dtype)
+            self._attend_new_tokens(layer, q[start : start + new], ks, vs, out[start : start + new])
             start += new
         return out
 
@@ -53,7 +54,7 @@ class TorchNativeBackend(AttentionBackend):
                v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, _ = layer.store_new_tokens(positions, q, k, v, batch)
         out = q.new_empty(*q.shape[:2], layer.v_head_dim)
-        self._attend_single_tokens(layer, q, batch, out)
+        self._attend_decodes(layer, q, batch, out)
         return out
 
     @staticmethod
@@ -79,10 +80,10 @@ class TorchNativeBackend(AttentionBackend):
             out[begin:end] = o[0].transpose(0, 1)
 
     @staticmethod
-    def _attend_single_tokens(layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor) -> None:
-        """Every sequence with one new token (already in the pool): its query row of q [T, Hq, D]
+    def _attend_decodes(layer: AttentionLayer, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor) -> None:
+        """Every decode row (its new token already in the pool): its query row of q [T, Hq, D]
         attends to its whole K/V; the result goes to the same row of out."""
-        for group in batch.single_token_groups:
+        for group in batch.decode_groups:
             k, v = batch.kv_pool.gather(layer.layer_id, group.slots, q.dtype)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
             o = F.scaled_dot_product_attention(

@@ -184,13 +184,16 @@ def fuses_new_token(batch: int) -> bool:
 
 def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                     splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, Hq, D]; k_cache: [slots, Hkv, D], v_cache: [slots, Hkv, Dv] with K's strides (Dv < D:
     the latent layout, V a view of K's leading features); table: [rows, max_context] slot ids;
     rows, seq_lens: [B] (seq_lens >= 1, including the new token). With `new`, q is not yet
     rotated and the new tokens are not yet in the pool (see NewTokens); without it, both are
-    done (the latent layout always comes without). Returns [B, Hq, Dv]. `splits` overrides the automatic choice (a power of two). An FP8
-    pool is read as stored * k_scale / v_scale (and the new token stored so)."""
+    done (the latent layout always comes without). Returns [B, Hq, Dv]: `out` when given (a view
+    with unit last stride, e.g. the decode rows of a mixed step's output), else a new tensor.
+    `splits` overrides the automatic choice (a power of two). An FP8 pool is read as
+    stored * k_scale / v_scale (and the new token stored so)."""
     batch, num_heads, head_dim = q.shape
     v_dim = v_cache.shape[2]  # < head_dim in the latent layout (MLA): V is K's leading features
     num_kv_heads = k_cache.shape[1]
@@ -201,7 +204,9 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         assert new.sin.stride() == new.cos.stride()
     splits = splits or num_splits(batch, num_kv_heads, q.device)
     assert new is None or v_dim == head_dim, "the fused new-token path needs values as wide as keys"
-    out = q.new_empty(batch, num_heads, v_dim)
+    if out is None:
+        out = q.new_empty(batch, num_heads, v_dim)
+    assert out.shape == (batch, num_heads, v_dim) and out.stride(-1) == 1
     if batch == 0:
         return out
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
@@ -209,7 +214,7 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         partial = torch.empty((batch, num_heads, splits, v_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:  # stage 1 writes `out` directly; the partial buffers are not touched
-        partial, lse = out.view(batch, num_heads, 1, v_dim), out.view(batch, num_heads, v_dim)
+        partial, lse = out.unsqueeze(2), out
     # Without new tokens the kernel never touches the NewTokens arguments: q stands in for them.
     nk, nv, cos, sin, positions, slots = (q, q, q, q, seq_lens, seq_lens) if new is None else (
         new.k, new.v, new.cos, new.sin, new.positions, new.slots)

@@ -76,17 +76,21 @@ def _extend_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                      rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor, q_starts: torch.Tensor,
-                     max_extend_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                     max_extend_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D], the new tokens of every sequence, sequence after sequence; k_cache/v_cache:
     [slots, Hkv, D] holding every sequence's prefix and new tokens (v_cache [slots, Hkv, Dv] with K's
     strides, Dv < D in the latent layout); table: [rows, max_context];
     rows, seq_lens (prefix + new), extend_lens, q_starts (offset of each sequence's first new
     token in q): [B] device tensors; max_extend_len: the largest extend length (host). An FP8
     pool is read as stored * k_scale / v_scale.
-    Returns [T, Hq, Dv]."""
+    Returns [T, Hq, Dv]: `out` when given (a view with unit last stride, e.g. the prompt rows of a
+    mixed step's output), else a new tensor."""
     tokens, num_heads, head_dim = q.shape
     v_dim = v_cache.shape[2]  # < head_dim in the latent layout (MLA): V is K's leading features
-    out = q.new_empty(tokens, num_heads, v_dim)
+    if out is None:
+        out = q.new_empty(tokens, num_heads, v_dim)
+    assert out.shape == (tokens, num_heads, v_dim) and out.stride(-1) == 1
     if tokens == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
