@@ -2,7 +2,7 @@
 # GPU machine, one GPU: issue 4's checks and figures on a random Llama-3.1-8B-shaped model (bf16)
 # and the SmolLM2-135M shape. Usage (repo root, after `source .whl/prelude.sh`):
 #   bash benchmarks/gpu_speed.sh OUT_DIR TOKENIZER_DIR [PHASE ...]
-# PHASE: check floor attn profile decode_profile one_batch smol structured offline online (default: all; the whole set takes longer
+# PHASE: check floor attn mixed_attn profile decode_profile one_batch smol structured offline online (default: all; the whole set takes longer
 # than one 10-minute device call, so split it: "check floor attn one_batch smol", then "offline online").
 # TOKENIZER_DIR: any HF tokenizer whose ids fit the vocabulary (bench_serving counts tokens with it).
 # SERVER_FLAGS (environment): extra launch_server flags for the engine runs, e.g.
@@ -10,7 +10,7 @@
 set -u
 flags=${SERVER_FLAGS:-}
 out=${1:-/tmp/gpu_speed}; tok=${2:-.tok}; shift 2 || true
-phases=${*:-check floor attn profile decode_profile one_batch smol structured offline online}
+phases=${*:-check floor attn mixed_attn profile decode_profile one_batch smol structured offline online}
 mkdir -p "$out"
 want() { [[ " $phases " == *" $1 "* ]]; }
 l8b() { [ -f /tmp/l8b/config.json ] || python -m meshserve.bench.random_model --shape llama-3.1-8b --out /tmp/l8b > /dev/null; }
@@ -20,6 +20,10 @@ if want check; then
 fi
 want floor && python -m meshserve.bench.linear_floor --batch-size 1 64 256 | tee "$out/floor.log"
 want attn && python -m meshserve.bench.decode_attention --batch-size 1 2 4 8 16 32 64 256 --context-len 300 3000 | tee "$out/attn.log"
+# A mixed extend step's attention (--enable-mixed-chunk): a 2048-token chunk + B decodes, all rows
+# through the extend kernel vs the decode rows through the decode kernel.
+want mixed_attn && python -m meshserve.bench.mixed_attention --decodes 16 64 256 --context-len 300 3000 \
+  --chunk 2048 | tee "$out/mixed_attn.log"
 if want profile; then  # prefill time by prompt length, and the operators of a 4096-token prefill
   l8b
   timeout 150 python -m meshserve.bench.profile_step --model-path /tmp/l8b --input-len 256 2048 4096 --top 12 \

@@ -40,12 +40,13 @@ def test_decode_rows_are_the_trailing_one_token_sequences(extend_lens, decodes):
     assert grouped == list(range(tokens - decodes, tokens))
 
 
-def test_every_row_of_a_decode_step_is_a_decode():
-    batch = _batch(ForwardMode.DECODE, [4, 9, 2], [1, 1, 1])
-    assert batch.decode_rows == 3
-    batch.host = None  # as inside a CUDA graph: the count needs no host lengths
-    del batch.__dict__["decode_rows"]
-    assert batch.decode_rows == 3
+def test_decode_rows_without_host_lengths():
+    """Inside a CUDA graph (host None): a decode step's rows are all decodes; an extend graph's
+    rows are all prompt rows (the extend kernel serves them all)."""
+    for mode, decodes in ((ForwardMode.DECODE, 3), (ForwardMode.EXTEND, 0)):
+        batch = _batch(mode, [4, 9, 2], [1, 1, 1])
+        batch.host = None
+        assert batch.decode_rows == decodes
 
 
 def test_decode_groups_bound_the_padded_gather(monkeypatch):
