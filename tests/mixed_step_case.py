@@ -51,9 +51,7 @@ class MixedStep:
         q = self.rotated_q().float()
         out, start = [], 0
         for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            slots = table[row, :total]
-            k = pool.k[0][slots].float().transpose(0, 1)
-            v = pool.v[0][slots].float().transpose(0, 1)
+            k, v = (x.transpose(0, 1) for x in pool.gather(0, table[row, :total], torch.float32))
             keys, query_pos = torch.arange(total, device=q.device), torch.arange(total - new, total, device=q.device)
             mask = keys[None, :] <= query_pos[:, None]
             out.append(F.scaled_dot_product_attention(q[start : start + new].transpose(0, 1), k, v, attn_mask=mask,
@@ -63,19 +61,22 @@ class MixedStep:
 
 
 def make_mixed_step(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str, *,
-                    v_head_dim: int | None = None, seed: int = 0) -> MixedStep:
+                    v_head_dim: int | None = None, fp8_scales: tuple[float, float] | None = None,
+                    seed: int = 0) -> MixedStep:
     """With v_head_dim (< head_dim) the latent layout: one KV head whose values are the keys'
     leading features, q and k arriving rotated (no rotary), as multi-head latent attention.
-    Each sequence's slots are a random set of the pool; table rows are used out of order."""
+    With fp8_scales an FP8 pool with those (K, V) scales. Each sequence's slots are a random
+    set of the pool; table rows are used out of order."""
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device(device)
     totals = [prefix + new for prefix, new in SEQUENCES]
-    pool = KVPool(size=sum(totals) + 50, num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                  device=dev, latent_v_dim=v_head_dim)
+    kv_dtype = dtype if fp8_scales is None else torch.float8_e4m3fn
+    pool = KVPool(size=sum(totals) + 50, num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype=kv_dtype,
+                  device=dev, latent_v_dim=v_head_dim, scales=None if fp8_scales is None else [fp8_scales])
     # The cached prefixes' (and stale) keys and values: random, as stored.
-    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=gen).to(dtype))
+    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=gen).to(kv_dtype))
     if v_head_dim is None:
-        pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=gen).to(dtype))
+        pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=gen).to(kv_dtype))
     rows_pool = ReqToTokenPool(max_requests=len(SEQUENCES) + 3, max_context=max(totals) + 1, device=dev)
     rows = torch.randperm(len(SEQUENCES) + 3, generator=gen)[: len(SEQUENCES)].tolist()
     free = torch.randperm(pool.size, generator=gen) + 1  # slot 0 is the padding slot

@@ -222,19 +222,21 @@ def test_bfloat16_kernels_round_like_reference():
         torch.testing.assert_close(out.float(), case.reference(expected), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "v_head_dim"), [(8, 2, 64, None), (4, 1, 48, 32)],
-                         ids=["gqa", "latent"])
-def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch, heads, kv_heads, head_dim, v_head_dim):
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "v_head_dim", "fp8_scales"),
+                         [(8, 2, 64, None, None), (4, 1, 48, 32, None), (6, 3, 32, None, (0.5, 2.0))],
+                         ids=["gqa", "latent", "fp8-pool"])
+def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch, heads, kv_heads, head_dim, v_head_dim, fp8_scales):
     """A mixed extend step on the Triton backend: the prompt rows go through one extend launch
     and the decode rows riding in the step through one decode launch; together they equal the
     float32 SDPA reference, the all-extend path (every row through the extend kernel) and the
-    torch_native backend."""
+    torch_native backend — over an FP8 pool too, read with the layer's scales."""
     from meshserve.layers.attention import triton_decode, triton_extend
     from meshserve.layers.attention.torch_native import TorchNativeBackend
     from meshserve.layers.attention.triton import TritonBackend
     from tests.mixed_step_case import PROMPT_ROWS, SEQUENCES, make_mixed_step
 
-    step = make_mixed_step(heads, kv_heads, head_dim, torch.float32, DEVICE, v_head_dim=v_head_dim, seed=heads)
+    step = make_mixed_step(heads, kv_heads, head_dim, torch.float32, DEVICE, v_head_dim=v_head_dim,
+                           fp8_scales=fp8_scales, seed=heads)
     assert step.batch.decode_rows == len(SEQUENCES) - PROMPT_ROWS
     calls: list[tuple[str, int, list[int]]] = []  # (kernel, query rows, sequences' lengths)
 
@@ -257,6 +259,7 @@ def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch, heads, kv_heads,
     batch, pool = step.batch, step.batch.kv_pool
     all_extend = triton_extend.extend_attention(
         step.rotated_q(), pool.k[0], pool.v[0], batch.req_to_token.table, batch.req_rows, batch.seq_lens,
-        batch.extend_lens, batch.extend_starts, batch.host.max_extend_len, step.layer.scaling)
+        batch.extend_lens, batch.extend_starts, batch.host.max_extend_len, step.layer.scaling,
+        k_scale=pool.k_scale[0], v_scale=pool.v_scale[0])
     torch.testing.assert_close(split, all_extend, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(step.run(TorchNativeBackend()), reference, rtol=1e-4, atol=1e-5)
