@@ -42,6 +42,23 @@ def test_cuda_prefills_replay_extend_graphs_and_match_transformers(tmp_path, mon
     assert replays, "no prefill ran in an extend graph"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_mixed_chunks_match_transformers(tmp_path, monkeypatch, dtype):
+    """--enable-mixed-chunk with 64-token chunks: the 100- and 257-token prompts are prefilled over
+    several steps, each carrying the running sequences' decodes, whose rows take the decode
+    kernel (eager: the extend graphs would run these small steps with every row through the
+    extend kernel); the output still equals transformers'."""
+    from meshserve.layers.attention.triton import TritonBackend
+
+    decode_rows: list[int] = []
+    extend = TritonBackend.extend
+    monkeypatch.setattr(TritonBackend, "extend", lambda self, layer, q, k, v, batch:
+                        decode_rows.append(batch.decode_rows) or extend(self, layer, q, k, v, batch))
+    _check_greedy_matches_transformers(tmp_path, dtype, ("--enable-mixed-chunk", "--chunked-prefill-size", "64",
+                                                         "--disable-cuda-graph"))
+    assert max(decode_rows) > 0, "no extend step carried decodes"
+
+
 def _check_greedy_matches_transformers(tmp_path, dtype: str, engine_args: tuple[str, ...]) -> None:
     from meshserve.bench.random_model import SHAPES, write_random_model
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
