@@ -69,10 +69,11 @@ def summarise(steps: list[StepRecord], idle_gap_s: float, pool_size: int | None)
             used.sort()
             lines.append(f"KV usage at decode steps: median {used[len(used) // 2]:.2f}, "
                          f"p90 {used[int(len(used) * 0.9)]:.2f}, max {used[-1]:.2f}")
-    waiting = [step for step in steps if step.waiting == 0]
-    if waiting:
-        tail = steps[-1].t - waiting[0].t
-        lines.append(f"queue empty from t={waiting[0].t - steps[0].t:.2f} s: the last {tail:.2f} s "
+    last_waiting = max((i for i, step in enumerate(steps) if step.waiting), default=None)
+    if last_waiting is not None and last_waiting + 1 < len(steps):
+        drained_from = steps[last_waiting + 1].t
+        tail = steps[-1].t - drained_from
+        lines.append(f"queue empty from t={drained_from - steps[0].t:.2f} s: the last {tail:.2f} s "
                      f"({tail / span:.1%} of the span) drain the running sequences")
     return "\n".join(lines)
 
