@@ -16,6 +16,12 @@ turns false, and the `on_failure` callbacks run (the HTTP server exits non-zero 
 
 Cancellation contract: `generate()` is an async generator; when its consumer stops early (client
 disconnect, exception, aclose) every unfinished sequence is aborted in the scheduler (AbortReq).
+
+Rid contract: a rid belongs to one sequence from its submission until the scheduler's last output
+for it (its finish) has arrived. A sequence aborted from here (consumer gone, or a stop string
+found by the detokenizer) keeps its rid, its late outputs dropped, until the scheduler answers
+the abort: until then the scheduler still holds a request by that rid, and a new request reusing
+it would be sent the old one's tokens and abort. A rid in use is refused ("already in use").
 """
 
 from __future__ import annotations
@@ -135,7 +141,8 @@ class _Sequence:
     completion_tokens: int = 0
     cached_tokens: int = 0
     last_output_at: float | None = None
-    finished: bool = False
+    finished: bool = False  # its consumer has seen its end (or never will: see `ending`)
+    ending: bool = False  # aborted from here; owns its rid until the scheduler's finish arrives
 
 
 class TokenizerManager:
@@ -269,7 +276,8 @@ class TokenizerManager:
         """End request `rid` (all its sequences) with RequestAborted; its generator then sends
         the AbortReqs. False when no such request is in flight."""
         owners = {id(request): request for key, (request, seq) in self._sequences.items()
-                  if key == rid or key == f"{rid}-{seq.index}"}  # the rids generate() gives n > 1 sequences
+                  if not seq.ending
+                  and (key == rid or key == f"{rid}-{seq.index}")}  # the rids generate() gives n > 1 sequences
         for request in owners.values():
             request.queue.put_nowait(RequestAborted("the request was aborted by the caller"))
         return bool(owners)
@@ -343,6 +351,8 @@ class TokenizerManager:
                 if isinstance(item, GenerateError):
                     raise item
                 seq, delta = item
+                if seq.finished:  # ended here (stop string) after this output was queued
+                    continue
                 output = self._process(request, seq, delta)
                 if output.finish is not None:
                     unfinished -= 1
@@ -350,9 +360,8 @@ class TokenizerManager:
                     yield output
         finally:
             for seq in sequences:
-                self._release(seq)
                 if not seq.finished:
-                    self._post(AbortReq(seq.rid, "the request was cancelled"))
+                    self._end_in_scheduler(seq, "the request was cancelled")
                     self._record_finish(request, seq, "abort")
 
     async def collect(self, prepared: PreparedRequest) -> list[SequenceResult]:
@@ -486,11 +495,18 @@ class TokenizerManager:
         return SequenceDetokenizer(decode, prepared.input_ids, prepared.sampling.stop)
 
     def _release(self, seq: _Sequence) -> None:
-        """Forget `seq`'s rid, only if `seq` still owns it: once a sequence has finished, a new
-        request may reuse its rid, and the old request's clean-up must not drop the new one."""
-        owner = self._sequences.get(seq.rid)
-        if owner is not None and owner[1] is seq:
-            del self._sequences[seq.rid]
+        """Free `seq`'s rid: the scheduler's last output for it has arrived (rid contract)."""
+        del self._sequences[seq.rid]
+
+    def _end_in_scheduler(self, seq: _Sequence, reason: str) -> None:
+        """Abort `seq` in the scheduler; its consumer will not read it any more. Its rid stays
+        taken until the scheduler's finish for it arrives (the receive loop frees it then), unless
+        that finish has arrived already (the DP controller has forgotten the rid): then at once."""
+        if self._dp.owner(seq.rid) is None:
+            self._release(seq)
+            return
+        seq.ending = True
+        self._post(AbortReq(seq.rid, reason))
 
     def _process(self, request: _Request, seq: _Sequence, delta: ReqOutput) -> SequenceOutput:
         """One scheduler delta -> one SequenceOutput (text, counts, metrics)."""
@@ -509,8 +525,7 @@ class TokenizerManager:
                 # without the prompt as context); the text is final, so end the sequence here.
                 finish = FinishReason(kind="stop", matched=seq.detokenizer.stop_matched)
                 seq.finished = True
-                self._release(seq)
-                self._post(AbortReq(seq.rid, "stop string reached"))
+                self._end_in_scheduler(seq, "stop string reached")
         seq.completion_tokens += len(delta.new_ids)
         seq.cached_tokens = max(seq.cached_tokens, delta.cached_tokens)
         now = time.perf_counter()
@@ -572,8 +587,13 @@ class TokenizerManager:
                     if delta.finish is not None:
                         self._dp.ended(delta.rid)
                     owner = self._sequences.get(delta.rid)
-                    if owner is not None:  # else aborted or ended here: late outputs are dropped
-                        owner[0].queue.put_nowait((owner[1], delta))
+                    if owner is None:
+                        continue
+                    request, seq = owner
+                    if not seq.ending:
+                        request.queue.put_nowait((seq, delta))
+                    elif delta.finish is not None:  # the scheduler's answer to our abort
+                        self._release(seq)
             elif isinstance(msg, SchedulerStats):
                 self._group_stats[msg.dp_rank] = msg
                 self.stats = _summed(list(self._group_stats.values()))

@@ -40,7 +40,7 @@ Script = Callable[[GenerateReq], tuple[list[int], FinishReason]]
 
 class FakeScheduler(threading.Thread):
     def __init__(self, endpoints: SchedulerEndpoints, script: Script, *, fail_at_start: str | None = None,
-                 step_s: float = 0.005, mute: bool = False) -> None:
+                 step_s: float = 0.005, mute: bool = False, whole: bool = False) -> None:
         super().__init__(daemon=True)
         self.endpoints = endpoints
         self.script = script
@@ -50,6 +50,7 @@ class FakeScheduler(threading.Thread):
         self.exited = threading.Event()  # "the process died": dead() reports it
         self.fail_now: str | None = None  # set to make it send SchedulerFailed and exit
         self.mute = mute  # accept requests, never answer (a stuck step)
+        self.whole = whole  # all of a request's outputs in one BatchOut at once (a consumer running late)
 
     def dead(self) -> str | None:
         return "fake scheduler (pid 0) exited with code 1" if self.exited.is_set() else None
@@ -74,7 +75,10 @@ class FakeScheduler(threading.Thread):
                 while pull.poll(1):
                     msg = decode(pull.recv())
                     self.received.append(msg)
-                    if isinstance(msg, GenerateReq):
+                    if isinstance(msg, GenerateReq) and self.whole:
+                        one = {msg.rid: self.script(msg)}
+                        push.send(encode(BatchOut([self._step(msg.rid, one) for _ in one[msg.rid][0]])))
+                    elif isinstance(msg, GenerateReq):
                         live[msg.rid] = self.script(msg)
                     elif isinstance(msg, AbortReq) and live.pop(msg.rid, None) is not None:
                         abort = FinishReason(kind="abort", message=msg.message)
@@ -383,6 +387,61 @@ def test_a_finished_request_does_not_release_its_rid_from_a_later_request(tokeni
     outputs, _ = run(tokenizer, text_script(tokenizer, " one two three four"), body)
     assert outputs[-1].finish == FinishReason(kind="length")
     assert "".join(o.text for o in outputs) == " one two three four"
+
+
+@pytest.mark.parametrize("ended_by", ["stream-closed", "stop-string"])
+def test_a_rid_aborted_here_stays_taken_until_the_scheduler_answers_the_abort(tokenizer, ended_by):
+    """A sequence aborted from here (its stream closed, or a stop string found by the
+    detokenizer) still runs in the scheduler until the AbortReq gets there. A request reusing
+    its rid meanwhile is refused -- it used to be accepted and then receive the old request's
+    abort -- and one sent after the scheduler's answer gets exactly its own tokens."""
+    text = " Paris is the capital of France" + " and more" * 30  # still running when the abort lands
+
+    async def body(tm, fake):
+        first = GenerateRequest(text="x", sampling=greedy(60, stop=["capital"] if ended_by == "stop-string" else []),
+                                rid="same")
+        if ended_by == "stop-string":
+            [ended] = await collect(tm, first)
+            assert ended.finish == FinishReason(kind="stop", matched="capital")
+        else:
+            async with contextlib.aclosing(tm.generate(await tm.prepare(first))) as out:
+                await anext(out)
+        # No await that yields to the loop since the AbortReq was queued: the scheduler's answer
+        # cannot have been received yet.
+        reuse = GenerateRequest(text="x", sampling=greedy(4), rid="same")
+        with pytest.raises(InvalidRequest, match="'same' is already in use"):
+            await anext(tm.generate(await tm.prepare(reuse)))
+        while tm.num_in_flight:  # until the scheduler's abort arrived
+            await asyncio.sleep(0.01)
+        return await collect(tm, reuse)
+
+    [result], fake = run(tokenizer, text_script(tokenizer, text), body, step_s=0.02)
+    assert (result.text, result.finish) == (" Paris is the capital", FinishReason(kind="length"))
+    assert [a.rid for a in fake.requests(AbortReq)] == ["same"]
+
+
+def test_outputs_queued_after_a_stop_string_ended_a_sequence_are_dropped(tokenizer):
+    """n = 2, sequence 0 ends on a stop string while its later tokens and finish are already
+    queued (as when the consumer runs late): they are dropped, sequence 1 still ends whole (they
+    used to count as a second finish of sequence 0 and end the request early), and no abort is
+    sent for a sequence whose finish has already arrived."""
+    texts = {"r-0": " Paris is the capital of France and more", "r-1": " one two three four five six seven"}
+
+    def script(req):
+        return tokenizer.encode(texts[req.rid], add_special_tokens=False), FinishReason(kind="length")
+
+    async def body(tm, fake):
+        req = GenerateRequest(text="x", sampling=greedy(40, stop=["capital"]), n=2, rid="r")
+        async with contextlib.aclosing(tm.generate(await tm.prepare(req))) as outputs:
+            return [o async for o in outputs]
+
+    outputs, fake = run(tokenizer, script, body, whole=True)
+    by_index = {i: [o for o in outputs if o.index == i] for i in (0, 1)}
+    assert "".join(o.text for o in by_index[0]) == " Paris is the "
+    assert [o.finish for o in by_index[0] if o.finish] == [FinishReason(kind="stop", matched="capital")]
+    assert "".join(o.text for o in by_index[1]) == texts["r-1"]
+    assert [o.finish for o in by_index[1] if o.finish] == [FinishReason(kind="length")]
+    assert fake.requests(AbortReq) == []
 
 
 @pytest.mark.parametrize("mode", ["null", "prefill", "decode"])
