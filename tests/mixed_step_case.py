@@ -51,7 +51,7 @@ class MixedStep:
         q = self.rotated_q().float()
         out, start = [], 0
         for row, total, new in zip(host.req_rows, host.seq_lens, host.extend_lens):
-            k, v = (x.transpose(0, 1) for x in pool.gather(0, table[row, :total], torch.float32))
+            k, v = (x.float().transpose(0, 1) for x in pool.gather(0, table[row, :total], torch.float32))
             keys, query_pos = torch.arange(total, device=q.device), torch.arange(total - new, total, device=q.device)
             mask = keys[None, :] <= query_pos[:, None]
             out.append(F.scaled_dot_product_attention(q[start : start + new].transpose(0, 1), k, v, attn_mask=mask,
