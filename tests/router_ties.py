@@ -18,8 +18,8 @@ step per token), is checked against it (`FollowReference`):
   mean square and at the worst token, in the prefill and in the decode steps apart -- so an
   attention or expert fault shows layer by layer (the last layer's at the final norm), and the
   bound is bf16's on any device;
-* the choice: where meshserve's differs from the reference's (its input differs, within the
-  tolerance, at a decision within that of a tie: margin below ROUTER_TIE), the token takes the
+* the choice: where meshserve's differs from the reference's (its input differs, within those
+  bounds, at a decision within that of a tie: margin below ROUTER_TIE), the token takes the
   reference's experts (weights from meshserve's own router) and the tie is named with its margin.
 
 The test then compares the token streams with the logits' near-tie rule, as usual.
@@ -59,7 +59,7 @@ WEIGHT_TOLERANCE = 1e-5
 # 4.1 %): greedy_compare's 1 % is below this model's bf16 noise (docs/moe.md).
 DEEPSEEK_V3_NEAR_TIE = 0.04
 
-# Added to the reference's experts' scores (in [0, 1]) to steer meshserve's router to them.
+# Added to the reference's experts' scores (in [0, 1]) to steer a router to them (_steered).
 _STEER = 10.0
 
 
