@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block, dot_precision, fp8_round_trip, is_fp8
+from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, fp8_round_trip, is_fp8
 from meshserve.layers.kernels.rotary import load_rotated
 
 MAX_SPLITS = 16
@@ -210,6 +210,10 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
     if batch == 0:
         return out
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    # Shared memory holds the query, a key and a value tile: at MLA's width (1024 padded, values
+    # 512) 16-bit tiles of 64 keys take ~224 KiB, under the H200's 227; float32 ones would take
+    # 448 KiB (the compile fails), so float32 wide heads read 16 keys per block (~160 KiB).
+    block_n = 16 if q.element_size() > 2 and block_d > WIDE_HEAD else BLOCK_N
     if splits > 1:
         partial = torch.empty((batch, num_heads, splits, v_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
@@ -227,7 +231,7 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         # tl.dot needs at least 16 rows; unused rows of the group block are masked.
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv,
-        BLOCK_N=BLOCK_N, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
+        BLOCK_N=block_n, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
         KV_FP8=is_fp8(k_cache.dtype),
     )
     if splits > 1:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import attend_block, dot_precision, is_fp8
+from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -24,8 +24,8 @@ BLOCK_N = 64
 # Heads whose width is not a power of two (padded, masked) take the same tiles: with 64/64 tiles
 # the compiled kernel returns wrong values for 16-bit inputs at such widths (measured on the H200,
 # Triton 3.6: a 40-wide latent head in bf16 and fp16 off by up to 3.6, with one stage too; 32/32
-# tiles are exact, and so is every width in float32). The interpreter cannot show it.
-WIDE_HEAD = 256
+# tiles are exact, and so is every width in float32). The interpreter cannot show it. float32
+# inputs take 16/16 there: 32/32 float32 tiles of a 1024-wide head need 256 KiB.
 
 
 @triton.jit
@@ -95,7 +95,12 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     block_d = triton.next_power_of_2(head_dim)
     padded_or_wide = block_d > WIDE_HEAD or block_d != head_dim
-    block_m, block_n, stages = (32, 32, 1) if padded_or_wide else (BLOCK_M, BLOCK_N, 2)
+    if padded_or_wide:
+        # float32 tiles are twice as large: at MLA's width 32/32 would need 256 KiB (H200).
+        block_m = block_n = 32 if q.element_size() <= 2 else 16
+        stages = 1
+    else:
+        block_m, block_n, stages = BLOCK_M, BLOCK_N, 2
     grid = (triton.cdiv(max_extend_len, block_m), rows.shape[0], num_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,

@@ -14,6 +14,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype == torch.float8_e4m3fn
 
 
+# Padded head widths above this are latent (MLA) heads, whose tiles must shrink to fit in shared
+# memory (triton_extend.py, triton_decode.py say how).
+WIDE_HEAD = 256
+
+
 @triton.jit
 def fp8_round_trip(x, scale, FP8_TY: tl.constexpr):
     """(stored, read back in float32) of float32 x in an FP8 pool: stored = fp8(clamp(x / scale))."""
