@@ -80,6 +80,8 @@ class Forwarder:
             return
         conn.settimeout(None)
         upstream.settimeout(None)
+        for end in (conn, upstream):
+            _send_at_once(end)
         back = _spawn(f"{self.name}-pipe", _pipe, upstream, conn)
         _pipe(conn, upstream)
         back.join()
@@ -91,6 +93,14 @@ def close_all(listeners: list[socket.socket]) -> None:
     for listener in listeners:
         with contextlib.suppress(OSError):
             listener.close()
+
+
+def _send_at_once(sock: socket.socket) -> None:
+    """TCP_NODELAY on a TCP end: the relay forwards each read as it comes, and with Nagle's
+    algorithm a small message behind an unacknowledged one waited for the peer's delayed ACK
+    (~40 ms) — per scheduler message, across nodes. Unix sockets have no such delay."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

@@ -89,3 +89,30 @@ def test_strangers_and_bad_targets_reach_nothing(link, caplog: pytest.LogCapture
 
 def _dropped(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "scheduler-link-gate dropped a connection" in r.getMessage()]
+
+
+def test_the_relay_sends_small_messages_at_once() -> None:
+    """Both TCP ends of a relayed connection have TCP_NODELAY: with Nagle's algorithm a small
+    message behind an unacknowledged one waits for the peer's delayed ACK (~40 ms)."""
+    from meshserve.cluster.tunnel import Forwarder, listen
+
+    target = listen("127.0.0.1", 0)
+    ends: list[socket.socket] = []
+
+    def open_upstream(conn: socket.socket) -> socket.socket:
+        upstream = socket.create_connection(target.getsockname()[:2])
+        ends.extend([conn, upstream])
+        return upstream
+
+    listener = listen("127.0.0.1", 0)
+    Forwarder(listener, open_upstream, "test").start()
+    client = socket.create_connection(listener.getsockname()[:2])
+    accepted, _ = target.accept()
+    try:
+        client.sendall(b"ping")
+        assert accepted.recv(4) == b"ping"  # piping has begun: the ends are set up
+        assert len(ends) == 2
+        assert all(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for end in ends)
+    finally:
+        for sock in (client, accepted, listener, target):
+            sock.close()
