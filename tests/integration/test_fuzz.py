@@ -2,7 +2,8 @@
 requests -- broken JSON, wrong types and nesting, huge / negative / NaN / infinite numbers,
 unicode oddities, oversized fields, wrong methods -- must each get a 4xx (or a quick 200 for
 a request that is valid by accident) in OpenAI's error shape, never a 5xx and never a hang;
-afterwards the server still answers a normal request correctly.
+afterwards the server still answers a normal request correctly. The requests are drawn from the
+seed first, then sent over a few connections side by side.
 
 Valid-by-accident requests stay cheap: every body asks for at most 2 new tokens, and the
 generated values are never a valid large max_tokens.
@@ -14,6 +15,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ from tests.app_routes import app_routes
 SEED = 20261203
 REQUESTS = 1000
 PER_REQUEST_TIMEOUT_S = 60.0  # a hang fails the test; a CPU-bound 2-token request is far below
+CLIENTS = 4
 
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 BASE_BODIES: dict[str, dict[str, Any]] = {
@@ -127,32 +130,53 @@ def is_openai_error(response: httpx.Response) -> bool:
     return isinstance(error, dict) and isinstance(error.get("message"), str)
 
 
-def test_fuzzed_bad_requests_never_get_a_5xx_or_hang(default_server):
-    rng = random.Random(SEED)
+def _fuzzed_requests(rng: random.Random) -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """REQUESTS (method, path, body, headers), all drawn from `rng` before any is sent."""
     routes = app_routes()
     methods = sorted({m for m, _ in routes} | {"PUT", "DELETE"})
+    requests = []
+    for _ in range(REQUESTS):
+        method, path = rng.choice(routes)
+        if rng.random() < 0.1:
+            method = rng.choice(methods)  # a method the route may not have
+        content = rng.choice(GENERATORS)(rng, path)
+        headers = {"Content-Type": rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded"])}
+        requests.append((method, path, content, headers))
+    return requests
+
+
+def test_fuzzed_bad_requests_never_get_a_5xx_or_hang(default_server):
+    """CLIENTS connections send the requests side by side (each in order): the server's loop
+    meets interleaved bad requests, and the client's and the scheduler's work overlap."""
+    requests = _fuzzed_requests(random.Random(SEED))
     statuses: dict[int, int] = {}
     slowest: list[tuple[float, str, str, bytes]] = []
-    with httpx.Client(base_url=default_server.base_url, timeout=PER_REQUEST_TIMEOUT_S) as http:
-        for i in range(REQUESTS):
-            method, path = rng.choice(routes)
-            if rng.random() < 0.1:
-                method = rng.choice(methods)  # a method the route may not have
-            content = rng.choice(GENERATORS)(rng, path)
-            headers = {"Content-Type": rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded"])}
-            start = time.monotonic()
-            response = http.request(method, path, content=content, headers=headers)
-            slowest.append((time.monotonic() - start, method, path, content[:80]))
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            context = (i, method, path, content[:200], response.text[:300])
-            assert response.status_code < 500, context
-            if response.status_code >= 400:
-                assert is_openai_error(response), context
-        assert sum(statuses.values()) == REQUESTS
-        print("statuses", statuses, "slowest", sorted(slowest, reverse=True)[:8])
-        # Bodies sent to GET routes (probes, model cards, info) are ignored there, so many
-        # answers are a plain 200; the fuzz must still have reached the validators often.
-        assert sum(n for s, n in statuses.items() if 400 <= s < 500) >= REQUESTS // 4, statuses
-        reply = http.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
-                                                   "temperature": 0})
+
+    def send(http: httpx.Client, i: int) -> tuple[int, httpx.Response]:
+        method, path, content, headers = requests[i]
+        start = time.monotonic()
+        response = http.request(method, path, content=content, headers=headers)
+        slowest.append((time.monotonic() - start, method, path, content[:80]))
+        return i, response
+
+    def client(first: int) -> list[tuple[int, httpx.Response]]:
+        with httpx.Client(base_url=default_server.base_url, timeout=PER_REQUEST_TIMEOUT_S) as http:
+            return [send(http, i) for i in range(first, REQUESTS, CLIENTS)]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = [answer for share in pool.map(client, range(CLIENTS)) for answer in share]
+    for i, response in sorted(answers, key=lambda answer: answer[0]):
+        method, path, content, _ = requests[i]
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        context = (i, method, path, content[:200], response.text[:300])
+        assert response.status_code < 500, context
+        if response.status_code >= 400:
+            assert is_openai_error(response), context
+    assert sum(statuses.values()) == REQUESTS
+    print("statuses", statuses, "slowest", sorted(slowest, reverse=True)[:8])
+    # Bodies sent to GET routes (probes, model cards, info) are ignored there, so many answers
+    # are a plain 200; the fuzz must still have reached the validators often.
+    assert sum(n for s, n in statuses.items() if 400 <= s < 500) >= REQUESTS // 4, statuses
+    reply = httpx.post(f"{default_server.base_url}/v1/completions", timeout=PER_REQUEST_TIMEOUT_S,
+                       json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text

@@ -3,16 +3,22 @@ client and plain HTTP: OpenAI semantics, SGLang's native routes, errors, disconn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
+
+from tests.conftest import SERVER_TEST_ARGS
+from tests.server_process import ServerProcess, start_server as start
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a cat."}]
@@ -294,12 +300,43 @@ def test_client_disconnect_aborts_the_request(default_server, stream):
 # ---- servers of their own --------------------------------------------------------------------
 
 
-def test_api_key_guards_every_route_but_probes(start_server):
+@contextlib.contextmanager
+def _started_together(log_dir: Path, *configs: tuple[tuple[str, ...], str | None]) -> Iterator[list[ServerProcess]]:
+    """Servers of their own ((args, api key) each), started at once -- one start-up's wait
+    rather than one each -- and stopped at the end."""
+    servers: list[ServerProcess] = []
+    try:
+        for args, api_key in configs:
+            servers.append(start(log_dir, *SERVER_TEST_ARGS, *args, api_key=api_key, wait=False))
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_and_ids_only(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[list[ServerProcess]]:
+    """An --api-key server and a --skip-tokenizer-init one."""
+    with _started_together(tmp_path_factory.mktemp("own"), ((), "s3cret"),
+                           (("--skip-tokenizer-init", "--served-model-name", "ids-only"), None)) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def doomed(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[list[ServerProcess]]:
+    """Two plain servers, for the tests that end theirs (scheduler death, SIGTERM)."""
+    with _started_together(tmp_path_factory.mktemp("doomed"), ((), None), ((), None)) as servers:
+        yield servers
+
+
+def test_api_key_guards_every_route_but_probes(guarded_and_ids_only):
     """Every route of the app (enumerated from it, so a new one is covered at once) answers 401
     without the key on the real server, with real request bodies; only the probes are open."""
     from tests.app_routes import EXPECTED_OPEN_PATHS, guarded_routes
 
-    server = start_server(api_key="s3cret")
+    server = guarded_and_ids_only[0]
     anonymous = httpx.Client(base_url=server.base_url, timeout=30)
     bodies = {"/v1/completions": {"model": MODEL, "prompt": "x", "max_tokens": 1},
               "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 1},
@@ -318,10 +355,11 @@ def test_api_key_guards_every_route_but_probes(start_server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
     assert server.openai().models.list().data[0].id == MODEL
+    server.stop()  # done with it: less memory for the rest of the module
 
 
-def test_skip_tokenizer_init_ids_in_ids_out(start_server):
-    server = start_server("--skip-tokenizer-init", "--served-model-name", "ids-only")
+def test_skip_tokenizer_init_ids_in_ids_out(guarded_and_ids_only):
+    server = guarded_and_ids_only[1]
     with server.client() as http:
         out = http.post("/generate", json={"input_ids": [1, 504, 3575, 282, 4649, 314],
                                            "sampling_params": {"max_new_tokens": 4, "temperature": 0}}).json()
@@ -333,10 +371,11 @@ def test_skip_tokenizer_init_ids_in_ids_out(start_server):
     assert text.status_code == 400 and "skip-tokenizer-init" in text.json()["error"]["message"]
     assert chat.status_code == 400 and "skip-tokenizer-init" in chat.json()["error"]["message"]
     assert len(completion["choices"][0]["token_ids"]) == 3
+    server.stop()
 
 
-def test_scheduler_death_fails_requests_and_exits_nonzero(start_server):
-    server = start_server()
+def test_scheduler_death_fails_requests_and_exits_nonzero(doomed):
+    server = doomed[0]
     [scheduler] = server.scheduler_pids()
     results = {}
 
@@ -357,8 +396,8 @@ def test_scheduler_death_fails_requests_and_exits_nonzero(start_server):
     assert f"pid {scheduler}" in server.log()
 
 
-def test_sigterm_ends_in_flight_requests_and_exits_zero(start_server):
-    server = start_server()
+def test_sigterm_ends_in_flight_requests_and_exits_zero(doomed):
+    server = doomed[1]
     results = {}
 
     def long_request() -> None:
@@ -381,13 +420,12 @@ def test_sigterm_ends_in_flight_requests_and_exits_zero(start_server):
 
 
 def test_startup_failures_exit_nonzero_with_a_reason(start_server, tmp_path):
-    missing = start_server("--model-path", str(tmp_path / "nope"), wait=False)
-    assert missing.wait_exit(60) == 1
-    assert "does not exist; it must be a local Hugging Face model directory" in missing.log()
-
     with socket.create_server(("127.0.0.1", 0)) as busy:
+        missing = start_server("--model-path", str(tmp_path / "nope"), wait=False)
         clash = start_server("--port", str(busy.getsockname()[1]), wait=False)
+        assert missing.wait_exit(60) == 1
         assert clash.wait_exit(60) == 1
+    assert "does not exist; it must be a local Hugging Face model directory" in missing.log()
     assert "Address already in use" in clash.log()
 
 

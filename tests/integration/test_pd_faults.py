@@ -92,45 +92,52 @@ def test_transfers_delayed_past_the_deadline_end_as_errors(servers: Servers) -> 
     wait_idle(servers.slow.server, servers.decode, timeout=QUARANTINE_S)
 
 
-def test_a_prefill_of_another_page_size_is_refused_with_a_diff(servers: Servers) -> None:
-    other = start_prefill(servers.log_dir, *PD_ARGS, "--page-size", "4", wait=True)
+@pytest.fixture(scope="module")
+def mismatched(servers: Servers, tiny_llama_dir: Path) -> Iterator[dict[str, Prefill]]:
+    """Prefills that do not match the decode, started together (one start-up's wait, not three)."""
+    started = {
+        "page-size": start_prefill(servers.log_dir, *PD_ARGS, "--page-size", "4"),
+        "fp8-kv": start_prefill(servers.log_dir, *PD_ARGS, "--kv-cache-dtype", "fp8_e4m3"),
+        "model": start_prefill(servers.log_dir, *PD_ARGS, "--model-path", str(tiny_llama_dir)),
+    }
     try:
-        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
-        assert decode.status == 500 and "does not match this decode server" in str(decode.body)
-        assert "page_size: prefill has 4, decode has 1" in str(decode.body) and "model:" not in str(decode.body)
-        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
-        wait_idle(other.server, servers.decode)
+        for prefill in started.values():
+            prefill.server.wait_ready()
+        yield started
     finally:
-        other.server.stop()
+        for prefill in started.values():
+            prefill.server.stop()
 
 
-def test_a_prefill_with_an_fp8_kv_cache_is_refused_with_a_diff(servers: Servers) -> None:
-    other = start_prefill(servers.log_dir, *PD_ARGS, "--kv-cache-dtype", "fp8_e4m3", wait=True)
-    try:
-        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
-        assert decode.status == 500 and "does not match this decode server" in str(decode.body)
-        assert "dtype: prefill has float8_e4m3fn, decode has" in str(decode.body)
-        assert "kv_scales: prefill has" in str(decode.body) and "decode has none" in str(decode.body)
-        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
-        wait_idle(other.server, servers.decode)
-    finally:
-        other.server.stop()
+def _refused(servers: Servers, other: Prefill) -> str:
+    """The decode's refusal of `other`'s KV (its message); the prefill, never asked for the KV,
+    ends the request at its own deadline; both end idle, and `other` is stopped (not left
+    running beside the later tests)."""
+    prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
+    message = decode.body["error"]["message"] if "error" in decode.body else str(decode.body)
+    assert decode.status == 500 and "does not match this decode server" in message, message
+    assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
+    wait_idle(other.server, servers.decode)
+    other.server.stop()
+    return message
 
 
-def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, tiny_llama_dir: Path) -> None:
-    other = start_prefill(servers.log_dir, *PD_ARGS, "--model-path", str(tiny_llama_dir), wait=True)
-    try:
-        prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
-        message = decode.body["error"]["message"] if "error" in decode.body else str(decode.body)
-        assert decode.status == 500 and "does not match this decode server" in message
-        for line in ("model: prefill has config.json", "num_layers: prefill has 2, decode has 30",
-                     "head_dim: prefill has 16, decode has 64"):
-            assert line in message, message
-        # The prefill never hears from the decode: its own deadline ends the request.
-        assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
-        wait_idle(other.server, servers.decode)
-    finally:
-        other.server.stop()
+def test_a_prefill_of_another_page_size_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
+    message = _refused(servers, mismatched["page-size"])
+    assert "page_size: prefill has 4, decode has 1" in message and "model:" not in message
+
+
+def test_a_prefill_with_an_fp8_kv_cache_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
+    message = _refused(servers, mismatched["fp8-kv"])
+    assert "dtype: prefill has float8_e4m3fn, decode has" in message
+    assert "kv_scales: prefill has" in message and "decode has none" in message
+
+
+def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
+    message = _refused(servers, mismatched["model"])
+    for line in ("model: prefill has config.json", "num_layers: prefill has 2, decode has 30",
+                 "head_dim: prefill has 16, decode has 64"):
+        assert line in message, message
 
 
 def _wait_for(condition, timeout: float = 30.0) -> None:
