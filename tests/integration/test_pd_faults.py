@@ -93,8 +93,10 @@ def test_transfers_delayed_past_the_deadline_end_as_errors(servers: Servers) -> 
 
 
 @pytest.fixture(scope="module")
-def mismatched(servers: Servers, tiny_llama_dir: Path) -> Iterator[dict[str, Prefill]]:
-    """Prefills that do not match the decode, started together (one start-up's wait, not three)."""
+def refusals(servers: Servers, tiny_llama_dir: Path) -> dict[str, tuple[Answer, Answer]]:
+    """(prefill's, decode's) answers to one request through each prefill that does not match the
+    decode. The prefills start together and their requests go out together, so their deadlines
+    run side by side; afterwards every server is idle and the prefills are stopped."""
     started = {
         "page-size": start_prefill(servers.log_dir, *PD_ARGS, "--page-size", "4"),
         "fp8-kv": start_prefill(servers.log_dir, *PD_ARGS, "--kv-cache-dtype", "fp8_e4m3"),
@@ -103,38 +105,39 @@ def mismatched(servers: Servers, tiny_llama_dir: Path) -> Iterator[dict[str, Pre
     try:
         for prefill in started.values():
             prefill.server.wait_ready()
-        yield started
+        with ThreadPoolExecutor(len(started)) as pool:
+            answers = dict(zip(started, pool.map(lambda p: send_pd(p, servers.decode, "/generate", _body(0)),
+                                                 started.values())))
+        wait_idle(*(p.server for p in started.values()), servers.decode)
+        return answers
     finally:
         for prefill in started.values():
             prefill.server.stop()
 
 
-def _refused(servers: Servers, other: Prefill) -> str:
-    """The decode's refusal of `other`'s KV (its message); the prefill, never asked for the KV,
-    ends the request at its own deadline; both end idle, and `other` is stopped (not left
-    running beside the later tests)."""
-    prefill, decode = send_pd(other, servers.decode, "/generate", _body(0))
+def _refused(answers: tuple[Answer, Answer]) -> str:
+    """The decode's refusal message; the prefill, never asked for the KV, ended the request at
+    its own deadline."""
+    prefill, decode = answers
     message = decode.body["error"]["message"] if "error" in decode.body else str(decode.body)
     assert decode.status == 500 and "does not match this decode server" in message, message
     assert prefill.status == 500 and "did not ask for the KV" in str(prefill.body)
-    wait_idle(other.server, servers.decode)
-    other.server.stop()
     return message
 
 
-def test_a_prefill_of_another_page_size_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
-    message = _refused(servers, mismatched["page-size"])
+def test_a_prefill_of_another_page_size_is_refused_with_a_diff(refusals) -> None:
+    message = _refused(refusals["page-size"])
     assert "page_size: prefill has 4, decode has 1" in message and "model:" not in message
 
 
-def test_a_prefill_with_an_fp8_kv_cache_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
-    message = _refused(servers, mismatched["fp8-kv"])
+def test_a_prefill_with_an_fp8_kv_cache_is_refused_with_a_diff(refusals) -> None:
+    message = _refused(refusals["fp8-kv"])
     assert "dtype: prefill has float8_e4m3fn, decode has" in message
     assert "kv_scales: prefill has" in message and "decode has none" in message
 
 
-def test_a_mismatched_prefill_is_refused_with_a_diff(servers: Servers, mismatched) -> None:
-    message = _refused(servers, mismatched["model"])
+def test_a_mismatched_prefill_is_refused_with_a_diff(refusals) -> None:
+    message = _refused(refusals["model"])
     for line in ("model: prefill has config.json", "num_layers: prefill has 2, decode has 30",
                  "head_dim: prefill has 16, decode has 64"):
         assert line in message, message
