@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +98,19 @@ def start_server(log_dir: Path, *args: str, api_key: str | None = None, wait: bo
             server.stop()
             raise
     return server
+
+
+@contextlib.contextmanager
+def started_together(log_dir: Path, *configs: tuple[tuple[str, ...], str | None]) -> Iterator[list[ServerProcess]]:
+    """Servers ((args, api key) each) launched at once and waited for together -- one start-up's
+    wait rather than one each -- and stopped at the end."""
+    servers: list[ServerProcess] = []
+    try:
+        for args, api_key in configs:
+            servers.append(start_server(log_dir, *args, api_key=api_key, wait=False))
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -259,7 +259,7 @@ class Scheduler:
                 # The decodes ride after the prompts: backends attend to the trailing one-token
                 # rows as decodes (ForwardBatch.decode_rows).
                 decodes = self._decodes_as_extends() if self.mixed_chunk else []
-                self._run_extend(batch + decodes)
+                self._run_extend(batch + decodes, mixed=bool(decodes))
                 if decodes:
                     self._decay_new_token_ratio()  # a token for every running sequence, as a decode step
                 return
@@ -342,7 +342,7 @@ class Scheduler:
     def _future_tokens(self, req: Req) -> int:
         return max(0, int(req.tokens_left * self.new_token_ratio))
 
-    def _run_extend(self, batch: list[_Extend]) -> None:
+    def _run_extend(self, batch: list[_Extend], *, mixed: bool) -> None:
         input_ids: list[int] = []
         positions: list[int] = []
         for item in batch:
@@ -358,8 +358,7 @@ class Scheduler:
             seq_lens=[item.req.kv_len + item.length for item in batch],
             extend_lens=[item.length for item in batch],
         )
-        launched_at = self.step_log.now() if self.step_log is not None else 0.0
-        mixed = any(item.req.state is ReqState.RUNNING for item in batch)  # decodes ride along
+        launched_at = self.step_log.now()
         logits = self._forward(step)
         done: list[tuple[int, Req]] = []
         for i, item in enumerate(batch):
@@ -383,7 +382,8 @@ class Scheduler:
                 if not req.finished and req.state is ReqState.PREFILLING:
                     req.state = ReqState.RUNNING
                     self.running.append(req)
-        self._log_step(launched_at, "mixed" if mixed else "prefill", batch, cached=sum(item.cached for item in batch))
+        self._log_step(launched_at, "mixed" if mixed else "prefill", len(batch), len(input_ids),
+                       cached=sum(item.cached for item in batch))
 
     def _run_decode(self) -> None:
         self._make_room_for_decode()
@@ -403,12 +403,12 @@ class Scheduler:
             seq_lens=[req.kv_len + 1 for req in reqs],
             extend_lens=[1] * len(reqs),
         )
-        launched_at = self.step_log.now() if self.step_log is not None else 0.0
+        launched_at = self.step_log.now()
         logits = self._forward(step)
         self._decay_new_token_ratio()
         for req in reqs:
             req.kv_len += 1
-        self._log_step(launched_at, "decode", reqs)
+        self._log_step(launched_at, "decode", len(reqs), len(reqs))
         if any(req.grammar is not None for req in in_flight):
             # A grammar's mask for this step needs the in-flight token: read it now (the device
             # meanwhile runs this step's forward), then sample. Batches without grammars overlap
@@ -421,12 +421,11 @@ class Scheduler:
         else:
             self._advance(launched)
 
-    def _log_step(self, launched_at: float, mode: str, batch: list[_Extend] | list[Req], cached: int = 0) -> None:
-        if self.step_log is None:
+    def _log_step(self, launched_at: float, mode: str, seqs: int, tokens: int, cached: int = 0) -> None:
+        if not self.step_log.active:
             return
-        tokens = len(batch) if mode == "decode" else sum(item.length for item in batch)
         self.step_log.record(StepRecord(
-            t=launched_at, mode=mode, seqs=len(batch), tokens=tokens, running=len(self.running),
+            t=launched_at, mode=mode, seqs=seqs, tokens=tokens, running=len(self.running),
             waiting=len(self.waiting), kv_used=self.kv.used_tokens, retracted=self.stats["num_retracted"]),
             cached_tokens=cached)
 

@@ -37,6 +37,7 @@ class StepRecord(msgspec.Struct, frozen=True):
 class StepLog:
     decode_log_interval: int
     pool_size: int
+    active: bool  # a DP group's leader; its attention-TP peers record nothing
     trace: IO[bytes] | None = None
     _start: float = 0.0
     _decodes: int = 0  # decode steps in the current window (between two decode lines)
@@ -46,18 +47,17 @@ class StepLog:
 
     @classmethod
     def open(cls, *, decode_log_interval: int, pool_size: int, trace_file: str | None, leader: bool,
-             dp_rank: int, dp_size: int) -> StepLog | None:
-        if not leader:
-            return None
+             dp_rank: int, dp_size: int) -> StepLog:
         trace = None
-        if trace_file is not None:
+        if leader and trace_file is not None:
             path = Path(trace_file)
             if dp_size > 1:  # one file per DP group
                 path = path.with_name(f"{path.stem}.dp{dp_rank}{path.suffix}")
             trace = path.open("wb", buffering=0)  # whole lines even when the process is killed
-        return cls(decode_log_interval, pool_size, trace, _start=time.perf_counter())
+        return cls(decode_log_interval, pool_size, leader, trace, _start=time.perf_counter())
 
     def record(self, step: StepRecord, *, cached_tokens: int = 0) -> None:
+        """Only called on an active (leader) log."""
         if self.trace is not None:
             self.trace.write(msgspec.json.encode(step) + b"\n")
         usage = step.kv_used / self.pool_size

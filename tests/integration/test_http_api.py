@@ -3,14 +3,12 @@ client and plain HTTP: OpenAI semantics, SGLang's native routes, errors, disconn
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import SERVER_TEST_ARGS
-from tests.server_process import ServerProcess, start_server as start
+from tests.server_process import ServerProcess, start_server as start, started_together
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a cat."}]
@@ -300,34 +298,18 @@ def test_client_disconnect_aborts_the_request(default_server, stream):
 # ---- servers of their own --------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _started_together(log_dir: Path, *configs: tuple[tuple[str, ...], str | None]) -> Iterator[list[ServerProcess]]:
-    """Servers of their own ((args, api key) each), started at once -- one start-up's wait
-    rather than one each -- and stopped at the end."""
-    servers: list[ServerProcess] = []
-    try:
-        for args, api_key in configs:
-            servers.append(start(log_dir, *SERVER_TEST_ARGS, *args, api_key=api_key, wait=False))
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
-
-
 @pytest.fixture(scope="module")
 def guarded_and_ids_only(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[list[ServerProcess]]:
     """An --api-key server and a --skip-tokenizer-init one."""
-    with _started_together(tmp_path_factory.mktemp("own"), ((), "s3cret"),
-                           (("--skip-tokenizer-init", "--served-model-name", "ids-only"), None)) as servers:
+    with started_together(tmp_path_factory.mktemp("own"), (SERVER_TEST_ARGS, "s3cret"),
+                          ((*SERVER_TEST_ARGS, "--skip-tokenizer-init", "--served-model-name", "ids-only"), None)) as servers:
         yield servers
 
 
 @pytest.fixture(scope="module")
 def doomed(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[list[ServerProcess]]:
     """Two plain servers, for the tests that end theirs (scheduler death, SIGTERM)."""
-    with _started_together(tmp_path_factory.mktemp("doomed"), ((), None), ((), None)) as servers:
+    with started_together(tmp_path_factory.mktemp("doomed"), (SERVER_TEST_ARGS, None), (SERVER_TEST_ARGS, None)) as servers:
         yield servers
 
 

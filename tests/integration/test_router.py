@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import SERVER_TEST_ARGS
 from tests.router_process import RouterProcess, meshserve_router_command, start_router
-from tests.server_process import ServerProcess, start_server
+from tests.server_process import ServerProcess, started_together
 
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "router-test-key"
@@ -37,17 +37,8 @@ def scrape(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[list[ServerProcess]]:
-    log_dir = tmp_path_factory.mktemp("router_workers")
-    started: list[ServerProcess] = []
-    try:
-        for _ in range(2):  # started together, waited for together: the loads overlap
-            started.append(start_server(log_dir, *SERVER_TEST_ARGS, api_key=KEY, wait=False))
-        for server in started:
-            server.wait_ready()
+    with started_together(tmp_path_factory.mktemp("router_workers"), (SERVER_TEST_ARGS, KEY), (SERVER_TEST_ARGS, KEY)) as started:
         yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="module")
