@@ -5,33 +5,25 @@ from __future__ import annotations
 import datetime
 import re
 import signal
-import socket
 from pathlib import Path
 
 import psutil
 
-from tests.server_process import ServerProcess, free_port, start_server
+from tests.server_process import ServerProcess, free_port, is_free, reserve, start_server
 
 #: Every test cluster shares this secret (the nodes must prove they hold it).
 SECRET = "integration-test-cluster-secret"
 
 
 def base_port() -> int:
-    """A base port P such that P, P+1, P+2 are free."""
+    """A base port P such that P, P+1, P+2 are free, all three reserved for the caller."""
     for _ in range(50):
         p = free_port()
-        if p + 2 < 65536 and all(_free(p + i) for i in (1, 2)):
+        if p + 2 < 65536 and all(is_free(p + i) for i in (1, 2)):
+            reserve(p + 1)
+            reserve(p + 2)
             return p
     raise RuntimeError("no free port triple")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def cluster_args(model_dir: Path, base: int, *, nnodes: int = 2, tp: int = 2) -> list[str]:

@@ -19,10 +19,38 @@ import psutil
 READY_TIMEOUT_S = 240.0  # model load on a 2-core CI machine, first-use conversion included
 
 
-def free_port() -> int:
+# Every port this test session has handed out. The kernel may offer a just-released port again
+# before the server it went to has bound it (a server binds seconds after it is spawned); two
+# servers given one port would also share one log file, where the loser's "cannot start" line is
+# overwritten by the winner's log (CI failure of 2026-12-04: an exit 1 with a healthy-looking log).
+_HANDED_OUT: set[int] = set()
+
+
+def is_free(port: int) -> bool:
+    """Nobody listens on 127.0.0.1:`port` now and this session has not handed it out."""
+    if port in _HANDED_OUT:
+        return False
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def reserve(port: int) -> int:
+    _HANDED_OUT.add(port)
+    return port
+
+
+def free_port() -> int:
+    """A port free now that no other caller in this session gets."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            return reserve(port)
 
 
 @dataclass

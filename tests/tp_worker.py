@@ -8,18 +8,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 from pathlib import Path
 
 import msgspec
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_process import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, prompts: list[list[int]], new_tokens: int,
@@ -102,7 +97,7 @@ def _run_ranks(model_dir: Path, world: int, prompts: list[list[int]], new_tokens
 
     layout = layout_from_args(ServerArgs.parse_args(["--tp", str(world), *extra]))
     out_file = tmp / f"tp{world}.json"
-    port = _free_port()
+    port = free_port()
     store = serve_rendezvous_store("127.0.0.1", port)  # noqa: F841 - must outlive the ranks
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(model_dir), prompts, new_tokens, list(extra),

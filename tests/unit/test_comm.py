@@ -8,7 +8,7 @@ import multiprocessing as mp
 
 import torch
 
-from tests.tp_worker import _free_port
+from tests.server_process import free_port
 
 LAYOUT = dict(tp=4, dp=2, ep=2, dp_attention=True)
 
@@ -47,7 +47,7 @@ def _rank(rank: int, port: int, results: mp.Queue) -> None:
 def test_world_and_group_collectives():
     from meshserve.cluster.distributed import serve_rendezvous_store
 
-    port = _free_port()
+    port = free_port()
     store = serve_rendezvous_store("127.0.0.1", port)  # noqa: F841 - outlives the ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
