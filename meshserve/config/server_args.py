@@ -47,6 +47,7 @@ __all__ = [
     "DTYPE_ALIASES",
     "DTYPES",
     "REFUSALS",
+    "SCHEDULE_POLICIES",
     "CacheArgs",
     "DisaggArgs",
     "HttpArgs",
@@ -90,6 +91,8 @@ DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType(
 #: (repeated here so that parsing flags does not import torch; a unit test keeps them equal).
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "triton")
 LOAD_FORMATS: tuple[str, ...] = ("auto", "dummy")
+#: ``--schedule-policy`` values (meshserve/scheduler/policy.py), SGLang's names.
+SCHEDULE_POLICIES: tuple[str, ...] = ("lpm", "fcfs", "lof")
 
 #: ``--quantization`` values: SGLang's, so its command lines parse; those outside
 #: ``meshserve.config.quantization.SERVED_QUANTIZATION`` are refused by name (REFUSALS).
@@ -417,8 +420,10 @@ class SchedulerArgs(_ConcernMixin):
         None, f"Split long prompts into prefill chunks of this many tokens; default "
         f"{DEFAULT_CHUNKED_PREFILL_SIZE} ({CPU_CHUNKED_PREFILL_SIZE} on cpu); -1 disables chunking.")
     schedule_policy: str = _arg(
-        "lpm", "Waiting-queue order: lpm (longest cached prefix first) or fcfs.",
-        choices=("lpm", "fcfs"))
+        "lpm", "Waiting-queue order: lpm (longest cached prefix first), fcfs (arrival) or lof "
+        "(longest output first: most tokens left to generate; for saturated runs with known output "
+        "lengths, at the cost of arrival fairness).",
+        choices=SCHEDULE_POLICIES)
     attention_backend: str | None = _arg(
         None, "Attention kernel backend; default picked per device.",
         choices=ATTENTION_BACKENDS)

@@ -1,5 +1,12 @@
 """Admission policy for extend batches: the order waiting requests are tried in, and the
-per-step token budget (max prefill tokens, chunked prefill)."""
+per-step token budget (max prefill tokens, chunked prefill).
+
+Orders (--schedule-policy, SGLang's names): ``lpm`` longest cached prefix first, ``fcfs`` arrival,
+``lof`` longest output first (most tokens left to generate). lof is for saturated offline work
+with known output lengths (ignore_eos benchmarks, batch jobs): the long sequences start first and
+the short ones fill in behind them, so the run does not end with a long tail of small decode
+batches, each paying a whole step's weight reads for a few tokens. It trades arrival fairness for
+that, which is why it is not the default."""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshserve.cache.radix_cache import NoPrefixCache, RadixCache
+from meshserve.config.server_args import SCHEDULE_POLICIES
 from meshserve.scheduler.request import Req
 
 # Longest-prefix-match ordering walks the radix tree once per waiting request; past this queue
@@ -40,7 +48,7 @@ class PrefillBudget:
 
 class PrefillPolicy:
     def __init__(self, *, schedule_policy: str, max_prefill_tokens: int, chunked_prefill_size: int | None) -> None:
-        if schedule_policy not in ("lpm", "fcfs"):
+        if schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"unknown schedule policy {schedule_policy!r}")
         self.schedule_policy = schedule_policy
         self.max_prefill_tokens = max_prefill_tokens
@@ -53,9 +61,12 @@ class PrefillPolicy:
 
     def order(self, waiting: Iterable[Req], cache: RadixCache | NoPrefixCache) -> list[Req]:
         reqs = list(waiting)
+        # Every order puts retracted requests (with output) first: they were admitted before
+        # everything still waiting (fcfs: the scheduler puts them back at the queue's front).
+        # Sorts are stable, so ties keep arrival order.
+        if self.schedule_policy == "lof":
+            return sorted(reqs, key=lambda r: (not r.output_ids, -r.tokens_left))
         if self.schedule_policy == "fcfs" or isinstance(cache, NoPrefixCache) or len(reqs) > LPM_MAX_QUEUE:
             return reqs
-        # Stable sort: equal matches keep arrival order. Retracted requests (with output) first,
-        # they were admitted before everything still waiting.
         lengths = {id(r): cache.match_prefix(r.fill_ids[:-1]).length for r in reqs}
         return sorted(reqs, key=lambda r: (not r.output_ids, -lengths[id(r)]))

@@ -72,14 +72,14 @@ def tiny_prompts() -> list[list[int]]:
     # 120 slots for 5 sequences of up to 64+24 tokens: forces eviction and retraction.
     ("--max-total-tokens", "120"),
     ("--max-total-tokens", "120", "--disable-radix-cache", "--chunked-prefill-size", "16", "--schedule-policy", "fcfs"),
-    ("--max-total-tokens", "120", "--enable-overlap-schedule"),
+    ("--max-total-tokens", "120", "--enable-overlap-schedule", "--schedule-policy", "lof"),
     ("--max-running-requests", "2", "--enable-overlap-schedule"),  # a backlog waits while steps overlap
     ("--chunked-prefill-size", "5", "--enable-mixed-chunk"),
     ("--max-total-tokens", "120", "--chunked-prefill-size", "9", "--enable-mixed-chunk"),
     ("--page-size", "4", "--max-total-tokens", "120"),
     ("--page-size", "8", "--max-total-tokens", "128", "--disable-radix-cache", "--chunked-prefill-size", "5"),
     ("--page-size", "4", "--chunked-prefill-size", "6", "--enable-mixed-chunk", "--enable-overlap-schedule"),
-], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap", "backlog-overlap",
+], ids=["default", "chunked-5", "kv-pressure", "kv-pressure-no-radix", "kv-pressure-overlap-lof", "backlog-overlap",
         "mixed-chunk", "kv-pressure-mixed-chunk", "page-4-kv-pressure", "page-8-kv-pressure-no-radix-chunked",
         "page-4-mixed-chunk-overlap"])
 def test_tiny_models_match_transformers(request, arch, extra, tiny_prompts):

@@ -51,6 +51,16 @@ def test_retracted_requests_go_first_whatever_their_match():
     assert [r.rid for r in order] == ["retracted", "hit"]
 
 
+def test_lof_puts_the_most_tokens_left_first_after_retracted_requests():
+    cache = cache_with([1, 2, 3, 4])
+    waiting = [req("short", [1, 2, 3, 4, 5], max_new_tokens=3), req("long", [6], max_new_tokens=50),
+               req("capped", [7] * 95, max_new_tokens=50),  # context 100: 5 tokens left, not 50
+               req("tie", [8], max_new_tokens=50), req("retracted", [9], output_ids=[1], max_new_tokens=4)]
+    order = PrefillPolicy(schedule_policy="lof", max_prefill_tokens=100, chunked_prefill_size=None).order(
+        waiting, cache)
+    assert [r.rid for r in order] == ["retracted", "long", "tie", "capped", "short"]
+
+
 @pytest.mark.parametrize("case", ["fcfs", "no-radix", "long-queue"])
 def test_arrival_order_when_lpm_does_not_apply(case):
     cache = cache_with([1, 2, 3]) if case != "no-radix" else NoPrefixCache(None)  # type: ignore[arg-type]
