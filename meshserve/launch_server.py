@@ -3,10 +3,12 @@
 Start-up order on every node: parse and validate the arguments, check the model directory
 against them (config.json as plain JSON, before torch is imported), bind the HTTP port (a busy
 port fails at once, not after the model loaded), then start the node as every front end does
-(meshserve/runtime.py): resolve the model, load the tokenizer (node 0), join the cluster (port plan, interface, rendezvous store, coordinator handshake — a mismatched
-or missing node is named here, before any rank can hang in a collective), start this node's
-scheduler ranks, then serve: node 0 the API, other nodes /health and /metrics. Any start-up
-failure exits non-zero with a one-line reason.
+(meshserve/runtime.py): join the cluster (port plan, interface, rendezvous store; across nodes,
+after reading the model's config and node 0's tokenizer, the coordinator handshake — a
+mismatched or missing node is named here, before any rank can hang in a collective), start this
+node's scheduler ranks (on one node, the config and tokenizer are read while they start), then
+serve: node 0 the API, other nodes /health and /metrics. Any start-up failure exits non-zero
+with a one-line reason.
 """
 
 from __future__ import annotations
@@ -38,15 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", err)
         return 1
 
-    from meshserve.server.http_probes import quiet_probe_access_logs
+    from meshserve.server.http_socket import bind_http_socket
 
-    quiet_probe_access_logs()
-    log.info("loading torch and transformers")
     for note in args.without_effect():
         log.warning("%s", note)
-    from meshserve.server.http_server import bind_http_socket, serve
-    from meshserve.server.node_agent import NodeAgent
-
     try:
         sock = bind_http_socket(args.http.host, args.http.port)
     except OSError as err:
@@ -58,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StartupError as err:
             log.error("%s", err)
             return 1
+        from meshserve.server.http_probes import quiet_probe_access_logs
+        from meshserve.server.http_server import serve
+        from meshserve.server.node_agent import NodeAgent
+
+        quiet_probe_access_logs()
         code = 1
         try:
             if runtime.leader:

@@ -41,23 +41,42 @@ class RankExit:
         return f"scheduler rank {self.rank} on node {self.node_rank} (pid {self.pid}) {how}"
 
 
+# The sentinel closes as a process releases its files, a moment before it can be reaped.
+REAP_GRACE_S = 5.0
+
+
 @dataclass
 class SchedulerProcesses:
+    """This node's scheduler processes. Every look at whether one lives (which may reap it) is
+    made under one lock: two threads in waitpid on one child race, and the loser, told ECHILD,
+    sees the reaped process as alive (multiprocessing's poll answers None), so a rank already
+    gone was reported as ignoring SIGTERM and "killed" by a pid that may have been reused."""
+
     endpoints: SchedulerEndpoints | None  # None on a node that runs no DP group's leader
     topology: Topology
     processes: list[mp.process.BaseProcess] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _reap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def exits(self) -> list[RankExit]:
         """Every scheduler process that has ended, in local-rank order."""
-        return [RankExit(self.topology.node_rank, self.topology.global_rank(local_rank), proc.pid,
-                         proc.exitcode)
-                for local_rank, proc in enumerate(self.processes) if not proc.is_alive()]
+        with self._reap_lock:
+            return [RankExit(self.topology.node_rank, self.topology.global_rank(local_rank), proc.pid,
+                             proc.exitcode)
+                    for local_rank, proc in enumerate(self.processes) if not proc.is_alive()]
 
     def dead(self) -> str | None:
         """A description of the first scheduler process that has exited, or None if all live."""
         exits = self.exits()
         return exits[0].describe() if exits else None
+
+    def _reap(self, proc: mp.process.BaseProcess, timeout: float) -> bool:
+        """Wait up to `timeout` for `proc` to end, then reap it; True if it has ended."""
+        ended = bool(wait_for_sentinels([proc.sentinel], timeout))
+        with self._reap_lock:
+            if ended:
+                proc.join(REAP_GRACE_S)
+            return not proc.is_alive()
 
     def watch(self, on_exit: Callable[[RankExit], None]) -> None:
         """Call ``on_exit`` (from a daemon thread) for the first rank that ends before
@@ -67,9 +86,7 @@ class SchedulerProcesses:
             ended = wait_for_sentinels([proc.sentinel for proc in self.processes])
             for proc in self.processes:
                 if proc.sentinel in ended:
-                    # The sentinel closes as the process releases its files, a moment before it
-                    # can be reaped: without this join, is_alive() may still say True.
-                    proc.join(5.0)
+                    self._reap(proc, 0)
             exits = self.exits()
             if exits and not self._stopping.is_set():
                 on_exit(min(exits, key=lambda e: not e.decisive))  # a killed rank names it best
@@ -78,15 +95,15 @@ class SchedulerProcesses:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        with self._reap_lock:
+            for proc in self.processes:
+                if proc.is_alive():
+                    proc.terminate()
         for proc in self.processes:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.processes:
-            proc.join(timeout)
-            if proc.is_alive():
+            if not self._reap(proc, timeout):
                 logger.warning("scheduler pid %s ignored SIGTERM; killing it", proc.pid)
                 proc.kill()
-                proc.join(timeout)
+                self._reap(proc, timeout)
 
 
 def launch_schedulers(args: ServerArgs, rendezvous: str | None,
@@ -96,15 +113,23 @@ def launch_schedulers(args: ServerArgs, rendezvous: str | None,
     `endpoints` (ClusterNode.scheduler_endpoints). `spawn`, not `fork`: the parent may
     already run threads (asyncio, tokenizers, the coordinator) that fork would corrupt. Every
     process resolves the model configuration again from the same arguments."""
-    from meshserve.scheduler.process import run_scheduler_process
-
     topology = Topology.from_args(args)
     ctx = mp.get_context("spawn")
     launched = SchedulerProcesses(endpoints=endpoints, topology=topology)
     for local_rank in range(topology.ranks_per_node):
         rank = topology.global_rank(local_rank)
-        proc = ctx.Process(target=run_scheduler_process, args=(args, endpoints, local_rank, rendezvous),
+        proc = ctx.Process(target=_rank_main, args=(args, endpoints, local_rank, rendezvous),
                            name=f"meshserve-rank-{rank}", daemon=True)
         proc.start()
         launched.processes.append(proc)
     return launched
+
+
+def _rank_main(args: ServerArgs, endpoints: SchedulerEndpoints | None, local_rank: int,
+               rendezvous: str | None) -> None:
+    """A rank's entry point, importing the scheduler (torch, the model code) in the rank only:
+    the parent spawns its ranks before importing any of it, so that their start-up overlaps
+    its own (meshserve/runtime.py)."""
+    from meshserve.scheduler.process import run_scheduler_process
+
+    run_scheduler_process(args, endpoints, local_rank, rendezvous)

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from meshserve.cluster.auth import ClusterSecret, SecretError
 from meshserve.cluster.coordinator import ClusterCoordinator, ClusterError
@@ -28,11 +29,13 @@ from meshserve.cluster.fingerprint import Fingerprint
 from meshserve.cluster.launcher import SchedulerProcesses
 from meshserve.cluster.net import ClusterNet, choose_cluster_interface, export_for_torch
 from meshserve.cluster.port_plan import PortPlan
-from meshserve.cluster.rendezvous import Rendezvous
 from meshserve.cluster.scheduler_link import SchedulerLink
 from meshserve.cluster.topology import Topology
-from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
+
+if TYPE_CHECKING:  # both import torch, which a node may not need before its ranks start
+    from meshserve.cluster.rendezvous import Rendezvous
+    from meshserve.config.model_config import ModelConfig
 
 logger = logging.getLogger("meshserve")
 
@@ -40,9 +43,8 @@ FailureHandler = Callable[[str, bool], None]  # (reason, clean)
 
 
 class ClusterNode:
-    def __init__(self, args: ServerArgs, model_config: ModelConfig) -> None:
+    def __init__(self, args: ServerArgs) -> None:
         self.args = args
-        self.model_config = model_config
         self.plan = PortPlan.from_args(args)
         self.net: ClusterNet | None = None
         self.coordinator: ClusterCoordinator | None = None
@@ -62,11 +64,14 @@ class ClusterNode:
         """host:port of the rendezvous store the ranks connect to; None for a single rank."""
         return self._rendezvous.address if self._rendezvous is not None else None
 
-    def start(self) -> None:
-        """Raises (ClusterError, NetError, PortPlanError, OSError) with a message for the user."""
+    def start(self, model_config: ModelConfig | None) -> None:
+        """Raises (ClusterError, NetError, PortPlanError, OSError) with a message for the user.
+        `model_config`: needed with nnodes > 1, where the handshake compares it across nodes."""
         logger.info("%s", self.plan.describe())
         if self.plan.dist_init is None:
             return
+        from meshserve.cluster.rendezvous import Rendezvous
+
         p = self.args.parallel
         self.net = choose_cluster_interface(self.plan.base, p.nnodes,
                                             deadline=time.monotonic() + p.startup_timeout)
@@ -81,6 +86,7 @@ class ClusterNode:
         except SecretError as err:
             raise ClusterError(str(err)) from err
         self._secret = secret
+        assert model_config is not None, "nnodes > 1: the handshake compares the model's config"
         if secret.generated:
             logger.warning("cluster secret: none given, node 0 generated one; start every other "
                            "node with %s", secret.start_line())
@@ -94,7 +100,7 @@ class ClusterNode:
             address = (self.net.dist_init_ip, self.plan.coordinator_port)
         self.coordinator = ClusterCoordinator(
             node_rank=self.node_rank, nnodes=p.nnodes, address=address,
-            fingerprint=Fingerprint.from_server_args(self.args, self.model_config), secret=secret,
+            fingerprint=Fingerprint.from_server_args(self.args, model_config), secret=secret,
             startup_timeout=p.startup_timeout, silence_timeout=p.cluster_silence_timeout,
             on_failure=self._on_failure)
         self.coordinator.start()  # logs the membership once whole

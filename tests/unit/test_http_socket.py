@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from meshserve.server.http_server import bind_http_socket
+from meshserve.server.http_socket import bind_http_socket
 
 
 def test_accepted_connections_have_tcp_nodelay():
