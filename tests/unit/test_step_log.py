@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from meshserve.bench.step_trace import load, summarise
+from meshserve.scheduler.step_log import StepRecord
 from tests.fake_runner import expected_output, fake_scheduler
 from tests.scheduler_driver import greedy, output_ids, run_to_completion
 
@@ -47,3 +48,17 @@ def test_the_trace_accounts_for_every_computed_token(tmp_path, caplog, extra):
 def test_no_trace_file_without_the_flag(tmp_path):
     scheduler = fake_scheduler()
     assert scheduler.step_log is not None and scheduler.step_log.trace is None
+
+
+def test_the_decode_fit_recovers_a_known_step_cost():
+    """Steps launched back to back, each lasting 5 ms + 4 ms per 100k KV tokens (131,072 bytes
+    a token: 3.28 TB/s); the prefill step and its neighbours stay out of the fit."""
+    steps, t, kv = [], 0.0, 200_000
+    for i in range(60):
+        mode = "prefill" if i == 30 else "decode"
+        steps.append(StepRecord(t=t, mode=mode, seqs=8, tokens=8, running=8, waiting=0, kv_used=kv, retracted=0))
+        t += 0.150 if mode == "prefill" else (5.0 + 4.0 * kv / 1e5) / 1e3
+        kv += 3_000
+    report = summarise(steps, idle_gap_s=60.0, pool_size=None, kv_bytes_per_token=131_072)
+    assert "decode step fit: 5.00 ms + 4.000 ms per 100k KV tokens (KV read at 3.28 TB/s)" in report
+    assert "median error 0.0% over 55 steps" in report
