@@ -92,7 +92,11 @@ class _Extend:
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None) -> None:
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, runner: ModelRunner, tokenizer=None, *,
+                 defaults_of: str | None = None) -> None:
+        # The device type whose scheduling defaults apply (chunk size, overlap, mixed chunks): the
+        # runner's, except in a replay of a GPU run on the CPU (meshserve/bench/schedule_replay.py).
+        device_type = defaults_of or runner.device.type
         self.model_config = model_config
         self.runner = runner
         self.pool = runner.kv_pool
@@ -103,7 +107,7 @@ class Scheduler:
         self.policy = PrefillPolicy(
             schedule_policy=args.scheduler.schedule_policy,
             max_prefill_tokens=args.scheduler.max_prefill_tokens,
-            chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(runner.device.type),
+            chunked_prefill_size=args.scheduler.resolved_chunked_prefill_size(device_type),
         )
         self.max_running = runner.max_running_requests
         self.finish_checker = FinishChecker(eos_token_ids=model_config.eos_token_ids, tokenizer=tokenizer)
@@ -117,8 +121,8 @@ class Scheduler:
         # Overlap scheduling (default on CUDA): at most one decode step in flight whose tokens the
         # host has not read. While one is, each of its sequences has kv_len == seq_len (the
         # in-flight token has KV written by the step but is not in output_ids yet).
-        self.overlap = args.scheduler.resolved_overlap_schedule(runner.device.type)
-        self.mixed_chunk = args.scheduler.resolved_mixed_chunk(runner.device.type)
+        self.overlap = args.scheduler.resolved_overlap_schedule(device_type)
+        self.mixed_chunk = args.scheduler.resolved_mixed_chunk(device_type)
         self._in_flight: _Sampled | None = None
         self._forwarded = False  # this step ran a forward pass
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
