@@ -32,7 +32,7 @@ from meshserve.cluster.groups import ParallelGroups
 from meshserve.config.model_config import ModelConfig
 from meshserve.config.server_args import ServerArgs
 from meshserve.executor.forward_batch import ForwardMode
-from meshserve.executor.model_runner import StepInput
+from meshserve.executor.model_runner import StepInput, max_running_requests
 from meshserve.messages import GenerateReq
 from meshserve.sampling_params import SamplingParams
 from meshserve.scheduler.scheduler import Scheduler
@@ -110,8 +110,9 @@ def replay(args: ServerArgs, costs: StepCosts, prompts: list[list[int]], output_
            context_length: int) -> Replay:
     """Every request submitted at t = 0; step until all have finished."""
     pool_size = args.cache.max_total_tokens
-    assert pool_size is not None, "the replay needs --max-total-tokens (the GPU run's KV pool)"
-    max_running = args.scheduler.max_running_requests or min(1024, max(1, pool_size // 8))
+    if pool_size is None:
+        raise ValueError("the replay needs --max-total-tokens: the GPU run's KV pool ('KV cache: N tokens' in its log)")
+    max_running = max_running_requests(args, pool_size)
     runner = ReplayRunner(
         costs, KVPool(size=pool_size, num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float32,
                       device=torch.device("cpu"), page_size=args.cache.page_size),
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     output_lens = sample_lengths(rng, ns.random_output_len, ns.random_range_ratio, ns.num_prompts)
     prompts = [rng.integers(1, VOCAB, int(n)).tolist() for n in input_lens]
     costs = StepCosts(ns.decode_step_ms, ns.decode_ms_per_100k_kv, ns.prefill_tokens_per_s)
-    print(replay(args, costs, prompts, output_lens.tolist(), ns.context_length).report())
+    try:
+        print(replay(args, costs, prompts, output_lens.tolist(), ns.context_length).report())
+    except ValueError as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ DEFAULT_MEM_FRACTION_STATIC = 0.85
 DEFAULT_CUDA_GRAPH_MAX_BS = 512  # large GPUs run a few hundred sequences at once
 
 
+def max_running_requests(args: ServerArgs, max_total_tokens: int) -> int:
+    """--max-running-requests, or as many request rows as 8 tokens of KV each allows (at most 1,024)."""
+    return args.scheduler.max_running_requests or min(1024, max(1, max_total_tokens // 8))
+
+
 @dataclass(frozen=True)
 class StepInput:
     """The host-side description of one step, built by the scheduler."""
@@ -71,7 +76,7 @@ class ModelRunner:
         # Every rank of a DP group holds its share of every token's KV, so the pool is as large as
         # the smallest rank allows.
         self.max_total_tokens = groups.attn_tp.min_over_ranks(self._kv_capacity(args))
-        self.max_running_requests = args.scheduler.max_running_requests or min(1024, max(1, self.max_total_tokens // 8))
+        self.max_running_requests = max_running_requests(args, self.max_total_tokens)
         self.kv_pool = KVPool(size=self.max_total_tokens, num_layers=model_config.num_layers,
                               num_kv_heads=self._local_kv_heads, head_dim=model_config.kv_head_dim,
                               dtype=self._kv_dtype(args), device=device, page_size=args.cache.page_size,
