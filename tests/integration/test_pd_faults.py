@@ -69,16 +69,19 @@ def test_dropped_transfers_end_as_errors_and_the_rest_as_plain_output(servers: S
     n = 16
     answers = _send_all(servers.dropping, servers.decode, n)
     plain = _plain(default_server, n)
-    failed = 0
+    failed = dropped = 0
     for i, (prefill, decode) in enumerate(answers):
         assert decode.seconds < ANSWER_BOUND_S and prefill.seconds < ANSWER_BOUND_S
         if decode.status == 200:
             assert decode.body["output_ids"] == plain[i]
-        else:
-            failed += 1
-            assert decode.status == 500 and "the KV transfer to the decode server failed" in str(decode.body)
-            assert prefill.status == 500
-    assert 0 < failed < n  # P(no drop in 16) = 0.7**16 = 0.3 %
+            continue
+        failed += 1
+        assert decode.status == 500 and prefill.status == 500
+        if "the KV transfer to the decode server failed" in str(decode.body):
+            dropped += 1
+        else:  # on a loaded box a transfer not dropped may still miss the deadline: its own error, after it
+            assert "--disaggregation-transfer-timeout" in str(decode.body) and decode.seconds >= TIMEOUT_S, decode
+    assert dropped > 0 and failed < n  # P(no drop in 16) = 0.7**16 = 0.3 %
     wait_idle(servers.dropping.server, servers.decode, timeout=QUARANTINE_S)
 
 
