@@ -141,10 +141,10 @@ MUTANTS = [
         (FAKE,),
     ),
     Mutant(
-        "lpm-orders-shortest-match-first",
+        "policy-orders-smallest-rank-first",
         "meshserve/scheduler/policy.py",
-        "key=lambda r: (not r.output_ids, -lengths[id(r)])",
-        "key=lambda r: (not r.output_ids, lengths[id(r)])",
+        "key=lambda r: (not r.output_ids, -rank[id(r)])",
+        "key=lambda r: (not r.output_ids, rank[id(r)])",
         ("tests/unit/test_scheduler_policy.py",),
     ),
     Mutant(

@@ -61,12 +61,12 @@ class PrefillPolicy:
 
     def order(self, waiting: Iterable[Req], cache: RadixCache | NoPrefixCache) -> list[Req]:
         reqs = list(waiting)
-        # Every order puts retracted requests (with output) first: they were admitted before
-        # everything still waiting (fcfs: the scheduler puts them back at the queue's front).
-        # Sorts are stable, so ties keep arrival order.
         if self.schedule_policy == "lof":
-            return sorted(reqs, key=lambda r: (not r.output_ids, -r.tokens_left))
-        if self.schedule_policy == "fcfs" or isinstance(cache, NoPrefixCache) or len(reqs) > LPM_MAX_QUEUE:
-            return reqs
-        lengths = {id(r): cache.match_prefix(r.fill_ids[:-1]).length for r in reqs}
-        return sorted(reqs, key=lambda r: (not r.output_ids, -lengths[id(r)]))
+            rank = {id(r): r.tokens_left for r in reqs}
+        elif self.schedule_policy == "fcfs" or isinstance(cache, NoPrefixCache) or len(reqs) > LPM_MAX_QUEUE:
+            return reqs  # retracted requests are already first: the scheduler puts them back at the front
+        else:
+            rank = {id(r): cache.match_prefix(r.fill_ids[:-1]).length for r in reqs}
+        # Retracted requests (with output) first, they were admitted before everything still
+        # waiting; then the largest rank. The sort is stable: ties keep arrival order.
+        return sorted(reqs, key=lambda r: (not r.output_ids, -rank[id(r)]))

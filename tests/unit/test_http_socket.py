@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from meshserve.server.http_socket import bind_http_socket
 
 
@@ -33,13 +35,5 @@ def test_accepted_connections_have_tcp_nodelay():
 
 
 def test_a_busy_port_is_refused_at_once():
-    first = bind_http_socket("127.0.0.1", 0)
-    try:
-        port = first.getsockname()[1]
-        try:
-            bind_http_socket("127.0.0.1", port)
-        except OSError:
-            return
-        raise AssertionError("a second bind of a listening port succeeded")
-    finally:
-        first.close()
+    with bind_http_socket("127.0.0.1", 0) as first, pytest.raises(OSError):
+        bind_http_socket("127.0.0.1", first.getsockname()[1])
