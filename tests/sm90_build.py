@@ -1,6 +1,7 @@
-"""Compile the skinny FP8 kernel for sm_90 without a GPU (Triton's bundled ptxas and cuobjdump) and
+"""Compile the skinny GEMM kernel for sm_90 without a GPU (Triton's bundled ptxas and cuobjdump) and
 print, per launch configuration, what the compiled code is made of, as one JSON object:
-{name: {"mma": "mma.sync" | "wgmma", "shared": bytes, "f2f": F2F instructions in the SASS}}.
+{name: {"mma": "mma.sync" | "wgmma", "shared": bytes, "f2f": F2F instructions in the SASS,
+"pdl": waits for the previous kernel, "prefetch": bulk L2 prefetches}}.
 
 Run in a process without TRITON_INTERPRET (under it, triton.jit builds interpreter functions):
 
@@ -20,31 +21,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from meshserve.layers.kernels import fp8_skinny_gemm
+from meshserve.layers.kernels import skinny_gemm
 
-# name -> (activation dtype, BLOCK_M, BLOCK_K, block scales, partial sums): decode launches.
+# name -> (activation dtype, weight dtype, BLOCK_M, BLOCK_K, scales, partial sums, PDL): decode launches.
 CONFIGS = {
-    "bf16_rows_16": ("bf16", 16, 256, False, False),
-    "bf16_blocks_16_split": ("bf16", 16, 128, True, True),
-    "bf16_rows_64": ("bf16", 64, 128, False, False),
-    "fp16_rows_16": ("fp16", 16, 256, False, False),
+    "bf16_rows_16": ("bf16", "fp8e4nv", 16, 256, "rows", False, True),
+    "bf16_blocks_16_split": ("bf16", "fp8e4nv", 16, 128, "blocks", True, True),
+    "bf16_rows_64": ("bf16", "fp8e4nv", 64, 128, "rows", False, False),
+    "fp16_rows_16": ("fp16", "fp8e4nv", 16, 256, "rows", False, False),
+    "bf16_dense_16_split": ("bf16", "bf16", 16, 128, "none", True, True),
+    "bf16_dense_16": ("bf16", "bf16", 16, 128, "none", False, True),
 }
-_INTS = ("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_sn", "stride_sk", "stride_om", "stride_os")
+_INTS = ("M", "N", "K", "K_PER_SPLIT", "PREFETCH_K", "stride_xm", "stride_wn", "stride_sn", "stride_sk", "stride_om",
+         "stride_os")
 
 
-def build(dtype: str, block_m: int, block_k: int, block_scales: bool, partial: bool) -> dict:
-    signature = {"X": f"*{dtype}", "W": "*fp8e4nv", "S": "*fp32", "B": f"*{dtype}",
+def build(dtype: str, weight: str, block_m: int, block_k: int, scales: str, partial: bool, pdl: bool) -> dict:
+    signature = {"X": f"*{dtype}", "W": f"*{weight}", "S": "*fp32", "B": f"*{dtype}",
                  "OUT": "*fp32" if partial else f"*{dtype}", **{name: "i32" for name in _INTS}}
-    constexprs = {"BLOCK_SCALES": block_scales, "GROUP_N": 128 if block_scales else 1,
-                  "GROUP_K": 128 if block_scales else 1, "HAS_BIAS": not partial, "PARTIAL": partial,
-                  "PRECISION": "tf32", "EVEN_K": True, "BF16_ASM": dtype == "bf16", "BLOCK_M": block_m,
-                  "BLOCK_N": fp8_skinny_gemm.BLOCK_N, "BLOCK_K": block_k}
+    fp8 = weight == "fp8e4nv"
+    constexprs = {"SCALES": scales, "GROUP_N": 128 if scales == "blocks" else 1,
+                  "GROUP_K": 128 if scales == "blocks" else 1, "HAS_BIAS": not partial, "PARTIAL": partial,
+                  "PRECISION": "tf32", "EVEN_K": True, "BF16_ASM": fp8 and dtype == "bf16", "PDL": pdl,
+                  "W_BYTES": 1 if fp8 else 2, "BLOCK_M": block_m, "BLOCK_N": skinny_gemm.BLOCK_N, "BLOCK_K": block_k}
     signature.update({name: "constexpr" for name in constexprs})
     # As the launcher specializes them: pointers and the K-sized integers are multiples of 16.
     names = list(signature)
-    aligned = ["X", "W", "S", "B", "OUT", "K", "K_PER_SPLIT", "stride_xm", "stride_wn"]
+    aligned = ["X", "W", "S", "B", "OUT", "K", "K_PER_SPLIT", "PREFETCH_K", "stride_xm", "stride_wn"]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = triton.compile(ASTSource(fn=fp8_skinny_gemm._skinny_kernel, signature=signature, constexprs=constexprs,
+    kernel = triton.compile(ASTSource(fn=skinny_gemm._skinny_kernel, signature=signature, constexprs=constexprs,
                                       attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -53,8 +58,10 @@ def build(dtype: str, block_m: int, block_k: int, block_scales: bool, partial: b
         cubin.flush()
         sass = subprocess.run([str(cuobjdump), "-sass", cubin.name], check=True, capture_output=True,
                               text=True).stdout
-    return {"mma": "wgmma" if "wgmma" in kernel.asm["ptx"] else "mma.sync", "shared": kernel.metadata.shared,
-            "f2f": len(re.findall(r"\bF2F\.", sass))}
+    ptx = kernel.asm["ptx"]
+    return {"mma": "wgmma" if "wgmma" in ptx else "mma.sync", "shared": kernel.metadata.shared,
+            "f2f": len(re.findall(r"\bF2F\.", sass)), "pdl": "griddepcontrol.wait" in ptx,
+            "prefetch": "cp.async.bulk.prefetch.L2" in ptx}
 
 
 def main() -> None:

@@ -16,6 +16,11 @@ skinny W8A16 kernel, one CUDA graph per (GEMM, batch size), same weights for bot
 
   python -m meshserve.bench.linear_floor --shape llama-3.1-8b --compare-fp8
 
+--compare-dense does the same for bf16 weights: cuBLAS, and the skinny kernel (layers/dense.py)
+with and without programmatic dependent launch:
+
+  python -m meshserve.bench.linear_floor --shape llama-3.1-8b --compare-dense
+
 For a mixture-of-experts shape (qwen3-30b-a3b, deepseek-v2-lite) the floor is computed, not
 measured: the bytes of the weights a decode step must read — attention, dense layers, shared
 experts, router gates, the LM head, and the routed experts the batch's tokens touch (expected
@@ -34,9 +39,11 @@ import torch
 
 from meshserve.bench.random_model import SHAPES, is_sparse_layer, num_experts, tensor_shapes
 
-# The GEMM each layer runs: bf16 cuBLAS; FP8 as meshserve serves it (fp8_linear); or one FP8
-# GEMM at every batch size.
-GEMMS = ("bf16", "fp8", "scaled_mm", "skinny")
+# The GEMM each layer runs: bf16 cuBLAS; FP8 as meshserve serves it (fp8_linear); one FP8 GEMM at
+# every batch size; or, for bf16 weights, the skinny kernel with and without programmatic
+# dependent launch (LM head included).
+GEMMS = ("bf16", "fp8", "scaled_mm", "skinny", "dense_skinny", "dense_skinny_nopdl")
+DENSE_GEMMS = ("bf16", "dense_skinny", "dense_skinny_nopdl")
 COMPARE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -72,13 +79,18 @@ class LinearStack:
             return lambda y, w: fp8_linear(y, w[0], w[1], path="scaled_mm", bias=None)
         if gemm == "scaled_mm":
             return lambda y, w: scaled_mm_linear(y, w[0], w[1], bias=None)
-        from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
+        from meshserve.layers.kernels.skinny_gemm import skinny_linear
 
-        return lambda y, w: skinny_fp8_linear(y, w[0], w[1])
+        if gemm == "dense_skinny":
+            return lambda y, w: skinny_linear(y, w)
+        if gemm == "dense_skinny_nopdl":
+            return lambda y, w: skinny_linear(y, w, pdl=False)
+        return lambda y, w: skinny_linear(y, w[0], w[1])
 
     def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:
         """Median time of one CUDA-graph replay of a decode step's linear layers."""
         matmul, h, i = self._matmul(gemm), self.h, self.i
+        head = matmul if gemm in DENSE_GEMMS else self._matmul("bf16")
         x = torch.randn(batch_size, h, device="cuda", dtype=torch.bfloat16)
 
         def step() -> torch.Tensor:
@@ -86,7 +98,7 @@ class LinearStack:
             for qkv, o, gate_up, down in self.layers:
                 y = y + matmul(matmul(y, qkv)[:, :h].contiguous(), o)
                 y = y + matmul(matmul(y, gate_up)[:, :i].contiguous(), down)
-            return y @ self.lm_head.T
+            return head(y, self.lm_head)
 
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
@@ -138,6 +150,23 @@ def compare_fp8(shape: str, batch_sizes: list[int]) -> None:
               f"{step_bytes[False] / b / 1e9:>10.2f} {step_bytes[True] / k / 1e9:>12.2f}")
 
 
+def compare_dense(shape: str, batch_sizes: list[int]) -> None:
+    """Prints the bf16 floor with cuBLAS and with the skinny kernel, PDL on and off, per batch size
+    (dense.SKINNY_MAX_M says which rows meshserve gives the skinny kernel)."""
+    from meshserve.layers.dense import SKINNY_MAX_M
+
+    stack = LinearStack(shape, fp8=False)
+    floors = {gemm: {bs: stack.floor_ms(gemm, bs) for bs in batch_sizes} for gemm in DENSE_GEMMS}
+    print(f"{shape}: bf16 linear floor ms/step in CUDA graphs, {stack.weight_bytes / 1e9:.2f} GB of weights per "
+          f"step; meshserve takes the skinny kernel up to SKINNY_MAX_M = {SKINNY_MAX_M} rows")
+    print(f"{'batch':>6} {'cuBLAS':>9} {'skinny+PDL':>11} {'skinny':>9} {'cuBLAS/PDL':>11} {'cuBLAS TB/s':>12} "
+          f"{'PDL TB/s':>9}")
+    for bs in batch_sizes:
+        c, p, n = (floors[gemm][bs] for gemm in DENSE_GEMMS)
+        print(f"{bs:>6} {c:>9.3f} {p:>11.3f} {n:>9.3f} {c / p:>11.3f} {stack.weight_bytes / c / 1e9:>12.2f} "
+              f"{stack.weight_bytes / p / 1e9:>9.2f}")
+
+
 def moe_active_bytes(shape: str, batch_size: int, bytes_per_param: int = 2) -> float:
     """Weight bytes one decode step of `batch_size` tokens reads (see the module docstring)."""
     cfg = SHAPES[shape]
@@ -162,12 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 weights and meshserve's FP8 GEMM path")
     parser.add_argument("--compare-fp8", action="store_true",
                         help="bf16, _scaled_mm and the skinny FP8 kernel at each batch size (default 1..64)")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="bf16: cuBLAS and the skinny kernel with and without PDL at each batch size (default 1..64)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="HBM bandwidth for the MoE floor (TB/s)")
     ns = parser.parse_args(argv)
-    sizes = ns.batch_size or (COMPARE_BATCH_SIZES if ns.compare_fp8 else [1, 64, 256])
+    sizes = ns.batch_size or (COMPARE_BATCH_SIZES if ns.compare_fp8 or ns.compare_dense else [1, 64, 256])
     if num_experts(SHAPES[ns.shape]):
-        if ns.compare_fp8 or ns.fp8:
-            parser.error(f"--fp8 and --compare-fp8 measure dense shapes; {ns.shape} is a mixture of experts")
+        if ns.compare_fp8 or ns.compare_dense or ns.fp8:
+            parser.error(f"--fp8, --compare-fp8 and --compare-dense measure dense shapes; {ns.shape} is a mixture of experts")
         sparse = sum(is_sparse_layer(SHAPES[ns.shape], n) for n in range(SHAPES[ns.shape]["num_hidden_layers"]))
         print(f"{ns.shape}: {sparse} MoE layers; floor = active weight bytes / {ns.bandwidth_tbs} TB/s (bf16)")
         print(f"{'batch':>6} {'active GB':>10} {'floor ms/step':>14} {'tok/s':>10}")
@@ -178,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if ns.compare_fp8:
         compare_fp8(ns.shape, sizes)
+        return
+    if ns.compare_dense:
+        compare_dense(ns.shape, sizes)
         return
     print(f"{'batch':>6} {'floor ms/step':>14} {'tok/s':>10}")
     for bs in sizes:

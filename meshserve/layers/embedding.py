@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.cluster.comm import SINGLE, RankGroup
+from meshserve.layers.dense import dense_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -53,6 +54,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab_size] float32 logits."""
-        local = F.linear(hidden, self.weight)
+        local = dense_linear(hidden, self.weight)
         full = self.tp.all_gather(local, dim=-1)
         return full[:, : self.vocab_size].float()

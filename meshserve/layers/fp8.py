@@ -13,7 +13,7 @@ GEMM paths (one per layer, chosen at construction from the device, logged at sta
   (kernels/fp8_gemm.py). Needs in_features to be a multiple of bk.
 
   On both paths a call of at most SKINNY_MAX_M rows (decode) runs the skinny W8A16 kernel
-  instead (kernels/fp8_skinny_gemm.py): the FP8 weight streamed once, activations unquantized.
+  instead (kernels/skinny_gemm.py): the FP8 weight streamed once, activations unquantized.
   Its numbers are then those of the dequantized model (the CPU reference) up to float32
   summation order, so a decode step is closer to the reference than a prefill, never further.
 * `dequant`: the weight is dequantized to the activation dtype and multiplied by F.linear.
@@ -103,9 +103,9 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, *, path: 
     if path == "dequant":
         return F.linear(x, dequantize(w8, scale, block).to(x.dtype), bias)
     if x.numel() // x.shape[-1] <= SKINNY_MAX_M:
-        from meshserve.layers.kernels.fp8_skinny_gemm import skinny_fp8_linear
+        from meshserve.layers.kernels.skinny_gemm import skinny_linear
 
-        return skinny_fp8_linear(x, w8, scale, bias, block)
+        return skinny_linear(x, w8, scale, bias, block)
     if path == "triton_block":
         from meshserve.layers.kernels.fp8_gemm import block_fp8_linear
 

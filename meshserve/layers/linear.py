@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshserve.cluster.comm import SINGLE, RankGroup
 from meshserve.cluster.layout import KVHeadShare
 from meshserve.config.quantization import Fp8Scheme
+from meshserve.layers.dense import dense_linear
 from meshserve.layers.fp8 import FP8, dequantize, fp8_linear, gemm_path, quantize_per_channel
 
 
@@ -132,7 +132,7 @@ class ParallelLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8 is None:
-            return F.linear(x, self.weight, bias)
+            return dense_linear(x, self.weight, bias)
         return fp8_linear(x, self.weight, self.weight_scale, path=self.gemm_path, bias=bias, block=self.block,
                           input_scale=self.input_scale, activation_ub=self.fp8.activation_scale_ub)
 

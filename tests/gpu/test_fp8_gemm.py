@@ -2,7 +2,7 @@
 torch._scaled_mm path (per-channel weights, per-token or static activation scales) and the
 Triton block-wise kernel equal the product of the dequantized FP8 operands to bf16 accuracy, and
 a layer picks the path the start-up log names. Each is called directly, at every row count: through
-fp8_linear a call of few rows takes the skinny kernel (tests/gpu/test_fp8_skinny_gemm.py)."""
+fp8_linear a call of few rows takes the skinny kernel (tests/gpu/test_skinny_gemm.py)."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, fp8_round_trip, is_fp8
+from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled
 from meshserve.layers.kernels.rotary import load_rotated
 
 MAX_SPLITS = 16
@@ -41,8 +42,9 @@ def _decode_stage1(
     scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)  # with one split the output projection follows: let it start its weight stream
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,8 +129,9 @@ def _decode_stage1(
 def _decode_stage2(
     Out, PartialOut, PartialLse,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)  # the output projection follows: let it start its weight stream
     b = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS)
@@ -232,10 +235,10 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv,
         BLOCK_N=block_n, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
-        KV_FP8=is_fp8(k_cache.dtype),
+        KV_FP8=is_fp8(k_cache.dtype), PDL=pdl_enabled(q),
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](
             out, partial, lse, out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1), HEAD_DIM=v_dim, BLOCK_D=block_dv, SPLITS=splits)
+            lse.stride(0), lse.stride(1), HEAD_DIM=v_dim, BLOCK_D=block_dv, SPLITS=splits, PDL=pdl_enabled(q))
     return out

@@ -6,13 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled
 from meshserve.layers.kernels.rounding import round_to
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(GateUp, Out, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(GateUp, Out, stride_in, stride_out, n_cols, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    launch_dependents(PDL)  # the down projection follows: let it start its weight stream
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -32,5 +34,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
     if n_rows:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-            gate_up, out, gate_up.stride(0), out.stride(0), n_cols, BLOCK=BLOCK, num_warps=4)
+            gate_up, out, gate_up.stride(0), out.stride(0), n_cols, PDL=pdl_enabled(gate_up), BLOCK=BLOCK,
+            num_warps=4)
     return out

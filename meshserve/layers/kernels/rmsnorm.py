@@ -7,12 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled
 from meshserve.layers.kernels.rounding import round_to
 
 
 @triton.jit
 def _rmsnorm_kernel(X, Residual, Out, ResidualOut, W, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    launch_dependents(PDL)  # a decode GEMM usually follows: let it start its weight stream
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,7 +45,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(n_cols)
     if n_rows:
         _rmsnorm_kernel[(n_rows,)](x2, r2, out, summed, weight, x2.stride(0), r2.stride(0), out.stride(0),
-                                   summed.stride(0), n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                   summed.stride(0), n_cols, eps, HAS_RESIDUAL=residual is not None,
+                                   PDL=pdl_enabled(x2), BLOCK=block,
                                    num_warps=min(8, max(1, block // 256)))
     return out.view(shape) if residual is None else (out.view(shape), summed.view(shape))
 

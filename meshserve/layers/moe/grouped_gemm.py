@@ -17,7 +17,7 @@ them, so y needs no zeroing; the sum runs in float32 in choice order (determinis
 
 FP8 experts (W8A16): the kernel loads FP8 weight tiles (half the bytes, which is what a
 memory-bound decode step pays for), widens them to the activations' dtype (bf16 on CUDA by the
-skinny FP8 kernel's bit-move conversion, kernels/fp8_skinny_gemm.py says why), and multiplies each
+skinny FP8 kernel's bit-move conversion, kernels/skinny_gemm.py says why), and multiplies each
 K tile's partial product by the weight scale of its (output column, K block): one scale per
 (GROUP_N rows, GROUP_K columns) block of the expert; per-channel scales are the block
 (1, K). A K tile must lie inside one scale block, so BLOCK_K divides the block's bk (both
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import dot_precision
-from meshserve.layers.kernels.fp8_skinny_gemm import e4m3_to_bf16
+from meshserve.layers.kernels.skinny_gemm import e4m3_to_bf16
 from meshserve.layers.kernels.rounding import round_to
 from meshserve.layers.moe.experts import ExpertScales
 from meshserve.layers.moe.pair_sort import sort_pairs

@@ -1,14 +1,16 @@
-"""The skinny FP8 GEMM of decode (W8A16): out = x @ W.T for few rows x (bf16, fp16 or fp32) and an
-FP8 weight W [N, K] with per-row scales [N, 1] or per (bn x bk) block scales.
+"""The skinny GEMM of decode: out = x @ W.T for few rows x (bf16, fp16 or fp32) and a weight W
+[N, K] that is either FP8 (W8A16, with per-row scales [N, 1] or per (bn x bk) block scales) or
+in x's own dtype.
 
-A decode GEMM is bound by the weight's bytes, not by arithmetic, so this kernel streams the FP8
-weight once and spends nothing on the activations: no activation quantization (the `_scaled_mm`
-path's extra kernel and its rounding), each FP8 tile converted in registers to x's dtype (exact:
-every e4m3 value is a bf16/fp16/fp32 value) and multiplied on the tensor cores with float32
-accumulation. Scales are applied after the dot: per row once at the end, per block after each
-K step (BLOCK_K divides the block's bk, so a step lies in one block column).
+A decode GEMM is bound by the weight's bytes, not by arithmetic, so this kernel streams the weight
+once and spends nothing on the activations. An FP8 weight needs no activation quantization (the
+`_scaled_mm` path's extra kernel and its rounding): each FP8 tile is converted in registers to x's
+dtype (exact: every e4m3 value is a bf16/fp16/fp32 value) and multiplied on the tensor cores with
+float32 accumulation. Scales are applied after the dot: per row once at the end, per block after
+each K step (BLOCK_K divides the block's bk, so a step lies in one block column). A weight in x's
+dtype is multiplied as it is.
 
-The conversion is the kernel's only per-byte arithmetic and can bound it: Triton's e4m3 -> bf16
+The FP8 conversion is the kernel's only per-byte arithmetic and can bound it: Triton's e4m3 -> bf16
 on sm_90 is cvt e4m3x2 -> f16x2, then one F2F f16 -> bf16 per element, and the F2F pipe does 16
 per clock per SM, about 4.2 TB/s of weights on 132 SMs at 1.98 GHz, no more than HBM gives. For
 bf16 on CUDA the kernel therefore converts with integer bit moves and one packed multiply
@@ -17,12 +19,17 @@ the compiled loop). fp16 keeps Triton's conversion (one cvt per 2 elements, no F
 interpreter, which cannot run PTX, uses Triton's conversion for every dtype.
 
 Tiles: one program owns BLOCK_N weight rows and one of `split_k` slices of K, reading the rows'
-contiguous K bytes in BLOCK_K-wide loads. Rows of x are padded to BLOCK_M >= 16 by masks (tl.dot's
-minimum), for M = 1 too: the padded MMA rows cost tensor-core cycles a memory-bound kernel has to
-spare, whereas a multiply-add GEMV is FMA-bound from M of about 7 (2·M flops per weight byte at
-4.8 TB/s is 67 TFLOP/s at M = 7, the H200's float32 FMA peak), so one tile shape serves every M.
-With split_k > 1 the slices write float32 partial sums and a second kernel adds them in a fixed
-order (deterministic, unlike atomics) with the bias; with split_k = 1 the first kernel finishes.
+contiguous K bytes in K steps of BLOCK_K_BYTES. Rows of x are padded to BLOCK_M >= 16 by masks
+(tl.dot's minimum), for M = 1 too: the padded MMA rows cost tensor-core cycles a memory-bound
+kernel has to spare, whereas a multiply-add GEMV is FMA-bound from M of about 7 (2·M flops per
+weight byte at 4.8 TB/s is 67 TFLOP/s at M = 7, the H200's float32 FMA peak), so one tile shape
+serves every M. With split_k > 1 the slices write float32 partial sums and a second kernel adds
+them in a fixed order (deterministic, unlike atomics) with the bias; with split_k = 1 the first
+kernel finishes.
+
+On sm_90+ both kernels are launched with programmatic dependent launch (kernels/pdl.py): each
+program first asks L2 for the first PREFETCH_BYTES of its weight slice, then waits for the kernel
+before it, so the weight stream starts in the previous kernel's tail instead of after it.
 
 CUDA-graph safe: the launch reads only shapes and the (cached) SM count, and allocates only the
 output and, with split_k > 1, a partial-sum buffer, both sized by the shapes.
@@ -37,18 +44,25 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes (to be tuned on the GPU). BLOCK_K = 256 FP8 bytes is two 128-byte lines of a weight
-# row per step. Built for sm_90 on the CPU at BLOCK_M = 16: 94 registers, 48 KB of shared memory
+from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled, prefetch_rows_l2, wait_for_primary
+
+# Tile sizes. A K step of 256 bytes is two 128-byte lines of a weight row (256 FP8 or 128 bf16
+# columns). Built for sm_90 on the CPU at BLOCK_M = 16, FP8: 94 registers, 48 KB of shared memory
 # (3 stages; 4 programs fit an SM), 614 instructions per warp and K step (4 KB of weights), mma.sync.
-# BLOCK_M = 64 takes wgmma and half the K step (BLOCK_K_WIDE_M), else 160 KB of shared memory
+# BLOCK_M = 64 takes wgmma and half the K step (BLOCK_K_BYTES_WIDE_M), else 160 KB of shared memory
 # would leave one program per SM.
 BLOCK_N = 64
-BLOCK_K = 256
-BLOCK_K_WIDE_M = 128
+BLOCK_K_BYTES = 256
+BLOCK_K_BYTES_WIDE_M = 128
 # Programs per SM the split of K aims for: enough resident programs to keep many weight loads
 # in flight (the grid of a 4096-row weight is only 64 tiles of BLOCK_N rows for 132 SMs).
 PROGRAMS_PER_SM = 2
 MAX_SPLIT_K = 16
+# Weight bytes each program asks L2 for before waiting for the previous kernel (PDL). Measured in
+# a Llama-3.1-8B batch-1 decode step on an H200 (bench_one_batch, docs/benchmarks.md): 4 KB per
+# program 4.495 ms, 32 bytes 4.501 ms, 32 KB 4.682 ms (worse than cuBLAS's 4.59: the early
+# programs' prefetches crowd out the previous kernel's own loads).
+PREFETCH_BYTES = 4 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,12 +82,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | None = None) -> SkinnyTiles:
-    """The tiles for x [m, k] @ W[n, k].T on `sm_count` SMs. With block scales, `block_k_divides`
-    is the block's bk: each K step must lie within one block column."""
+def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | None = None,
+                 weight_bytes: int = 1) -> SkinnyTiles:
+    """The tiles for x [m, k] @ W[n, k].T on `sm_count` SMs, W of `weight_bytes` per element. With
+    block scales, `block_k_divides` is the block's bk: each K step must lie within one block column."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     # With blocks: the largest power of two dividing bk (tl.arange sizes are powers of two).
-    widest = BLOCK_K if block_m < 64 else BLOCK_K_WIDE_M
+    widest = (BLOCK_K_BYTES if block_m < 64 else BLOCK_K_BYTES_WIDE_M) // weight_bytes
     block_k = widest if block_k_divides is None else min(widest, block_k_divides & -block_k_divides)
     if block_k < 16:
         raise ValueError(f"FP8 block width {block_k_divides}: no K step of at least 16 (tl.dot's) lies in one block")
@@ -120,12 +135,15 @@ def e4m3_to_bf16(w):
 
 
 @triton.jit
-def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_sk, stride_om,
-                   stride_os, BLOCK_SCALES: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, PREFETCH_K, stride_xm, stride_wn, stride_sn, stride_sk,
+                   stride_om, stride_os, SCALES: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                   BF16_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (n tile, K slice, m tile). PARTIAL: store float32 sums of this slice at
-    OUT[slice]; else the finished rows (bias added, in OUT's dtype)."""
+                   BF16_ASM: tl.constexpr, PDL: tl.constexpr, W_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n tile, K slice, m tile). SCALES: "none" (W in x's dtype), "rows" or "blocks".
+    PARTIAL: store float32 sums of this slice at OUT[slice]; else the finished rows (bias added,
+    in OUT's dtype). PDL: prefetch PREFETCH_K columns of each weight row of the slice, then wait
+    for the previous kernel; nothing else is read or written before the wait."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -133,11 +151,17 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    launch_dependents(PDL)
+    # Rows past N prefetch row N - 1 again. The size is a multiple of 16 bytes: the launcher
+    # enables PDL only for rows and slices of whole 16-byte units.
+    prefetch_rows_l2(W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start,
+                     tl.full([BLOCK_N], 0, tl.int32) + tl.minimum(k_end - k_start, PREFETCH_K) * W_BYTES, PDL)
+    wait_for_primary(PDL)
     # int64 row offsets: N * K passes 2**31 bytes for the largest FP8 layers.
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = W + offs_n.to(tl.int64)[None, :] * stride_wn
-    k_start = pid_s * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
@@ -153,12 +177,12 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
             w = e4m3_to_bf16(w)
         else:
             w = w.to(x.dtype)
-        if BLOCK_SCALES:
+        if SCALES == "blocks":
             s = tl.load(S + (offs_n // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk, mask=mask_n, other=0.0)
             acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
         else:
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    if not BLOCK_SCALES:
+    if SCALES == "rows":
         acc *= tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     out = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -171,10 +195,12 @@ def _skinny_kernel(X, W, S, B, OUT, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, 
 
 
 @triton.jit
-def _sum_slices_kernel(P, B, OUT, M, N, stride_ps, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _sum_slices_kernel(P, B, OUT, M, N, stride_ps, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                        BLOCK: tl.constexpr):
     """OUT[m, n] = sum over slices s in order of P[s, m, n] (+ bias[n]), in OUT's dtype; P and
-    OUT are contiguous [M, N]."""
+    OUT are contiguous [M, N]. PDL: launched early, it waits for the slices' kernel first."""
+    launch_dependents(PDL)
+    wait_for_primary(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(P + offs, mask=mask, other=0.0)
@@ -185,40 +211,56 @@ def _sum_slices_kernel(P, B, OUT, M, N, stride_ps, SPLIT: tl.constexpr, HAS_BIAS
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def skinny_fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                      block: tuple[int, int] | None = None, tiles: SkinnyTiles | None = None) -> torch.Tensor:
-    """x [..., K] @ (w8 [N, K] times its per-row [N, 1] or per-block scales).T (+ bias) -> [..., N]
-    in x's dtype. `tiles` overrides the heuristic (tests, tuning)."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
+                  tiles: SkinnyTiles | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) -> [..., N] in x's dtype, where W is `w` [N, K] in x's dtype
+    (`scale` None) or FP8 `w` times its per-row [N, 1] or per-block `scale`. `tiles` overrides the
+    heuristic (tests, tuning); `pdl` forces programmatic dependent launch off (None: on where
+    the device has it)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if w8.shape[1] != k or w8.stride(1) != 1:
-        raise ValueError(f"skinny FP8 GEMM: weight {tuple(w8.shape)} with strides {w8.stride()} for input width {k}; "
-                         "it reads rows of K contiguous bytes")
+    if w.shape[1] != k or w.stride(1) != 1:
+        raise ValueError(f"skinny GEMM: weight {tuple(w.shape)} with strides {w.stride()} for input width {k}; "
+                         "it reads rows of K contiguous elements")
+    if (scale is None) != (w.dtype == x.dtype) or (scale is None and block is not None):
+        raise ValueError(f"skinny GEMM: a {w.dtype} weight {'without' if scale is None else 'with'} scales for "
+                         f"{x.dtype} activations; it takes an FP8 weight with scales or one in the activations' dtype")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m, n = x2.shape[0], w8.shape[0]
+    m, n = x2.shape[0], w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
     if tiles is None:
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
             if x.is_cuda else 1
-        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None)
+        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None, w.element_size())
+    # Bulk prefetches take whole 16-byte units at 16-byte-aligned addresses (every slice starts
+    # on a K step, a multiple of 16 bytes).
+    whole_units = (k * w.element_size()) % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0 \
+        and w.data_ptr() % 16 == 0
+    pdl = pdl is not False and whole_units and pdl_enabled(x)
+    prefetch_k = max(16, PREFETCH_BYTES // (tiles.block_n * w.element_size()))
     group_n, group_k = block if block is not None else (1, 1)
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(m, tiles.block_m))
     partial = tiles.split_k > 1
     dest = torch.empty((tiles.split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    _skinny_kernel[grid](x2, w8, scale, bias_arg, dest, m, n, k, tiles.k_per_split, x2.stride(0), w8.stride(0),
-                         scale.stride(0), scale.stride(1), n, m * n, BLOCK_SCALES=block is not None, GROUP_N=group_n,
-                         GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
+    scale_arg = scale if scale is not None else out.view(m, n)  # never read with SCALES "none"
+    launch = {"launch_pdl": True} if pdl else {}
+    _skinny_kernel[grid](x2, w, scale_arg, bias_arg, dest, m, n, k, tiles.k_per_split, prefetch_k, x2.stride(0),
+                         w.stride(0), scale_arg.stride(0), scale_arg.stride(1), n, m * n,
+                         SCALES="none" if scale is None else "rows" if block is None else "blocks",
+                         GROUP_N=group_n, GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: true products
-                         EVEN_K=k % tiles.block_k == 0, BF16_ASM=x.dtype == torch.bfloat16 and x.is_cuda,
-                         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=4,
-                         num_stages=3)
+                         EVEN_K=k % tiles.block_k == 0,
+                         BF16_ASM=scale is not None and x.dtype == torch.bfloat16 and x.is_cuda, PDL=pdl,
+                         W_BYTES=w.element_size(), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                         BLOCK_K=tiles.block_k, num_warps=4, num_stages=3, **launch)
     if partial:
         reduce_block = 1024
         _sum_slices_kernel[(triton.cdiv(m * n, reduce_block),)](dest, bias_arg, out, m, n, m * n,
                                                                 SPLIT=tiles.split_k, HAS_BIAS=bias is not None,
-                                                                BLOCK=reduce_block, num_warps=4)
+                                                                PDL=pdl, BLOCK=reduce_block, num_warps=4, **launch)
     return out.reshape(*lead, n)

@@ -1,7 +1,9 @@
-"""The skinny FP8 kernel compiled for sm_90 (H100/H200) on this machine, no GPU needed: every
-decode configuration builds (the inline PTX assembles), the bf16 loop converts FP8 without the
-F2F instructions that would bound it (kernels/fp8_skinny_gemm.py), 16-row tiles use mma.sync and
-64-row tiles wgmma, and each leaves room for at least two programs per SM."""
+"""The skinny GEMM kernel compiled for sm_90 (H100/H200) on this machine, no GPU needed: every
+decode configuration builds (the inline PTX, the bulk L2 prefetch and the grid-dependency
+instructions assemble), the bf16 loop converts FP8 without the F2F instructions that would bound
+it (kernels/skinny_gemm.py), 16-row tiles use mma.sync and 64-row tiles wgmma, each leaves room
+for at least two programs per SM, and a PDL launch prefetches and waits while one without has
+neither instruction."""
 
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def test_decode_configurations_build_for_sm90():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(built) == {"bf16_rows_16", "bf16_blocks_16_split", "bf16_rows_64", "fp16_rows_16"}
+    assert set(built) == {"bf16_rows_16", "bf16_blocks_16_split", "bf16_rows_64", "fp16_rows_16",
+                          "bf16_dense_16_split", "bf16_dense_16"}
     for name, code in built.items():
+        pdl = name not in ("bf16_rows_64", "fp16_rows_16")
+        assert code["pdl"] == code["prefetch"] == pdl, (name, code)
         assert code["f2f"] == 0, (name, code)
         assert 2 * code["shared"] <= _SM90_SHARED_BYTES, (name, code)
         assert code["mma"] == ("wgmma" if "_64" in name else "mma.sync"), (name, code)
