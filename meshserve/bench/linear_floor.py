@@ -82,9 +82,9 @@ class LinearStack:
         from meshserve.layers.kernels.skinny_gemm import skinny_linear
 
         if gemm == "dense_skinny":
-            return lambda y, w: skinny_linear(y, w)
+            return lambda y, w: skinny_linear(y, w, pdl=True)
         if gemm == "dense_skinny_nopdl":
-            return lambda y, w: skinny_linear(y, w, pdl=False)
+            return lambda y, w: skinny_linear(y, w)
         return lambda y, w: skinny_linear(y, w[0], w[1])
 
     def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:

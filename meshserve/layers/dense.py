@@ -43,5 +43,5 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if takes_skinny(x, weight):
         from meshserve.layers.kernels.skinny_gemm import skinny_linear
 
-        return skinny_linear(x, weight, None, bias)
+        return skinny_linear(x, weight, None, bias, pdl=True)
     return F.linear(x, weight, bias)

@@ -4,7 +4,7 @@ bf16 weights, equal the float32 product of the activations and the (dequantized)
 bfloat16 accuracy; it replays in a CUDA graph; fp8_linear takes it for at most SKINNY_MAX_M rows
 and the FP8 x FP8 GEMMs above, dense_linear for at most dense.SKINNY_MAX_M rows on sm_90+.
 
-On sm_90+ the kernels are launched with programmatic dependent launch: a chain of GEMMs and the
+With programmatic dependent launch (sm_90+, as dense_linear asks for it), a chain of GEMMs and the
 kernels between them (RMSNorm, SiLU·mul), captured in a CUDA graph, must give bit for bit what
 the same chain gives launched without it; a missing wait would read a stale input."""
 
@@ -109,7 +109,7 @@ def test_bf16_weights_llama_8b_shapes(n, k):
         _check(skinny_linear(x, w, None, bias), x, w.float(), bias)
 
 
-def _chain(x: torch.Tensor, ws: list[torch.Tensor], norm_w: torch.Tensor, pdl: bool | None) -> torch.Tensor:
+def _chain(x: torch.Tensor, ws: list[torch.Tensor], norm_w: torch.Tensor, pdl: bool) -> torch.Tensor:
     """A decode layer's kernel order: GEMM, GEMM (split over K) right after it, RMSNorm with a
     residual, GEMM, SiLU·mul, GEMM (split over K)."""
     from meshserve.layers.kernels.activation import silu_and_mul
@@ -132,11 +132,11 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches():
     assert pdl_enabled(x) == (torch.cuda.get_device_capability() >= (9, 0))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        _chain(x, ws, norm_w, None)
+        _chain(x, ws, norm_w, pdl=True)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _chain(x, ws, norm_w, None)
+        out = _chain(x, ws, norm_w, pdl=True)
     for _ in range(5):
         x.copy_(torch.randn(2, 4096, device="cuda", generator=gen))
         graph.replay()
@@ -152,7 +152,7 @@ def test_dense_linear_dispatch_by_rows():
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
     for m in (1, SKINNY_MAX_M):
         x = torch.randn(m, 4096, device="cuda", generator=gen).bfloat16()
-        expected = skinny_linear(x, w) if sm90 else F.linear(x, w)
+        expected = skinny_linear(x, w, pdl=True) if sm90 else F.linear(x, w)
         assert torch.equal(dense_linear(x, w), expected)
     x = torch.randn(SKINNY_MAX_M + 1, 4096, device="cuda", generator=gen).bfloat16()
     assert torch.equal(dense_linear(x, w), F.linear(x, w))

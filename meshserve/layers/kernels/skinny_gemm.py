@@ -27,9 +27,9 @@ serves every M. With split_k > 1 the slices write float32 partial sums and a sec
 them in a fixed order (deterministic, unlike atomics) with the bias; with split_k = 1 the first
 kernel finishes.
 
-On sm_90+ both kernels are launched with programmatic dependent launch (kernels/pdl.py): each
-program first asks L2 for the first PREFETCH_BYTES of its weight slice, then waits for the kernel
-before it, so the weight stream starts in the previous kernel's tail instead of after it.
+With `pdl` on sm_90+ both kernels are launched with programmatic dependent launch (kernels/pdl.py):
+each program first asks L2 for the first PREFETCH_BYTES of its weight slice, then waits for the
+kernel before it, so the weight stream starts in the previous kernel's tail instead of after it.
 
 CUDA-graph safe: the launch reads only shapes and the (cached) SM count, and allocates only the
 output and, with split_k > 1, a partial-sum buffer, both sized by the shapes.
@@ -213,11 +213,11 @@ def _sum_slices_kernel(P, B, OUT, M, N, stride_ps, SPLIT: tl.constexpr, HAS_BIAS
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-                  tiles: SkinnyTiles | None = None, pdl: bool | None = None) -> torch.Tensor:
+                  tiles: SkinnyTiles | None = None, pdl: bool = False) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) -> [..., N] in x's dtype, where W is `w` [N, K] in x's dtype
     (`scale` None) or FP8 `w` times its per-row [N, 1] or per-block `scale`. `tiles` overrides the
-    heuristic (tests, tuning); `pdl` forces programmatic dependent launch off (None: on where
-    the device has it)."""
+    heuristic (tests, tuning). `pdl`: launch with programmatic dependent launch where the device
+    has it (layers/dense.py measured it for bf16 weights; FP8 calls do not ask for it yet)."""
     lead, k = x.shape[:-1], x.shape[-1]
     if w.shape[1] != k or w.stride(1) != 1:
         raise ValueError(f"skinny GEMM: weight {tuple(w.shape)} with strides {w.stride()} for input width {k}; "
@@ -240,7 +240,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None =
     # on a K step, a multiple of 16 bytes).
     whole_units = (k * w.element_size()) % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0 \
         and w.data_ptr() % 16 == 0
-    pdl = pdl is not False and whole_units and pdl_enabled(x)
+    pdl = pdl and whole_units and pdl_enabled(x)
     prefetch_k = max(16, PREFETCH_BYTES // (tiles.block_n * w.element_size()))
     group_n, group_k = block if block is not None else (1, 1)
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(m, tiles.block_m))
