@@ -60,8 +60,8 @@ PROGRAMS_PER_SM = 2
 MAX_SPLIT_K = 16
 # Weight bytes each program asks L2 for before waiting for the previous kernel (PDL). Measured in
 # a Llama-3.1-8B batch-1 decode step on an H200 (bench_one_batch, docs/benchmarks.md): 4 KB per
-# program 4.495 ms, 32 bytes 4.501 ms, 32 KB 4.682 ms (worse than cuBLAS's 4.59: the early
-# programs' prefetches crowd out the previous kernel's own loads).
+# program 4.495 ms, 32 bytes 4.501 ms, 32 KB 4.682 ms (worse than cuBLAS's 4.59; presumably the
+# early programs' prefetches crowd out the previous kernel's own loads, not examined further).
 PREFETCH_BYTES = 4 * 1024
 
 
