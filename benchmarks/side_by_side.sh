@@ -10,6 +10,10 @@
 #     bash benchmarks/side_by_side.sh MODEL_DIR                    # meshserve, the next call
 #     VARIANTS="default|--schedule-policy lof" bash benchmarks/side_by_side.sh MODEL_DIR
 #
+#   A device call brings back at most 8 files and each variant writes 6, so the 2026-12-04 run
+#   wrote elsewhere and packed them (docs/benchmarks.md):
+#     R=$OUT; OUT=/tmp/sbs VARIANTS=... bash benchmarks/side_by_side.sh MODEL_DIR; tar czf $R/sbs.tgz -C /tmp sbs
+#
 # VARIANTS: '|'-separated extra server arguments, "default" for none (default: "default").
 # A MODEL_DIR without *.safetensors is served with --load-format dummy, as the kit does for vLLM.
 # Results: $OUT/<variant>/: the server log, and the kit's summary.txt and JSON files (the summary
