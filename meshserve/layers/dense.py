@@ -22,8 +22,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from meshserve.layers.kernels.pdl import pdl_enabled
-
 # Calls of at most this many rows take the skinny kernel (the measurement above).
 SKINNY_MAX_M = 4
 _CHOICES = ("auto", "cublas")
@@ -35,7 +33,17 @@ if _CHOICE not in _CHOICES:
 def takes_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `dense_linear(x, weight)` runs the skinny kernel."""
     return (_CHOICE == "auto" and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype
-            and x.numel() <= SKINNY_MAX_M * x.shape[-1] and pdl_enabled(x))
+            and x.numel() <= SKINNY_MAX_M * x.shape[-1] and _pdl_device(x))
+
+
+def _pdl_device(x: torch.Tensor) -> bool:
+    """x is on a GPU with programmatic dependent launch. Triton, which kernels/pdl.py imports, is
+    not a dependency of CPU installs, so it is imported for CUDA tensors only."""
+    if not x.is_cuda:
+        return False
+    from meshserve.layers.kernels.pdl import pdl_enabled
+
+    return pdl_enabled(x)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

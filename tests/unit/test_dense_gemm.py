@@ -16,7 +16,7 @@ from meshserve.layers import dense
 
 
 def test_rule(monkeypatch):
-    monkeypatch.setattr(dense, "pdl_enabled", lambda t: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(dense, "_pdl_device", lambda t: True)  # as on an sm_90 GPU
     w = torch.randn(8, 32, dtype=torch.bfloat16)
     rows = dense.SKINNY_MAX_M
     assert dense.takes_skinny(torch.randn(rows, 32, dtype=torch.bfloat16), w)
@@ -32,6 +32,15 @@ def test_cpu_takes_f_linear():
     x, w, b = torch.randn(1, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(8)
     assert not dense.takes_skinny(x, w)
     assert torch.equal(dense.dense_linear(x, w, b.bfloat16()), F.linear(x, w, b.bfloat16()))
+
+
+def test_layers_import_without_triton():
+    """A CPU install has no Triton (a test extra): the layers must not import it."""
+    code = ("import sys; sys.modules['triton'] = None; import meshserve.executor.model_runner, meshserve.models.llama, "
+            "meshserve.models.qwen3, meshserve.models.mixtral, meshserve.models.qwen_moe, meshserve.models.deepseek; "
+            "import torch; from meshserve.layers.dense import dense_linear; dense_linear(torch.ones(1, 4), torch.ones(2, 4))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_unknown_switch_is_refused_by_name():
