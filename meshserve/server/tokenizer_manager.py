@@ -8,7 +8,8 @@ Sockets (zmq.asyncio, msgpack messages of meshserve.messages, never pickle): we 
 socket per DP group (`SchedulerEndpoints.to_scheduler`, one with --dp-size 1) and one PULL socket
 on `from_scheduler`; each DP group's leader connects. The DPController picks each sequence's
 group and sends its abort there; a flush goes to every group and succeeds when all do. One
-receive task routes every ReqOutput to the asyncio queue of the request that owns its rid.
+receive task routes every ReqOutput to the request that owns its rid, where the deltas its
+consumer has not taken yet are merged (`_Request`).
 
 Failure contract: when the scheduler sends SchedulerFailed, a scheduler process dies, or the
 server shuts down, every in-flight request ends with a GenerateError (never hangs), readiness
@@ -125,15 +126,6 @@ class PreparedRequest:
 
 
 @dataclass(eq=False)
-class _Request:
-    """One in-flight request: its queue receives (sequence, delta) pairs or one GenerateError."""
-
-    prompt_tokens: int
-    arrival: float
-    queue: asyncio.Queue[tuple[_Sequence, ReqOutput] | GenerateError] = field(default_factory=asyncio.Queue)
-
-
-@dataclass(eq=False)
 class _Sequence:
     rid: str
     index: int
@@ -143,6 +135,48 @@ class _Sequence:
     last_output_at: float | None = None
     finished: bool = False  # its consumer has seen its end (or never will: see `ending`)
     ending: bool = False  # aborted from here; owns its rid until the scheduler's finish arrives
+
+
+@dataclass(eq=False)
+class _Request:
+    """One in-flight request: the scheduler's deltas its consumer has not taken yet, merged per
+    sequence (oldest sequence first), and at most one GenerateError, raised once the deltas that
+    came before it are taken (later ones are dropped, so a busy stream cannot put it off).
+
+    Merging keeps the front end ahead of the GPU under load: when a consumer (an HTTP stream)
+    falls behind, the deltas that piled up leave as one output, so detokenizing, framing and
+    sending are paid once for several tokens instead of a backlog growing. A consumer that keeps
+    up takes each step's delta as it came."""
+
+    prompt_tokens: int
+    arrival: float
+    _pending: dict[_Sequence, ReqOutput] = field(default_factory=dict)
+    _error: GenerateError | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, seq: _Sequence, delta: ReqOutput) -> None:
+        if self._error is not None:  # the request is ending: what came after its error is not shown
+            return
+        earlier = self._pending.get(seq)
+        self._pending[seq] = delta if earlier is None else msgspec.structs.replace(
+            delta, new_ids=earlier.new_ids + delta.new_ids, logprobs=earlier.logprobs + delta.logprobs,
+            top_logprobs=earlier.top_logprobs + delta.top_logprobs)  # counts and finish: the later delta's
+        self._wake.set()
+
+    def fail(self, error: GenerateError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake.set()
+
+    async def next(self) -> tuple[_Sequence, ReqOutput]:
+        """The oldest pending sequence's deltas as one; raises the error once none is pending."""
+        while not self._pending:
+            if self._error is not None:
+                raise self._error
+            self._wake.clear()
+            await self._wake.wait()
+        seq = next(iter(self._pending))
+        return seq, self._pending.pop(seq)
 
 
 class TokenizerManager:
@@ -279,7 +313,7 @@ class TokenizerManager:
                   if not seq.ending
                   and (key == rid or key == f"{rid}-{seq.index}")}  # the rids generate() gives n > 1 sequences
         for request in owners.values():
-            request.queue.put_nowait(RequestAborted("the request was aborted by the caller"))
+            request.fail(RequestAborted("the request was aborted by the caller"))
         return bool(owners)
 
     async def close(self) -> None:
@@ -347,10 +381,7 @@ class TokenizerManager:
         try:
             unfinished = len(sequences)
             while unfinished:
-                item = await request.queue.get()
-                if isinstance(item, GenerateError):
-                    raise item
-                seq, delta = item
+                seq, delta = await request.next()
                 if seq.finished:  # ended here (stop string) after this output was queued
                     continue
                 output = self._process(request, seq, delta)
@@ -520,12 +551,15 @@ class TokenizerManager:
         text = ""
         if seq.detokenizer is not None:
             text = seq.detokenizer.push(delta.new_ids, finish)
-            if finish is None and seq.detokenizer.stop_matched is not None:
+            matched = seq.detokenizer.stop_matched
+            if matched is not None and (finish is None or finish.matched != matched):
                 # Our text hit a stop string before the scheduler's own check did (it decodes
-                # without the prompt as context); the text is final, so end the sequence here.
-                finish = FinishReason(kind="stop", matched=seq.detokenizer.stop_matched)
-                seq.finished = True
-                self._end_in_scheduler(seq, "stop string reached")
+                # without the prompt as context), maybe in deltas merged with the sequence's last
+                # one: the text ends at the stop string, and so does the sequence.
+                if finish is None:
+                    seq.finished = True
+                    self._end_in_scheduler(seq, "stop string reached")
+                finish = FinishReason(kind="stop", matched=matched)
         seq.completion_tokens += len(delta.new_ids)
         seq.cached_tokens = max(seq.cached_tokens, delta.cached_tokens)
         now = time.perf_counter()
@@ -591,7 +625,7 @@ class TokenizerManager:
                         continue
                     request, seq = owner
                     if not seq.ending:
-                        request.queue.put_nowait((seq, delta))
+                        request.put(seq, delta)
                     elif delta.finish is not None:  # the scheduler's answer to our abort
                         self._release(seq)
             elif isinstance(msg, SchedulerStats):
@@ -650,7 +684,7 @@ class TokenizerManager:
     def _end_all(self, error: type[GenerateError], message: str) -> None:
         requests = {id(request): request for request, _ in self._sequences.values()}
         for request in requests.values():
-            request.queue.put_nowait(error(message))
+            request.fail(error(message))
 
 
 def _summed(reports: list[SchedulerStats]) -> SchedulerStats:

@@ -485,3 +485,70 @@ def test_dp_group_stats_sum_expert_loads_element_by_element():
                      report(1), report(2, expert_tokens=(1, 1, 1), ep_rank_tokens=(2, 1), eplb_rebalances=1)])
     assert (total.expert_tokens, total.ep_rank_tokens, total.eplb_rebalances) == ((5, 1, 3), (7, 2), 3)
     assert (total.num_running, total.prompt_tokens, total.max_total_tokens) == (3, 21, 300)
+
+
+def test_deltas_a_late_consumer_has_not_taken_are_merged_per_sequence():
+    """The request's pending deltas: a consumer that keeps up takes each as it came; one that
+    runs late gets a sequence's piled-up deltas as one (ids and logprobs in order, the later
+    counts and finish), oldest sequence first; an error is raised once the deltas that came
+    before it are taken, and deltas after it are dropped."""
+    from meshserve.server.tokenizer_manager import _Request, _Sequence
+
+    async def main():
+        request = _Request(prompt_tokens=3, arrival=0.0)
+        a, b = _Sequence("r-0", 0, None), _Sequence("r-1", 1, None)
+        request.put(a, ReqOutput(rid="r-0", new_ids=[1], logprobs=[-0.1], completion_tokens=1))
+        assert (await request.next())[1].new_ids == [1]  # kept up: as it came
+        request.put(a, ReqOutput(rid="r-0", new_ids=[2], logprobs=[-0.2], completion_tokens=2))
+        request.put(b, ReqOutput(rid="r-1", new_ids=[7], completion_tokens=1))
+        request.put(a, ReqOutput(rid="r-0", new_ids=[3, 4], logprobs=[-0.3, -0.4], completion_tokens=4,
+                                 finish=FinishReason(kind="length")))
+        request.fail(RequestAborted("gone"))
+        request.put(a, ReqOutput(rid="r-0", new_ids=[5], completion_tokens=5))  # after the error: dropped
+        seq, merged = await request.next()
+        assert seq is a and merged.new_ids == [2, 3, 4] and merged.logprobs == [-0.2, -0.3, -0.4]
+        assert merged.completion_tokens == 4 and merged.finish == FinishReason(kind="length")
+        seq, only = await request.next()
+        assert seq is b and only.new_ids == [7]
+        with pytest.raises(RequestAborted, match="gone"):
+            await request.next()
+        waiter = asyncio.ensure_future(_Request(prompt_tokens=1, arrival=0.0).next())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # nothing pending, no error: it waits
+        waiter.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_stop_string_inside_deltas_merged_with_the_last_one_ends_as_a_stop(tokenizer):
+    """All of a sequence's tokens arrive in one merged delta with the scheduler's "length"
+    finish, and the text holds a stop string the scheduler missed: the text ends before it and
+    the finish is that stop string, as when the tokens came one by one."""
+    text = " Paris is the capital of France and more"
+
+    async def body(tm, fake):
+        req = GenerateRequest(text="x", sampling=greedy(40, stop=["capital"]), rid="r")
+        async with contextlib.aclosing(tm.generate(await tm.prepare(req))) as outputs:
+            return [o async for o in outputs]
+
+    outputs, fake = run(tokenizer, text_script(tokenizer, text), body, whole=True)
+    assert "".join(o.text for o in outputs) == " Paris is the "
+    assert [o.finish for o in outputs if o.finish] == [FinishReason(kind="stop", matched="capital")]
+    assert fake.requests(AbortReq) == []
+
+
+def test_a_consumer_running_late_takes_the_piled_up_tokens_as_one_output(tokenizer):
+    """The scheduler's deltas for every token arrive before the consumer looks (one BatchOut):
+    the consumer gets one output with all the text, ids and the finish, not one per token."""
+    text = " one two three four five six seven"
+
+    async def body(tm, fake):
+        req = GenerateRequest(text="x", sampling=greedy(40), rid="r")
+        async with contextlib.aclosing(tm.generate(await tm.prepare(req))) as outputs:
+            return [o async for o in outputs]
+
+    outputs, _ = run(tokenizer, text_script(tokenizer, text), body, whole=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(outputs) == 1 and len(ids) > 1
+    assert outputs[0].text == text and outputs[0].token_ids == ids
+    assert outputs[0].finish == FinishReason(kind="length") and outputs[0].completion_tokens == len(ids)
