@@ -175,6 +175,21 @@ MUTANTS = [
         "            return text[: position + len(self.matched)]\n",
         ("tests/unit/test_detokenizer.py",),
     ),
+    Mutant(
+        "merged-deltas-lose-the-earlier-ids",
+        "meshserve/server/tokenizer_manager.py",
+        "delta, new_ids=earlier.new_ids + delta.new_ids,",
+        "delta, new_ids=delta.new_ids,",
+        ("tests/unit/test_tokenizer_manager.py",),
+    ),
+    Mutant(
+        "error-waits-behind-later-deltas",
+        "meshserve/server/tokenizer_manager.py",
+        "        if self._error is not None:  # the request is ending: what came after its error is not shown\n"
+        "            return\n",
+        "",
+        ("tests/unit/test_tokenizer_manager.py",),
+    ),
 ]
 
 
