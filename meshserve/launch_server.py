@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import uvloop
+
 from meshserve.config.server_args import ServerArgs
 
 log = logging.getLogger("meshserve")
@@ -62,10 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_probe_access_logs()
         code = 1
         try:
-            if runtime.leader:
-                code = asyncio.run(serve(runtime, sock))
-            else:
-                code = asyncio.run(NodeAgent(args, runtime.cluster, runtime.processes, sock).run())
+            # uvloop's event loop: 7-11 % less of the main process's CPU per streamed token than
+            # asyncio's own (docs/benchmarks.md), the loop SGLang and vLLM serve on too.
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                if runtime.leader:
+                    code = runner.run(serve(runtime, sock))
+                else:
+                    code = runner.run(NodeAgent(args, runtime.cluster, runtime.processes, sock).run())
             return code
         except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
             code = 130
