@@ -222,41 +222,41 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None =
     if w.shape[1] != k or w.stride(1) != 1:
         raise ValueError(f"skinny GEMM: weight {tuple(w.shape)} with strides {w.stride()} for input width {k}; "
                          "it reads rows of K contiguous elements")
-    if (scale is None) != (w.dtype == x.dtype) or (scale is None and block is not None):
-        raise ValueError(f"skinny GEMM: a {w.dtype} weight {'without' if scale is None else 'with'} scales for "
+    dense = scale is None  # a weight in x's dtype, multiplied as it is
+    if dense != (w.dtype == x.dtype) or (dense and block is not None):
+        raise ValueError(f"skinny GEMM: a {w.dtype} weight {'without' if dense else 'with'} scales for "
                          f"{x.dtype} activations; it takes an FP8 weight with scales or one in the activations' dtype")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m, n = x2.shape[0], w.shape[0]
+    m, n, w_bytes = x2.shape[0], w.shape[0], w.element_size()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
     if tiles is None:
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
             if x.is_cuda else 1
-        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None, w.element_size())
+        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None, w_bytes)
     # Bulk prefetches take whole 16-byte units at 16-byte-aligned addresses (every slice starts
     # on a K step, a multiple of 16 bytes).
-    whole_units = (k * w.element_size()) % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0 \
+    pdl = pdl and pdl_enabled(x) and (k * w_bytes) % 16 == 0 and (w.stride(0) * w_bytes) % 16 == 0 \
         and w.data_ptr() % 16 == 0
-    pdl = pdl and whole_units and pdl_enabled(x)
-    prefetch_k = max(16, PREFETCH_BYTES // (tiles.block_n * w.element_size()))
+    prefetch_k = max(16, PREFETCH_BYTES // (tiles.block_n * w_bytes))
     group_n, group_k = block if block is not None else (1, 1)
     grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(m, tiles.block_m))
     partial = tiles.split_k > 1
     dest = torch.empty((tiles.split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    scale_arg = scale if scale is not None else out.view(m, n)  # never read with SCALES "none"
+    scale_arg = out if dense else scale  # never read with SCALES "none"
     launch = {"launch_pdl": True} if pdl else {}
     _skinny_kernel[grid](x2, w, scale_arg, bias_arg, dest, m, n, k, tiles.k_per_split, prefetch_k, x2.stride(0),
                          w.stride(0), scale_arg.stride(0), scale_arg.stride(1), n, m * n,
-                         SCALES="none" if scale is None else "rows" if block is None else "blocks",
+                         SCALES="none" if dense else "rows" if block is None else "blocks",
                          GROUP_N=group_n, GROUP_K=group_k, HAS_BIAS=bias is not None, PARTIAL=partial,
                          PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: true products
                          EVEN_K=k % tiles.block_k == 0,
-                         BF16_ASM=scale is not None and x.dtype == torch.bfloat16 and x.is_cuda, PDL=pdl,
-                         W_BYTES=w.element_size(), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                         BF16_ASM=not dense and x.dtype == torch.bfloat16 and x.is_cuda, PDL=pdl,
+                         W_BYTES=w_bytes, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                          BLOCK_K=tiles.block_k, num_warps=4, num_stages=3, **launch)
     if partial:
         reduce_block = 1024
