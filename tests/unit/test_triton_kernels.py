@@ -111,22 +111,25 @@ def test_decode_attention_matches_sdpa(fused, splits, heads, kv_heads, head_dim)
     torch.testing.assert_close(out, case.reference(expected), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
-def test_extend_attention_matches_sdpa(heads, kv_heads, head_dim):
-    """Prefixes of 0, 3 and 70 cached tokens with 1, 130 and 64 new ones, in one launch."""
+def _check_extend_attention(heads: int, kv_heads: int, head_dim: int, prefix_lens: list[int], extend_lens: list[int],
+                            tiles=None) -> None:
+    """The extend kernel over every sequence at once equals SDPA per sequence, K/V gathered from
+    scattered slots (sequence b takes table row b + 1: rows and batch order differ)."""
     from meshserve.layers.attention.triton_extend import extend_attention
 
-    gen = torch.Generator().manual_seed(heads)
-    slots, width = 700, 300
+    gen = torch.Generator().manual_seed(heads + sum(extend_lens))
+    width = max(p + n for p, n in zip(prefix_lens, extend_lens))
+    slots = width * len(extend_lens) + 1
     k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
     v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
-    table = torch.stack([torch.randperm(slots - 1, generator=gen)[:width] + 1 for _ in range(4)]).to(DEVICE)
-    rows = torch.tensor([2, 0, 3], device=DEVICE)
-    prefix_lens, extend_lens = [0, 3, 70], [1, 130, 64]
+    table = torch.stack([torch.randperm(slots - 1, generator=gen)[:width] + 1 for _ in range(len(extend_lens) + 1)])
+    table = table.to(DEVICE)
+    rows = torch.arange(1, len(extend_lens) + 1, device=DEVICE)
     seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, extend_lens)], device=DEVICE)
     q = torch.randn(sum(extend_lens), heads, head_dim, generator=gen).to(DEVICE)
     ext = torch.tensor(extend_lens, device=DEVICE)
-    out = extend_attention(q, k, v, table, rows, seq_lens, ext, ext.cumsum(0) - ext, max(extend_lens), head_dim**-0.5)
+    out = extend_attention(q, k, v, table, rows, seq_lens, ext, ext.cumsum(0) - ext, max(extend_lens), head_dim**-0.5,
+                           tiles=tiles)
     start = 0
     for b, (prefix, new) in enumerate(zip(prefix_lens, extend_lens)):
         sl = table[rows[b], : prefix + new]
@@ -136,6 +139,23 @@ def test_extend_attention_matches_sdpa(heads, kv_heads, head_dim):
                                              enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(out[start : start + new], ref, rtol=1e-4, atol=1e-5)
         start += new
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (3, 3, 32)])
+def test_extend_attention_matches_sdpa(heads, kv_heads, head_dim):
+    """Prefixes of 0, 3 and 70 cached tokens with 1, 130 and 64 new ones, in one launch."""
+    _check_extend_attention(heads, kv_heads, head_dim, [0, 3, 70], [1, 130, 64])
+
+
+@pytest.mark.parametrize("tiles", ["wide", "narrow"])
+def test_extend_attention_at_the_diagonal(tiles):
+    """Where the unmasked key blocks end and the diagonal's begin: prefixes on and off key-block
+    boundaries (63, 64, 127), query blocks ending exactly at, just past and before a block, with
+    the 128-row tiles 16-bit heads take (WIDE_TILES) and the 64-row ones of float32."""
+    from meshserve.layers.attention.triton_extend import NARROW_TILES, WIDE_TILES
+
+    _check_extend_attention(4, 2, 32, [0, 63, 64, 127, 5, 0], [128, 129, 65, 2, 257, 1],
+                            tiles=WIDE_TILES if tiles == "wide" else NARROW_TILES)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, tests/gpu/test_cuda_matches_hf covers the Triton "

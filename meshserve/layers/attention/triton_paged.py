@@ -34,31 +34,44 @@ def dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
                  stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale, v_scale,
-                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                 FULL: tl.constexpr = False, EXP2: tl.constexpr = False):
     """Fold keys [start, start + BLOCK_N) ∩ [0, end) of sequence `row` (slots read through the
     request-to-token table) into the online-softmax state (m_i, l_i, acc) of the query rows `q`.
-    With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. With KV_FP8 the pool
-    holds FP8, dequantized here with the layer's k_scale / v_scale. Keys span offs_d, values
-    offs_dv (narrower for latent attention, where V and K share their leading features and
-    their strides). Returns the new state."""
+    With CAUSAL, key j is visible to query row i only when j <= q_pos[i]. With FULL the caller
+    guarantees that the whole block lies below `end` and is visible to every query row, and no
+    key is masked. With EXP2, `scale` includes log2(e) and the state's maxima are in base 2 (one
+    multiply less per exponential). With KV_FP8 the pool holds FP8, dequantized here with the
+    layer's k_scale / v_scale. Keys span offs_d, values offs_dv (narrower for latent attention,
+    where V and K share their leading features and their strides). Returns the new state."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < end
-    slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if FULL:  # only the head's padding (if any) is masked
+        slots = tl.load(Table + row * stride_table + offs_n)
+        k_mask = mask_d[None, :]
+        v_mask = mask_dv[None, :]
+    else:
+        mask_n = offs_n < end
+        slots = tl.load(Table + row * stride_table + offs_n, mask=mask_n, other=0)
+        k_mask = mask_n[:, None] & mask_d[None, :]
+        v_mask = mask_n[:, None] & mask_dv[None, :]
+    k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=k_mask, other=0.0)
     if KV_FP8:
         k = (k.to(tl.float32) * k_scale).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [rows, BLOCK_N]
-    visible = mask_n[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= q_pos[:, None])
-    s = tl.where(visible, s, float("-inf"))
+    if not FULL:
+        visible = mask_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    if EXP2:
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+    else:
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_dv[None, :],
-                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    v = tl.load(V + slots[:, None] * stride_kt + kv_head * stride_kh + offs_dv[None, :], mask=v_mask, other=0.0)
     if KV_FP8:
         v = (v.to(tl.float32) * v_scale).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
