@@ -59,6 +59,15 @@ def test_cuda_mixed_chunks_match_transformers(tmp_path, monkeypatch, dtype):
     assert max(decode_rows) > 0, "no extend step carried decodes"
 
 
+# The near-tie of these bf16 comparisons on CUDA. Measured on the H200 (2026-12-04): an extend
+# kernel whose output error against float32 attention equals PyTorch's fused bf16 attention's
+# (mean 8.4e-5, max 8e-3 at a 4,096-token prompt; bench.extend_attention) let the 33-token prompt
+# diverge at its fourth token where the reference's top two are 1.31 % apart, and the same prompt
+# diverges at its 19th token (gap 0.00 %) when only the decode path changes: bf16 rounding moves
+# the top-2 gap by more than greedy_compare's 1 %, as for the MoE models (router_ties.py).
+CUDA_BF16_NEAR_TIE = 0.02
+
+
 def _check_greedy_matches_transformers(tmp_path, dtype: str, engine_args: tuple[str, ...]) -> None:
     from meshserve.bench.random_model import SHAPES, write_random_model
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
@@ -69,7 +78,8 @@ def _check_greedy_matches_transformers(tmp_path, dtype: str, engine_args: tuple[
     scheduler = build_scheduler(model_dir, "--skip-tokenizer-init", "--max-total-tokens", "4096",
                                 "--cuda-graph-max-bs", "8", *engine_args, device="cuda")
     outs = run_to_completion(scheduler, {str(i): (p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)})
-    assert_matches([output_ids(outs[str(i)]) for i in range(len(prompts))], reference, ref_logits, dtype)
+    assert_matches([output_ids(outs[str(i)]) for i in range(len(prompts))], reference, ref_logits, dtype,
+                   near_tie=CUDA_BF16_NEAR_TIE)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more GPUs")
