@@ -47,8 +47,8 @@ GRAPH_SHAPING_ARGS: tuple[str, ...] = (
     # KV pool geometry and scheduling inputs: every rank must take the same decisions.
     "page_size", "max_total_tokens", "mem_fraction_static", "disable_radix_cache",
     "max_running_requests", "max_prefill_tokens", "chunked_prefill_size", "schedule_policy",
-    "random_seed", "grammar_backend", "skip_tokenizer_init", "enable_overlap_schedule",
-    "disable_overlap_schedule", "enable_mixed_chunk",
+    "schedule_conservativeness", "random_seed", "grammar_backend", "skip_tokenizer_init",
+    "enable_overlap_schedule", "disable_overlap_schedule", "enable_mixed_chunk",
     # Which collectives run outside the model: captured CUDA graphs contain collectives, and
     # the deterministic check adds one per step; a rank that skips them hangs the others.
     "attention_backend", "cuda_graph_max_bs", "disable_cuda_graph",

@@ -424,6 +424,11 @@ class SchedulerArgs(_ConcernMixin):
         "(longest output first: most tokens left to generate; for saturated runs with known output "
         "lengths, at the cost of arrival fairness).",
         choices=SCHEDULE_POLICIES)
+    schedule_conservativeness: float = _arg(
+        1.0, "Scales the KV head-room admission keeps for the tokens running requests may still "
+        "generate (SGLang's meaning): the new-token ratio's start (0.7) and floor (0.1) are "
+        "multiplied by it, capped at 1. Below 1 admits more at once and risks retractions; above "
+        "1 admits less.")
     attention_backend: str | None = _arg(
         None, "Attention kernel backend; default picked per device.",
         choices=ATTENTION_BACKENDS)
@@ -821,6 +826,9 @@ class ServerArgs:
             yield (f"{self.flag_spelling('chunked_prefill_size')} must be -1 (no chunking) "
                    f"or >= 1, got {cps}")
         yield from at_least("cuda_graph_max_bs", 1, optional=True)
+        if not s.schedule_conservativeness > 0:  # NaN fails too
+            yield (f"{self.flag_spelling('schedule_conservativeness')} must be > 0, "
+                   f"got {s.schedule_conservativeness}")
         if s.attention_backend == "triton" and self.resolved_device() == "cpu":
             yield "--attention-backend triton needs --device cuda; on cpu use torch_native"
         yield from at_least("random_seed", 0, optional=True)

@@ -43,10 +43,31 @@ logger = logging.getLogger("meshserve")
 # Admission reserves KV for the tokens running sequences are still expected to generate:
 # ratio × (max_new_tokens - generated). The ratio starts cautious, decays while decoding goes
 # well (most sequences stop well before max_new_tokens) and jumps back up after a retraction.
+# --schedule-conservativeness scales the start and the floor (SGLang's meaning); the values below
+# are those at its default of 1.
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
-NEW_TOKEN_RATIO_DECAY = 0.001  # per step that decodes the running sequences (decode or mixed)
-NEW_TOKEN_RATIO_BUMP = 0.1  # per retraction
+# Steps that decode the running sequences (decode or mixed) from the start to the floor, whatever
+# the scaling: 0.001 a step at the default, as before the flag existed.
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
+# Per retraction, unscaled: a retraction is evidence the reserve was too small, at any setting.
+NEW_TOKEN_RATIO_BUMP = 0.1
+MAX_NEW_TOKEN_RATIO = 1.0  # a sequence never needs more than all the tokens it has left
+
+
+@dataclass(frozen=True)
+class NewTokenRatioBounds:
+    """Where the admission ratio starts, its floor, and how much it decays per decoding step."""
+
+    init: float
+    floor: float
+    decay: float
+
+    @classmethod
+    def scaled(cls, conservativeness: float) -> NewTokenRatioBounds:
+        init = min(MAX_NEW_TOKEN_RATIO, INIT_NEW_TOKEN_RATIO * conservativeness)
+        floor = min(init, MIN_NEW_TOKEN_RATIO * conservativeness)  # init >= floor, so decay >= 0
+        return cls(init=init, floor=floor, decay=(init - floor) / NEW_TOKEN_RATIO_DECAY_STEPS)
 
 
 @dataclass
@@ -125,7 +146,8 @@ class Scheduler:
         self.mixed_chunk = args.scheduler.resolved_mixed_chunk(device_type)
         self._in_flight: _Sampled | None = None
         self._forwarded = False  # this step ran a forward pass
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.ratio_bounds = NewTokenRatioBounds.scaled(args.scheduler.schedule_conservativeness)
+        self.new_token_ratio = self.ratio_bounds.init
         self._reserved = 0  # during _admit: expected future tokens of running + admitted sequences
         self._outputs: list[ReqOutput] = []
         # Structured requests wait here, not in `waiting`, while their grammar compiles.
@@ -436,7 +458,7 @@ class Scheduler:
     def _decay_new_token_ratio(self) -> None:
         """After a step that gave every running sequence a token (a decode step, or a mixed extend
         step carrying them): decoding went on without a retraction."""
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio = max(self.ratio_bounds.floor, self.new_token_ratio - self.ratio_bounds.decay)
 
     @property
     def _in_flight_reqs(self) -> set[Req]:
@@ -472,7 +494,7 @@ class Scheduler:
             victim.state = ReqState.WAITING
             self.waiting.appendleft(victim)
             self.stats["num_retracted"] += 1
-            self.new_token_ratio = min(1.0, self.new_token_ratio + NEW_TOKEN_RATIO_BUMP)
+            self.new_token_ratio = min(MAX_NEW_TOKEN_RATIO, self.new_token_ratio + NEW_TOKEN_RATIO_BUMP)
             logger.info("KV cache full: retracted request %s (%d tokens) to the waiting queue",
                         victim.rid, victim.seq_len)
 

@@ -147,7 +147,7 @@ def test_a_mixed_step_decays_the_new_token_ratio_as_a_decode_step(prompts):
     as a decode step does, so it lowers the admission reserve's ratio as much (else the reserve
     stays at its start while prompts keep arriving); a step of prompts alone does not. The
     decodes ride after the prompts, one token each."""
-    from meshserve.scheduler.scheduler import INIT_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY
+    from meshserve.scheduler.scheduler import INIT_NEW_TOKEN_RATIO
 
     scheduler = fake_scheduler("--chunked-prefill-size", "4", "--enable-mixed-chunk")
     forward = scheduler.runner.forward
@@ -163,7 +163,8 @@ def test_a_mixed_step_decays_the_new_token_ratio_as_a_decode_step(prompts):
         last = steps[-1]
         assert last.mode is ForwardMode.EXTEND and last.extend_lens == [4, 1] and last.req_rows[-1] == a.row
         assert len(a.output_ids) == 1 + chunk
-        assert scheduler.new_token_ratio == pytest.approx(INIT_NEW_TOKEN_RATIO - chunk * NEW_TOKEN_RATIO_DECAY)
+        # 0.001 a step at the default --schedule-conservativeness, as before the flag existed.
+        assert scheduler.new_token_ratio == pytest.approx(INIT_NEW_TOKEN_RATIO - chunk * 0.001)
     while scheduler.has_work:
         scheduler.step()
     outs = {}
@@ -171,3 +172,41 @@ def test_a_mixed_step_decays_the_new_token_ratio_as_a_decode_step(prompts):
         outs.setdefault(out.rid, []).append(out)
     assert output_ids(outs["a"]) == expected_output(prompts[0], 30)
     assert output_ids(outs["b"]) == expected_output(prompts[4], 2)
+
+
+@pytest.mark.parametrize(("conservativeness", "admitted"), [("2.0", 3), ("1.0", 4), ("0.3", 8)])
+def test_conservativeness_sets_how_many_prompts_one_step_admits(conservativeness, admitted):
+    """--schedule-conservativeness scales the KV kept back for what admitted requests may still
+    generate. 8 prompts of 10 tokens with 100 to generate, 399 allocatable slots (page 0 is
+    reserved): the k-th is admitted while 399 - 10(k - 1) >= 10 + k × int(100 × ratio) + 1, so
+    ratio 1.0 (2 × 0.7, capped) admits 3, 0.7 admits 4 and 0.21 all 8. Ignoring the flag
+    would admit 4 in every case."""
+    scheduler = fake_scheduler("--schedule-conservativeness", conservativeness, max_total_tokens=400,
+                               max_running_requests=16)
+    for i in range(8):
+        scheduler.add_request(GenerateReq(rid=str(i), input_ids=[3 + i] * 10, sampling=greedy(100)))
+    scheduler.step()
+    assert len(scheduler.running) == admitted and len(scheduler.waiting) == 8 - admitted
+    while scheduler.has_work:
+        scheduler.step()
+    outs: dict[str, list] = {}
+    for out in scheduler.take_outputs():
+        outs.setdefault(out.rid, []).append(out)
+    assert all(output_ids(outs[str(i)]) == expected_output([3 + i] * 10, 100) for i in range(8))
+
+
+@pytest.mark.parametrize(("conservativeness", "init", "floor"), [(1.0, 0.7, 0.1), (0.5, 0.35, 0.05), (2.0, 1.0, 0.2)])
+def test_conservativeness_scales_the_ratios_start_and_floor(conservativeness, init, floor):
+    """The ratio decays from its start to its floor in 600 decoding steps whatever the scaling
+    (0.001 a step at the default); the start is capped at 1 (all of a request's tokens left)."""
+    from meshserve.scheduler.scheduler import NewTokenRatioBounds
+
+    bounds = NewTokenRatioBounds.scaled(conservativeness)
+    assert (bounds.init, bounds.floor) == (pytest.approx(init), pytest.approx(floor))
+    assert bounds.decay == pytest.approx((init - floor) / 600)
+    scheduler = fake_scheduler("--schedule-conservativeness", str(conservativeness), max_total_tokens=4096)
+    assert scheduler.new_token_ratio == pytest.approx(init)
+    run_to_completion(scheduler, {"a": ([5] * 4, greedy(400))})  # 399 decode steps: not at the floor yet
+    assert scheduler.new_token_ratio == pytest.approx(init - 399 * bounds.decay)
+    run_to_completion(scheduler, {"b": ([6] * 4, greedy(400))})  # 399 more, past the floor
+    assert scheduler.new_token_ratio == pytest.approx(floor)

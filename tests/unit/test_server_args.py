@@ -63,6 +63,7 @@ def test_defaults_follow_sglang(on_cpu: None) -> None:
     assert args.disagg.disaggregation_transfer_timeout == 30.0
     assert args.scheduler.max_prefill_tokens == 16384
     assert args.scheduler.schedule_policy == "lpm"
+    assert args.scheduler.schedule_conservativeness == 1.0
     assert args.scheduler.grammar_backend == "xgrammar"
     assert args.scheduler.stream_interval == 1
     assert args.model.model_path is None  # embedded default model
@@ -115,6 +116,7 @@ def test_every_field_is_a_flag_and_every_flag_a_field() -> None:
         (["--mem-fraction-static", "0.8"], "mem_fraction_static", 0.8),
         (["--log-level", "DEBUG"], "log_level", "debug"),
         (["--attention-backend", "torch_native"], "attention_backend", "torch_native"),
+        (["--schedule-conservativeness", "0.3"], "schedule_conservativeness", 0.3),
     ],
 )
 def test_flag_spellings(argv: list[str], name: str, expected: object) -> None:
@@ -220,6 +222,9 @@ def test_chunked_prefill_resolution() -> None:
         (["--base-gpu-id", "-1"], "--base-gpu-id must be >= 0"),
         (["--host", ""], "--host must not be empty"),
         (["--enable-overlap-schedule", "--disable-overlap-schedule"], "contradict each other"),
+        (["--schedule-conservativeness", "0"], "--schedule-conservativeness must be > 0, got 0.0"),
+        (["--schedule-conservativeness", "-0.5"], "--schedule-conservativeness must be > 0, got -0.5"),
+        (["--schedule-conservativeness", "nan"], "--schedule-conservativeness must be > 0, got nan"),
     ],
 )
 def test_value_errors(on_gpu: None, argv: list[str], needle: str) -> None:
@@ -242,6 +247,8 @@ def test_value_errors(on_gpu: None, argv: list[str], needle: str) -> None:
         ["--enable-metrics", "--api-key", "k", "--host", "0.0.0.0"],
         ["--moe-a2a-backend", "none", "--tp", "1", "--nnodes", "1", "--node-rank", "0"],
         ["--grammar-backend", "xgrammar", "--schedule-policy", "fcfs"],
+        ["--schedule-conservativeness", "0.1"],
+        ["--schedule-conservativeness", "2.5"],
     ],
 )
 def test_valid_on_cpu(on_cpu: None, argv: list[str]) -> None:
