@@ -1,7 +1,8 @@
 """Replay a saturated offline run through the real Scheduler on the CPU, timed by a model of the
-GPU's step times instead of a GPU: what a scheduling choice (--schedule-policy, chunk size,
---enable-mixed-chunk, the KV pool) does to a run's length, step counts and first-token times,
-for a minute of CPU instead of device time.
+GPU's step times instead of a GPU: what a scheduling choice (--schedule-policy,
+--schedule-conservativeness, chunk size, --enable-mixed-chunk, the KV pool) does to a run's
+length, step counts, retractions and first-token times, for a minute of CPU instead of device
+time.
 
     python -m meshserve.bench.schedule_replay --num-prompts 500 --random-input-len 4096 \\
         --random-output-len 2048 --random-range-ratio 0 --max-total-tokens 844941 \\
@@ -12,7 +13,11 @@ The step-time model: a decode step costs --decode-step-ms plus --decode-ms-per-1
 tokens of context its sequences read; an extend step costs its prompt tokens at
 --prefill-tokens-per-s, plus the context reads of the running sequences a mixed step carries.
 Fit the decode constants to a real run's --step-trace-file with `python -m
-meshserve.bench.step_trace` (its "decode step fit" line). Lengths are drawn as
+meshserve.bench.step_trace` (its "decode step fit" line). A retracted request is re-admitted
+through the real scheduler, so what it computes again (all of its sequence that the prefix cache
+no longer holds) is charged at the prefill rate like any prompt; the report counts retractions
+and those tokens. The flat rate is an average over the run's prompts: it does not charge a
+recompute's attention over its longer context, nor a fixed cost per step. Lengths are drawn as
 bench_offline_throughput draws them for the same seed; prompts are random ids. Scheduling follows
 the GPU's defaults (overlap, 8,192-token chunks, no mixed chunks unless asked), as on the GPU.
 """
@@ -70,9 +75,11 @@ class ReplayRunner:
     idle_forwards: int = 0
     clock: float = 0.0
     steps: Counter = field(default_factory=Counter)
+    forwarded_tokens: int = 0  # every token every step computed: prompts, decodes, recomputes
 
     def forward(self, step: StepInput) -> torch.Tensor:
         self.clock += self.costs.seconds(step)
+        self.forwarded_tokens += sum(step.extend_lens)
         mixed = step.mode is ForwardMode.EXTEND and 1 in step.extend_lens
         self.steps["decode" if step.mode is ForwardMode.DECODE else "mixed" if mixed else "prefill"] += 1
         logits = torch.zeros(len(step.req_rows), VOCAB)
@@ -96,14 +103,19 @@ class Replay:
     steps: Counter
     queue_empty_at: float
     first_token_s: list[float]
+    retractions: int
+    # Tokens computed again after retractions (their KV was freed or evicted meanwhile); the
+    # step-time model charges them as prompt tokens of the steps that re-admit their requests.
+    recomputed_tokens: int
 
     def report(self) -> str:
         ttft = np.array(self.first_token_s)
         steps = ", ".join(f"{kind} {n}" for kind, n in sorted(self.steps.items()))
         return (f"modeled {self.seconds:.1f} s, {self.output_tokens} output tokens, "
-                f"{self.output_tokens / self.seconds:.0f} output tok/s; steps: {steps}; queue empty at "
+                f"{self.output_tokens / self.seconds:.0f} output tok/s; steps: {steps}; retractions "
+                f"{self.retractions} ({self.recomputed_tokens} tokens recomputed); queue empty at "
                 f"{self.queue_empty_at:.1f} s; first token median {np.median(ttft):.1f} s, "
-                f"p90 {np.percentile(ttft, 90):.1f} s")
+                f"p90 {np.percentile(ttft, 90):.1f} s, p99 {np.percentile(ttft, 99):.1f} s")
 
 
 def replay(args: ServerArgs, costs: StepCosts, prompts: list[list[int]], output_lens: list[int],
@@ -135,7 +147,14 @@ def replay(args: ServerArgs, costs: StepCosts, prompts: list[list[int]], output_
         for out in scheduler.take_outputs():
             produced += len(out.new_ids)
             first.setdefault(out.rid, runner.clock)
-    return Replay(runner.clock, produced, runner.steps, queue_empty_at or 0.0, list(first.values()))
+    # Each request's prompt (less its cache hit) yields its first token and each further token
+    # costs one forwarded token, so whatever was forwarded beyond that was computed twice: a
+    # re-admission extends from its cached prefix up to its newest token, of which only the
+    # newest would have been decoded anyway. (Exact while no token is discarded: no aborts, and
+    # ignore_eos, so no in-flight step runs past a stop.)
+    recomputed = runner.forwarded_tokens - scheduler.stats["prompt_tokens"] - (produced - len(first))
+    return Replay(runner.clock, produced, runner.steps, queue_empty_at or 0.0, list(first.values()),
+                  scheduler.stats["num_retracted"], recomputed)
 
 
 def main(argv: list[str] | None = None) -> None:
