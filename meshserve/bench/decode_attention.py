@@ -2,7 +2,8 @@
 bf16): time per layer (replayed from a CUDA graph, as the engine runs it) for each batch size
 and context length, with the new tokens brought in two ways — by the attention kernel itself
 ("fused") and by the separate rotate-and-store kernel before it ("separate") — and, for the
-latter, with a single split; GB/s is over the K/V bytes read.
+latter, with a single split; GB/s is over the K/V bytes read. `--kv-cache-dtype fp8_e4m3` times
+an FP8 pool (scales 0.5 and 2.0), whose K/V bytes are half as many.
 
   python -m meshserve.bench.decode_attention --batch-size 1 4 16 32 64 256 --context-len 512 3000
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 import triton.testing
 
+from meshserve.cache.kv_pool import quantize_kv
 from meshserve.layers.attention.triton_decode import NewTokens, decode_attention, num_splits
 from meshserve.layers.kernels.rotary import rotate_and_store_
 
@@ -36,6 +38,10 @@ def _time_case(bs: int, ctx: int, ns: argparse.Namespace) -> tuple[float, float,
     slots = bs * ctx + 1
     k = torch.randn(slots, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    k_scale, v_scale = 1.0, 1.0
+    if ns.kv_cache_dtype == "fp8_e4m3":
+        k_scale, v_scale = 0.5, 2.0
+        k, v = quantize_kv(k, k_scale, torch.float8_e4m3fn), quantize_kv(v, v_scale, torch.float8_e4m3fn)
     # Each sequence's slots are a random permutation: pages are scattered, as in a busy pool.
     table = (torch.randperm(slots - 1, device=device) + 1)[: bs * ctx].view(bs, ctx)
     rows = torch.arange(bs, device=device)
@@ -44,15 +50,17 @@ def _time_case(bs: int, ctx: int, ns: argparse.Namespace) -> tuple[float, float,
     # Rotary tables as the model holds them (float32 [positions, head_dim]); values do not matter.
     cos = torch.rand(ctx, ns.head_dim, device=device)
     sin = torch.rand_like(cos)
-    new = NewTokens(k=torch.randn_like(k[:bs]), v=torch.randn_like(v[:bs]), positions=lens - 1,
-                    slots=table[:, -1].contiguous(), cos=cos, sin=sin)
+    new_k, new_v = (torch.randn(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16) for _ in "kv")
+    new = NewTokens(k=new_k, v=new_v, positions=lens - 1, slots=table[:, -1].contiguous(), cos=cos, sin=sin)
 
     def separate(splits: int | None = None) -> None:
-        rotate_and_store_(q, new.k, new.v, cos, sin, new.positions, k, v, new.slots)
-        decode_attention(q, None, k, v, table, rows, lens, 0.088, splits=splits)
+        rotate_and_store_(q, new.k, new.v, cos, sin, new.positions, k, v, new.slots, k_scale, v_scale)
+        decode_attention(q, None, k, v, table, rows, lens, 0.088, splits=splits, k_scale=k_scale, v_scale=v_scale)
 
-    return (_graph_time_ms(lambda: decode_attention(q, new, k, v, table, rows, lens, 0.088)),
-            _graph_time_ms(separate), _graph_time_ms(lambda: separate(1)))
+    def fused() -> None:
+        decode_attention(q, new, k, v, table, rows, lens, 0.088, k_scale=k_scale, v_scale=v_scale)
+
+    return _graph_time_ms(fused), _graph_time_ms(separate), _graph_time_ms(lambda: separate(1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,13 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto")
     ns = parser.parse_args(argv)
     print(f"{'batch':>6} {'context':>8} {'splits':>7} {'fused us':>9} {'separate us':>12} {'GB/s':>7} "
           f"{'1 split us':>11} {'GB/s':>7}")
     for ctx in ns.context_len:
         for bs in ns.batch_size:
             fused, separate, one_split = _time_case(bs, ctx, ns)
-            kv_bytes = 2 * bs * ctx * ns.kv_heads * ns.head_dim * 2
+            kv_bytes = 2 * bs * ctx * ns.kv_heads * ns.head_dim * (1 if ns.kv_cache_dtype == "fp8_e4m3" else 2)
             splits = num_splits(bs, ns.kv_heads, torch.device("cuda"))
             print(f"{bs:>6} {ctx:>8} {splits:>7} {fused * 1e3:>9.1f} {separate * 1e3:>12.1f} "
                   f"{kv_bytes / separate / 1e6:>7.0f} {one_split * 1e3:>11.1f} {kv_bytes / one_split / 1e6:>7.0f}")

@@ -1,9 +1,10 @@
-"""The skinny GEMM kernel compiled for sm_90 (H100/H200) on this machine, no GPU needed: every
+"""Kernels compiled for sm_90 (H100/H200) on this machine, no GPU needed. The skinny GEMM: every
 decode configuration builds (the inline PTX, the bulk L2 prefetch and the grid-dependency
 instructions assemble), the bf16 loop converts FP8 without the F2F instructions that would bound
 it (kernels/skinny_gemm.py), 16-row tiles use mma.sync and 64-row tiles wgmma, each leaves room
 for at least two programs per SM, and a PDL launch prefetches and waits while one without has
-neither instruction."""
+neither instruction. Decode attention's stage 1: it reads an FP8 pool with no more conversion
+instructions than a bf16 one."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ def test_decode_configurations_build_for_sm90():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
+    decode = {pool: built.pop(f"decode_{pool}_pool")["conversions"] for pool in ("bf16", "fp8e4nv")}
     assert set(built) == {"bf16_rows_16", "bf16_blocks_16_split", "bf16_rows_64", "fp16_rows_16",
                           "bf16_dense_16_split", "bf16_dense_16"}
+    # Decode attention over an FP8 pool converts what it reads without the conversion pipe
+    # (read_fp8): the same conversions as over a bf16 pool (the output's), none per element read.
+    assert decode["fp8e4nv"] == decode["bf16"], decode
     for name, code in built.items():
         pdl = name not in ("bf16_rows_64", "fp16_rows_16")
         assert code["pdl"] == code["prefetch"] == pdl, (name, code)

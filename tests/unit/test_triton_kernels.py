@@ -112,9 +112,11 @@ def test_decode_attention_matches_sdpa(fused, splits, heads, kv_heads, head_dim)
 
 
 def _check_extend_attention(heads: int, kv_heads: int, head_dim: int, prefix_lens: list[int], extend_lens: list[int],
-                            tiles=None) -> None:
+                            tiles=None, fp8_scales: tuple[float, float] | None = None) -> None:
     """The extend kernel over every sequence at once equals SDPA per sequence, K/V gathered from
-    scattered slots (sequence b takes table row b + 1: rows and batch order differ)."""
+    scattered slots (sequence b takes table row b + 1: rows and batch order differ). With
+    fp8_scales the pool holds FP8 K/V stored with those scales, and SDPA reads stored * scale."""
+    from meshserve.cache.kv_pool import quantize_kv
     from meshserve.layers.attention.triton_extend import extend_attention
 
     gen = torch.Generator().manual_seed(heads + sum(extend_lens))
@@ -122,14 +124,19 @@ def _check_extend_attention(heads: int, kv_heads: int, head_dim: int, prefix_len
     slots = width * len(extend_lens) + 1
     k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
     v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(DEVICE)
+    k_scale, v_scale = fp8_scales or (1.0, 1.0)
+    pool_k, pool_v = k, v
+    if fp8_scales:
+        pool_k, pool_v = quantize_kv(k, k_scale, torch.float8_e4m3fn), quantize_kv(v, v_scale, torch.float8_e4m3fn)
+        k, v = pool_k.float() * k_scale, pool_v.float() * v_scale
     table = torch.stack([torch.randperm(slots - 1, generator=gen)[:width] + 1 for _ in range(len(extend_lens) + 1)])
     table = table.to(DEVICE)
     rows = torch.arange(1, len(extend_lens) + 1, device=DEVICE)
     seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, extend_lens)], device=DEVICE)
     q = torch.randn(sum(extend_lens), heads, head_dim, generator=gen).to(DEVICE)
     ext = torch.tensor(extend_lens, device=DEVICE)
-    out = extend_attention(q, k, v, table, rows, seq_lens, ext, ext.cumsum(0) - ext, max(extend_lens), head_dim**-0.5,
-                           tiles=tiles)
+    out = extend_attention(q, pool_k, pool_v, table, rows, seq_lens, ext, ext.cumsum(0) - ext, max(extend_lens),
+                           head_dim**-0.5, k_scale=k_scale, v_scale=v_scale, tiles=tiles)
     start = 0
     for b, (prefix, new) in enumerate(zip(prefix_lens, extend_lens)):
         sl = table[rows[b], : prefix + new]
@@ -156,6 +163,12 @@ def test_extend_attention_at_the_diagonal(tiles):
 
     _check_extend_attention(4, 2, 32, [0, 63, 64, 127, 5, 0], [128, 129, 65, 2, 257, 1],
                             tiles=WIDE_TILES if tiles == "wide" else NARROW_TILES)
+
+
+def test_extend_attention_reads_an_fp8_pool_with_its_scales():
+    """An FP8 pool is read as stored, the scales folded into the scores and the output: equal to
+    SDPA over stored * scale, with scales that are not powers of two."""
+    _check_extend_attention(4, 2, 32, [0, 70], [65, 30], fp8_scales=(0.37, 1.9))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, tests/gpu/test_cuda_matches_hf covers the Triton "

@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, fp8_round_trip, is_fp8
+from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8, reads_fp8_as_bf16
 from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled
 from meshserve.layers.kernels.rotary import load_rotated
+from meshserve.layers.kernels.rounding import to_fp8_e4m3
 
 MAX_SPLITS = 16
 BLOCK_N = 64
@@ -42,7 +43,7 @@ def _decode_stage1(
     scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, NEW_IN_POOL: tl.constexpr,
-    KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     launch_dependents(PDL)  # with one split the output projection follows: let it start its weight stream
     b = tl.program_id(0)
@@ -68,13 +69,15 @@ def _decode_stage1(
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q_mask = mask_g[:, None] & mask_d[None, :]
+    if KV_FP8:  # keys and values are read as stored: their scales apply to the scores and the output
+        scale = scale * k_scale
     if NEW_IN_POOL:
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         for start in range(begin, end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale,
-                                         v_scale,
-                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv,
+                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8,
+                                         FP8_ASM=FP8_ASM)
     else:
         # Every program rotates the query heads it needs and the new key of its KV head (a few
         # hundred values). The new key and value come from registers, never from their slot:
@@ -84,19 +87,19 @@ def _decode_stage1(
         new_k = load_rotated(NewK + b * stride_nkb + kv_head * stride_nkh + offs_d, offs_d, mask_d, Cos, Sin, pos,
                              stride_cos, HALF=HEAD_DIM // 2).to(dtype)
         new_v = tl.load(NewV + b * stride_nvb + kv_head * stride_nvh + offs_d, mask=mask_d, other=0.0)
-        if KV_FP8:  # attend to the rounded values later steps will read from the pool
-            stored_k, read_k = fp8_round_trip(new_k.to(tl.float32), k_scale, K.dtype.element_ty)
-            stored_v, read_v = fp8_round_trip(new_v.to(tl.float32), v_scale, K.dtype.element_ty)
-            new_k, new_v = read_k.to(dtype), read_v.to(dtype)
+        if KV_FP8:  # attend to the stored values later steps will read from the pool, as they read them
+            stored_k = to_fp8_e4m3(new_k.to(tl.float32) / k_scale, K.dtype.element_ty)
+            stored_v = to_fp8_e4m3(new_v.to(tl.float32) / v_scale, K.dtype.element_ty)
+            new_k, new_v = stored_k.to(tl.float32), stored_v.to(tl.float32)
         else:
             stored_k, stored_v = new_k, new_v
         new_index = seq_len - 1
         cached_end = tl.minimum(end, new_index)
         for start in range(begin, cached_end, BLOCK_N):
             m_i, l_i, acc = attend_block(q, offs_g, m_i, l_i, acc, K, V, Table, row, kv_head, start, cached_end,
-                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv, k_scale,
-                                         v_scale,
-                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8)
+                                         stride_table, stride_kt, stride_kh, scale, offs_d, mask_d, offs_dv, mask_dv,
+                                         CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8,
+                                         FP8_ASM=FP8_ASM)
         # The new token: folded into the state of the split that holds it, then stored in its
         # slot for later steps (no program reads that slot in this step).
         holds_new = (begin <= new_index) & (new_index < end)
@@ -112,6 +115,8 @@ def _decode_stage1(
         tl.store(V + slot * stride_kt + kv_head * stride_kh + offs_d, stored_v, mask=mask_d & holds_new)
 
     out_mask = mask_g[:, None] & mask_dv[None, :]
+    if KV_FP8:
+        acc = acc * v_scale
     if SPLITS == 1:
         tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :],
                  (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=out_mask)
@@ -235,7 +240,7 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv,
         BLOCK_N=block_n, SPLITS=splits, PRECISION=dot_precision(q.dtype), NEW_IN_POOL=new is None,
-        KV_FP8=is_fp8(k_cache.dtype), PDL=pdl_enabled(q),
+        KV_FP8=is_fp8(k_cache.dtype), FP8_ASM=reads_fp8_as_bf16(q, k_cache.dtype), PDL=pdl_enabled(q),
     )
     if splits > 1:
         _decode_stage2[(batch, num_heads)](

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8
+from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8, reads_fp8_as_bf16
 
 LOG2E = 1.4426950408889634
 
@@ -68,6 +68,7 @@ def _extend_kernel(
     qk_scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    FP8_ASM: tl.constexpr,
 ):
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last blocks see the most keys: first
     b = tl.program_id(1)
@@ -92,6 +93,8 @@ def _extend_kernel(
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     q_pos = prefix + offs_m  # absolute positions; query i sees keys 0..q_pos[i]
+    if KV_FP8:  # keys and values are read as stored: their scales apply to the scores and the output
+        qk_scale = qk_scale * k_scale
 
     # Keys 0..prefix + m_block * BLOCK_M are visible to every row of the block (padding rows see
     # more), and all lie below seq_len: whole blocks of them need no mask. The rest, up to the last
@@ -103,18 +106,20 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
-                                     stride_kt, stride_kh, qk_scale, offs_d, mask_d, offs_dv, mask_dv, k_scale, v_scale,
+                                     stride_kt, stride_kh, qk_scale, offs_d, mask_d, offs_dv, mask_dv,
                                      CAUSAL=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8,
-                                     FULL=True, EXP2=True)
+                                     FP8_ASM=FP8_ASM, FULL=True, EXP2=True)
     # Key 0 is visible to every query row, so after the first block each row's running maximum is
     # finite and no -inf - -inf can appear.
     for start in range(full_end, end, BLOCK_N):
         m_i, l_i, acc = attend_block(q, q_pos, m_i, l_i, acc, K, V, Table, row, kv_head, start, end, stride_table,
-                                     stride_kt, stride_kh, qk_scale, offs_d, mask_d, offs_dv, mask_dv, k_scale, v_scale,
+                                     stride_kt, stride_kh, qk_scale, offs_d, mask_d, offs_dv, mask_dv,
                                      CAUSAL=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION, KV_FP8=KV_FP8,
-                                     FULL=False, EXP2=True)
+                                     FP8_ASM=FP8_ASM, FULL=False, EXP2=True)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
@@ -146,7 +151,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         table.stride(0), scale * LOG2E, k_scale, v_scale,
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype), num_warps=tiles.warps,
+        PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache.dtype),
+        FP8_ASM=reads_fp8_as_bf16(q, k_cache.dtype), num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
     return out

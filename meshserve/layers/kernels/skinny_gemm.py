@@ -14,7 +14,7 @@ The FP8 conversion is the kernel's only per-byte arithmetic and can bound it: Tr
 on sm_90 is cvt e4m3x2 -> f16x2, then one F2F f16 -> bf16 per element, and the F2F pipe does 16
 per clock per SM, about 4.2 TB/s of weights on 132 SMs at 1.98 GHz, no more than HBM gives. For
 bf16 on CUDA the kernel therefore converts with integer bit moves and one packed multiply
-(`_E4M3_TO_BF16_PTX`: 5 instructions per 2 elements on the integer and FMA pipes; F2F count 0 in
+(`rounding.e4m3_to_bf16`: 5 instructions per 2 elements on the integer and FMA pipes; F2F count 0 in
 the compiled loop). fp16 keeps Triton's conversion (one cvt per 2 elements, no F2F); Triton's
 interpreter, which cannot run PTX, uses Triton's conversion for every dtype.
 
@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled, prefetch_rows_l2, wait_for_primary
+from meshserve.layers.kernels.rounding import e4m3_to_bf16
 
 # Tile sizes. A K step of 256 bytes is two 128-byte lines of a weight row (256 FP8 or 128 bf16
 # columns). Built for sm_90 on the CPU at BLOCK_M = 16, FP8: 94 registers, 48 KB of shared memory
@@ -100,38 +101,6 @@ def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | N
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)  # no empty slice
     return SkinnyTiles(block_m, BLOCK_N, block_k, split, per_split * block_k)
-
-
-# e4m3 -> bf16, four elements per call: byte i of $2 is element i, $0 returns elements 0 and 1 as
-# bf16x2 (element 0 in the low half), $1 elements 2 and 3. A byte's sign goes to bit 15 of its
-# 16-bit lane and its 7 exponent and mantissa bits to bits 10..4: that is the bf16 whose value is
-# the e4m3 value times 2**-120, subnormals included (both formats' subnormals scale alike). One
-# exact multiply by 2**120 (bf16 0x7B80; fma adding -0 keeps the sign of zeros) gives the value;
-# bf16 fma has no flush-to-zero mode. The e4m3fn NaN pattern becomes 480: weights hold no NaN.
-_E4M3_TO_BF16_PTX = tl.constexpr("""
-{
-.reg .b32 t, a, s, two120, nz;
-mov.b32 two120, 0x7B807B80;
-mov.b32 nz, 0x80008000;
-prmt.b32 t, $2, 0, 0x1404;           // t = b1 << 24 | b0 << 8
-shr.b32 a, t, 4;                     // a = b1 << 20 | b0 << 4
-and.b32 s, t, 0x80008000;            // the two signs at bits 31 and 15
-lop3.b32 a, a, 0x07F007F0, s, 0xEA;  // (a & 0x07F007F0) | s
-fma.rn.bf16x2 $0, a, two120, nz;
-prmt.b32 t, $2, 0, 0x3424;           // t = b3 << 24 | b2 << 8
-shr.b32 a, t, 4;
-and.b32 s, t, 0x80008000;
-lop3.b32 a, a, 0x07F007F0, s, 0xEA;
-fma.rn.bf16x2 $1, a, two120, nz;
-}
-""")
-
-
-@triton.jit
-def e4m3_to_bf16(w):
-    """FP8 e4m3 tile -> bf16 with `_E4M3_TO_BF16_PTX` (CUDA only; the MoE expert kernel uses it too)."""
-    return tl.inline_asm_elementwise(_E4M3_TO_BF16_PTX, "=r,=r,r", [w.to(tl.uint8, bitcast=True)],
-                                     dtype=tl.bfloat16, is_pure=True, pack=4)
 
 
 @triton.jit

@@ -34,8 +34,7 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import dot_precision
-from meshserve.layers.kernels.skinny_gemm import e4m3_to_bf16
-from meshserve.layers.kernels.rounding import round_to
+from meshserve.layers.kernels.rounding import e4m3_to_bf16, round_to
 from meshserve.layers.moe.experts import ExpertScales
 from meshserve.layers.moe.pair_sort import sort_pairs
 
