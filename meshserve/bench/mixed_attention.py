@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import triton.testing
 
+from meshserve.bench.extend_attention import Case, make_inputs
 from meshserve.layers.attention.triton_decode import decode_attention, num_splits
 from meshserve.layers.attention.triton_extend import extend_attention
 
@@ -24,35 +25,20 @@ def mixed_step(decodes: int, ctx: int, chunk: int, prefix: int, heads: int, kv_h
                dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """One layer's attention of a mixed step: {"all extend", "split", "decodes"} -> a call
     returning its output (the decodes' rows only for "decodes")."""
-    lens = [prefix + chunk] + [ctx] * decodes
-    extend = [chunk] + [1] * decodes
-    slots = sum(lens) + 1
-    k = torch.randn(slots, kv_heads, head_dim, device=device).to(dtype)
-    v = torch.randn_like(k)
-    # Each sequence's slots are a random part of the pool: pages are scattered, as in a busy pool.
-    perm = torch.randperm(slots - 1, device=device) + 1
-    table = torch.zeros(len(lens), max(lens), dtype=torch.int64, device=device)
-    start = 0
-    for row, n in enumerate(lens):
-        table[row, :n] = perm[start : start + n]
-        start += n
-    rows = torch.arange(len(lens), device=device)
-    seq_lens = torch.tensor(lens, device=device)
-    extend_lens = torch.tensor(extend, device=device)
-    starts = extend_lens.cumsum(0) - extend_lens
-    q = torch.randn(chunk + decodes, heads, head_dim, device=device).to(dtype)
+    x = make_inputs(Case("mixed", [prefix] + [ctx - 1] * decodes, [chunk] + [1] * decodes), heads, kv_heads,
+                    head_dim, dtype, device)
     scale = head_dim**-0.5
 
     def all_extend() -> torch.Tensor:
-        return extend_attention(q, k, v, table, rows, seq_lens, extend_lens, starts, chunk, scale)
+        return extend_attention(x.q, x.k, x.v, x.table, x.rows, x.seq_lens, x.extend_lens, x.starts, chunk, scale)
 
     def only_decodes(out: torch.Tensor | None = None) -> torch.Tensor:
-        return decode_attention(q[chunk:], None, k, v, table, rows[1:], seq_lens[1:], scale, out=out)
+        return decode_attention(x.q[chunk:], None, x.k, x.v, x.table, x.rows[1:], x.seq_lens[1:], scale, out=out)
 
     def split() -> torch.Tensor:
-        out = torch.empty_like(q)
-        extend_attention(q[:chunk], k, v, table, rows[:1], seq_lens[:1], extend_lens[:1], starts[:1], chunk, scale,
-                         out=out[:chunk])
+        out = torch.empty_like(x.q)
+        extend_attention(x.q[:chunk], x.k, x.v, x.table, x.rows[:1], x.seq_lens[:1], x.extend_lens[:1], x.starts[:1],
+                         chunk, scale, out=out[:chunk])
         only_decodes(out[chunk:])
         return out
 
