@@ -35,8 +35,8 @@ class ExtendTiles:
 
 
 # 16-bit heads of at most 128 features: 128 x 128 tiles with 8 warps and three stages, the fastest
-# of the tilings timed on the H200 (bench.extend_attention: 308 TFLOP/s for a 4,096-token prompt
-# against 279 with 128 x 64 and 197 with 64 x 64, 4 warps, 2 stages). Shared memory: Q 32 KiB +
+# of the tilings timed on the H200 (bench.extend_attention: 310 TFLOP/s for a 4,096-token prompt
+# against 281 with 128 x 64 and 197 with 64 x 64, 4 warps, 2 stages). Shared memory: Q 32 KiB +
 # 3 x (K 32 + V 32) KiB = 224 KiB of the 227 an H100 or H200 has.
 WIDE_TILES = ExtendTiles(128, 128, 8, 3)
 # Wider 16-bit heads (256) and float32 heads of at most 128 features.
