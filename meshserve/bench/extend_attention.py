@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from meshserve.bench.decode_attention import _graph_time_ms
-from meshserve.layers.attention.triton_extend import ExtendTiles, extend_attention, extend_tiles
+from meshserve.layers.attention.triton_extend import ExtendTiles, extend_attention, extend_tiles, max_shared_bytes
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def triton_call(x: Inputs, tiles: ExtendTiles) -> Callable[[], torch.Tensor]:
                                     x.max_extend, scale, out=out, tiles=tiles)
 
 
-def torch_call(case: Case, x: Inputs, backend: torch.nn.attention.SDPBackend) -> Callable[[], torch.Tensor]:
+def torch_call(case: Case, x: Inputs, backend: SDPBackend) -> Callable[[], torch.Tensor]:
     """SDPA per fresh prompt on contiguous [1, H, n, D] copies, K/V repeated to every query head."""
     group = x.q.shape[1] // x.k.shape[1]
     per_seq = []
@@ -119,7 +120,7 @@ def float32_reference(case: Case, x: Inputs) -> torch.Tensor:
         keys, queries = (torch.arange(a, prefix + n, device=x.q.device) for a in (0, prefix))
         mask = keys[None, :] <= queries[:, None]
         q, k, v = (t.float().transpose(0, 1) for t in (x.q[start : start + n], x.k[slots], x.v[slots]))
-        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        with torch.nn.attention.sdpa_kernel([SDPBackend.MATH]):
             outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(0, 1))
         start += n
     return torch.cat(outs)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ns = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), getattr(torch, ns.dtype)
-    default = extend_tiles(ns.head_dim, dtype.itemsize)
+    default = extend_tiles(ns.head_dim, dtype.itemsize, max_shared_bytes(device))
     tilings = [default] + [t for t in ns.tiles if t != default]
     print(f"{ns.heads}/{ns.kv_heads} heads, head_dim {ns.head_dim}, {ns.dtype}; per layer; default tiles {default}")
     print(f"{'case':>24} {'variant':>22} {'us':>9} {'TFLOP/s':>8} {'mean err':>9} {'max err':>8}")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             "triton " + ",".join(map(str, (t.block_m, t.block_n, t.warps, t.stages))): triton_call(x, t)
             for t in tilings}
         if ns.torch and not any(case.prefix_lens):
-            for backend in (torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
                 calls[f"torch {backend.name.lower()}"] = torch_call(case, x, backend)
         exact = float32_reference(case, x)
         for name, call in calls.items():

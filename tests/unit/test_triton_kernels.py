@@ -165,6 +165,20 @@ def test_extend_attention_at_the_diagonal(tiles):
                             tiles=WIDE_TILES if tiles == "wide" else NARROW_TILES)
 
 
+def test_extend_tiles_fit_the_device_shared_memory():
+    """16-bit 128-wide heads take the 128 x 128 tiles (224 KiB) where they fit (H100/H200: 227 KiB),
+    the 64 x 64 ones on an A100 (163 KiB); float32 and 256-wide heads always the 64 x 64 ones."""
+    from meshserve.layers.attention.triton_extend import (NARROW_TILES, PADDED_TILES, WIDE_TILES, extend_tiles,
+                                                           shared_bytes)
+
+    h100, a100 = 232_448, 166_912  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    assert shared_bytes(WIDE_TILES, 128, 2) == 224 * 1024
+    assert extend_tiles(128, 2, h100) == extend_tiles(128, 2) == WIDE_TILES
+    assert extend_tiles(128, 2, a100) == NARROW_TILES and shared_bytes(NARROW_TILES, 128, 2) <= a100
+    assert extend_tiles(128, 4, h100) == extend_tiles(256, 2, h100) == NARROW_TILES
+    assert extend_tiles(40, 2, h100) == PADDED_TILES
+
+
 def test_extend_attention_reads_an_fp8_pool_with_its_scales():
     """An FP8 pool is read as stored, the scales folded into the scores and the output: equal to
     SDPA over stored * scale, with scales that are not powers of two."""

@@ -13,6 +13,7 @@ last key, so the causal half of the new-token square is never read. Blocks run f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,34 @@ PADDED_TILES = ExtendTiles(32, 32, 4, 1)
 PADDED_F32_TILES = ExtendTiles(16, 16, 4, 1)
 
 
-def extend_tiles(head_dim: int, element_size: int) -> ExtendTiles:
-    """The tiles for heads `head_dim` wide (queries and keys) of `element_size`-byte elements."""
+def shared_bytes(tiles: ExtendTiles, head_dim: int, element_size: int) -> int:
+    """Shared memory one program of `tiles` takes: the query tile and `stages` key and value tiles."""
+    return element_size * head_dim * (tiles.block_m + 2 * tiles.block_n * tiles.stages)
+
+
+def extend_tiles(head_dim: int, element_size: int, max_shared: int | None = None) -> ExtendTiles:
+    """The tiles for heads `head_dim` wide (queries and keys) of `element_size`-byte elements, on a
+    device whose programs may take `max_shared` bytes of shared memory (None: any). WIDE_TILES
+    needs an H100's or H200's; an A100 (163 KiB) or a consumer GPU (99 KiB) takes NARROW_TILES."""
     block_d = triton.next_power_of_2(head_dim)
     if block_d > WIDE_HEAD or block_d != head_dim:
         return PADDED_TILES if element_size <= 2 else PADDED_F32_TILES
-    return WIDE_TILES if element_size <= 2 and head_dim <= 128 else NARROW_TILES
+    wide = element_size <= 2 and head_dim <= 128
+    fits = max_shared is None or shared_bytes(WIDE_TILES, head_dim, element_size) <= max_shared
+    return WIDE_TILES if wide and fits else NARROW_TILES
+
+
+def max_shared_bytes(device: torch.device) -> int | None:
+    """The shared memory a program may opt in to on `device` (Triton's own limit when it
+    compiles); None off CUDA (Triton's interpreter has none)."""
+    if device.type != "cuda":
+        return None
+    return _max_shared(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _max_shared(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 @triton.jit
@@ -143,7 +166,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert out.shape == (tokens, num_heads, v_dim) and out.stride(-1) == 1
     if tokens == 0:
         return out
-    tiles = tiles or extend_tiles(head_dim, q.element_size())
+    tiles = tiles or extend_tiles(head_dim, q.element_size(), max_shared_bytes(q.device))
     grid = (triton.cdiv(max_extend_len, tiles.block_m), rows.shape[0], num_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, table, rows, seq_lens, extend_lens, q_starts,
