@@ -53,15 +53,14 @@ def test_moe_models_on_cuda_match_transformers(request, arch):
 # 0.000-0.002 apart (H200, 2026-12-04, after a change of the prefill attention's rounding only);
 # a prompt token routed elsewhere changes the KV every later token reads, beyond any logits' near-
 # tie (prompt 3 at token 22, gap 13 %). Its float32 equality (above) is exact.
-@pytest.mark.parametrize("arch", ["qwen3_moe"])
-def test_moe_models_in_bf16_match_transformers_but_at_near_ties(request, arch):
+def test_qwen3_moe_in_bf16_matches_transformers_but_at_near_ties(tiny_qwen3_moe_dir):
     """bf16 on both sides (CUDA graphs, the expert kernel): equal to transformers except where its
     top two logits nearly tie, each named."""
     from tests.greedy_compare import NEW_TOKENS, assert_matches, hf_greedy, random_prompts
     from tests.models import VOCAB_SIZE
     from tests.scheduler_driver import build_scheduler, greedy, output_ids, run_to_completion
 
-    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model_dir = tiny_qwen3_moe_dir
     prompts = random_prompts(VOCAB_SIZE)
     reference, ref_logits = hf_greedy(model_dir, torch.bfloat16, prompts)
     scheduler = build_scheduler(model_dir, "--dtype", "bfloat16", "--cuda-graph-max-bs", "8", device="cuda")
