@@ -65,13 +65,15 @@ def build(dtype: str, weight: str, block_m: int, block_k: int, scales: str, part
 
 def build_decode(pool: str) -> dict:
     """Decode attention's stage 1 as the Triton backend launches it at batch > 2 over a `pool`
-    ("bf16" or "fp8e4nv") pool: its conversion instructions (F2F / F2FP opcodes) and their counts."""
+    ("bf16" or "fp8e4nv") pool, both at the FP8 pool's keys per block (the conversions of the
+    probabilities scale with it): its conversion instructions (F2F / F2FP opcodes) and their counts."""
     pointers = {"Q": "*bf16", "K": f"*{pool}", "V": f"*{pool}", "NewK": "*bf16", "NewV": "*bf16", "Cos": "*fp32",
                 "Sin": "*fp32", "Positions": "*i64", "Slots": "*i64", "Out": "*bf16", "PartialOut": "*fp32",
                 "PartialLse": "*fp32", "Table": "*i64", "Rows": "*i64", "SeqLens": "*i64"}
     fp8 = pool == "fp8e4nv"
     constexprs = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_G": 16, "BLOCK_D": 128, "V_DIM": 128, "BLOCK_DV": 128,
-                  "BLOCK_N": triton_decode.BLOCK_N, "SPLITS": 1, "PRECISION": "tf32", "NEW_IN_POOL": True,
+                  "BLOCK_N": triton_decode.keys_per_block(2, 128, fp8_pool=True), "SPLITS": 1, "PRECISION": "tf32",
+                  "NEW_IN_POOL": True,
                   "KV_FP8": fp8, "FP8_ASM": fp8, "PDL": True}
     names = triton_decode._decode_stage1.arg_names
     signature = {name: pointers.get(name, "fp32" if "scale" in name else "i32") for name in names}

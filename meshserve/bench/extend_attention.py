@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from meshserve.bench.decode_attention import _graph_time_ms
-from meshserve.layers.attention.triton_extend import ExtendTiles, extend_attention, extend_tiles, max_shared_bytes
+from meshserve.layers.attention.triton_extend import ExtendTiles, extend_attention, extend_tiles
+from meshserve.layers.kernels.device import max_shared_bytes
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,12 @@ with and without programmatic dependent launch:
 
   python -m meshserve.bench.linear_floor --shape llama-3.1-8b --compare-dense
 
+--read-floor replaces every GEMM of the step by a plain read of its weight (bench/weight_stream.py:
+no activations, no arithmetic), in the same CUDA graph of one kernel per weight: the floor of any
+decode step that launches a kernel per linear layer, whatever that kernel computes.
+
+  python -m meshserve.bench.linear_floor --shape llama-3.1-8b --read-floor
+
 For a mixture-of-experts shape (qwen3-30b-a3b, deepseek-v2-lite) the floor is computed, not
 measured: the bytes of the weights a decode step must read — attention, dense layers, shared
 experts, router gates, the LM head, and the routed experts the batch's tokens touch (expected
@@ -42,7 +48,7 @@ from meshserve.bench.random_model import SHAPES, is_sparse_layer, num_experts, t
 # The GEMM each layer runs: bf16 cuBLAS; FP8 as meshserve serves it (fp8_linear); one FP8 GEMM at
 # every batch size; or, for bf16 weights, the skinny kernel with and without programmatic
 # dependent launch (LM head included).
-GEMMS = ("bf16", "fp8", "scaled_mm", "skinny", "dense_skinny", "dense_skinny_nopdl")
+GEMMS = ("bf16", "fp8", "scaled_mm", "skinny", "dense_skinny", "dense_skinny_nopdl", "read")
 DENSE_GEMMS = ("bf16", "dense_skinny", "dense_skinny_nopdl")
 COMPARE_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 
@@ -87,8 +93,8 @@ class LinearStack:
             return lambda y, w: skinny_linear(y, w)
         return lambda y, w: skinny_linear(y, w[0], w[1])
 
-    def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:
-        """Median time of one CUDA-graph replay of a decode step's linear layers."""
+    def _step(self, gemm: str, batch_size: int) -> Callable[[], torch.Tensor]:
+        """One decode step's linear layers with `gemm`, each layer's output feeding the next."""
         matmul, h, i = self._matmul(gemm), self.h, self.i
         head = matmul if gemm in DENSE_GEMMS else self._matmul("bf16")
         x = torch.randn(batch_size, h, device="cuda", dtype=torch.bfloat16)
@@ -99,6 +105,21 @@ class LinearStack:
                 y = y + matmul(matmul(y, qkv)[:, :h].contiguous(), o)
                 y = y + matmul(matmul(y, gate_up)[:, :i].contiguous(), down)
             return head(y, self.lm_head)
+
+        return step
+
+    def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:
+        """Median time of one CUDA-graph replay of a decode step's linear layers."""
+        if gemm == "read":
+            from meshserve.bench.weight_stream import stream
+
+            def step() -> None:
+                for layer in self.layers:
+                    for w in layer:
+                        stream(w)
+                stream(self.lm_head)
+        else:
+            step = self._step(gemm, batch_size)
 
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
@@ -165,6 +186,13 @@ def compare_dense(shape: str, batch_sizes: list[int]) -> None:
         c, p, n = (floors[gemm][bs] for gemm in DENSE_GEMMS)
         print(f"{bs:>6} {c:>9.3f} {p:>11.3f} {n:>9.3f} {c / p:>11.3f} {stack.weight_bytes / c / 1e9:>12.2f} "
               f"{stack.weight_bytes / p / 1e9:>9.2f}")
+    print_read_floor(stack)
+
+
+def print_read_floor(stack: LinearStack) -> None:
+    read = stack.floor_ms("read", 1)
+    print(f"weights streamed by a plain read, one kernel per weight (no arithmetic): {read:.3f} ms/step, "
+          f"{stack.weight_bytes / read / 1e9:.2f} TB/s")
 
 
 def moe_active_bytes(shape: str, batch_size: int, bytes_per_param: int = 2) -> float:
@@ -193,12 +221,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16, _scaled_mm and the skinny FP8 kernel at each batch size (default 1..64)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="bf16: cuBLAS and the skinny kernel with and without PDL at each batch size (default 1..64)")
+    parser.add_argument("--read-floor", action="store_true",
+                        help="bf16: a plain read of each weight in place of its GEMM (the floor below any GEMM)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="HBM bandwidth for the MoE floor (TB/s)")
     ns = parser.parse_args(argv)
     sizes = ns.batch_size or (COMPARE_BATCH_SIZES if ns.compare_fp8 or ns.compare_dense else [1, 64, 256])
     if num_experts(SHAPES[ns.shape]):
-        if ns.compare_fp8 or ns.compare_dense or ns.fp8:
-            parser.error(f"--fp8, --compare-fp8 and --compare-dense measure dense shapes; {ns.shape} is a mixture of experts")
+        if ns.compare_fp8 or ns.compare_dense or ns.fp8 or ns.read_floor:
+            parser.error(f"--fp8, --compare-fp8, --compare-dense and --read-floor measure dense shapes; {ns.shape} is a mixture of experts")
         sparse = sum(is_sparse_layer(SHAPES[ns.shape], n) for n in range(SHAPES[ns.shape]["num_hidden_layers"]))
         print(f"{ns.shape}: {sparse} MoE layers; floor = active weight bytes / {ns.bandwidth_tbs} TB/s (bf16)")
         print(f"{'batch':>6} {'active GB':>10} {'floor ms/step':>14} {'tok/s':>10}")
@@ -212,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if ns.compare_dense:
         compare_dense(ns.shape, sizes)
+        return
+    if ns.read_floor:
+        print_read_floor(LinearStack(ns.shape, fp8=False))
         return
     print(f"{'batch':>6} {'floor ms/step':>14} {'tok/s':>10}")
     for bs in sizes:

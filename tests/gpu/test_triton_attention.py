@@ -67,7 +67,8 @@ def test_extend_kernel_16_bit_tiles_are_as_accurate_as_pytorch(dtype):
     kernel's error must be that of PyTorch's own fused 16-bit attention: prompts of ragged
     lengths in one launch, and a later chunk over a cached prefix."""
     from meshserve.bench.extend_attention import Case, float32_reference, make_inputs, torch_call, triton_call
-    from meshserve.layers.attention.triton_extend import WIDE_TILES, extend_tiles, max_shared_bytes
+    from meshserve.layers.attention.triton_extend import WIDE_TILES, extend_tiles
+    from meshserve.layers.kernels.device import max_shared_bytes
 
     if extend_tiles(128, dtype.itemsize, max_shared_bytes(torch.device("cuda"))) != WIDE_TILES:
         pytest.skip("this GPU has too little shared memory for the 128 x 128 tiles (it takes NARROW_TILES)")

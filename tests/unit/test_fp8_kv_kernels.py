@@ -80,3 +80,24 @@ def test_pd_layouts_with_different_kv_storage_are_refused_by_name():
                                            f"kv_scales: prefill has none, decode has {fp8.kv_scales}"]
     rescaled = layout(FP8, [(1.0, 1.0), (0.5, 1.0)])
     assert fp8.pairing_problems(rescaled) == [f"kv_scales: prefill has {fp8.kv_scales}, decode has {rescaled.kv_scales}"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("splits", [1, 2])
+def test_an_fp8_pool_is_read_in_blocks_of_128_keys(monkeypatch, splits):
+    """16-bit queries over an FP8 pool take 128 keys per block (keys_per_block). The interpreter
+    computes this kernel only in float32, so the block is forced here: lengths at, across and
+    short of its edges equal attention over the dequantized pool."""
+    from meshserve.layers.attention import triton_decode
+    from tests.decode_cases import make_decode_case
+
+    assert triton_decode.keys_per_block(2, 128, fp8_pool=True) == triton_decode.FP8_BLOCK_N == 128
+    assert triton_decode.keys_per_block(2, 128, fp8_pool=False) == triton_decode.BLOCK_N == 64
+    assert triton_decode.keys_per_block(4, 128, fp8_pool=True) == 64  # float32 tiles would double
+    monkeypatch.setattr(triton_decode, "keys_per_block", lambda *args: triton_decode.FP8_BLOCK_N)
+    case = make_decode_case(4, 2, 32, [1, 127, 128, 129, 300], torch.float32, DEVICE)
+    ks, vs = 0.37, 1.9
+    k8, v8 = quantize_kv(case.k_cache, ks, FP8), quantize_kv(case.v_cache, vs, FP8)
+    got = triton_decode.decode_attention(case.rotated_q(), None, k8, v8, case.table, case.rows, case.seq_lens,
+                                         case.scale, splits=splits, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, case.reference((k8.float() * ks, v8.float() * vs)), rtol=1e-4, atol=1e-5)

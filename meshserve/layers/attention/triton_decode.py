@@ -18,7 +18,6 @@ graph.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +25,18 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8, reads_fp8_as_bf16
+from meshserve.layers.kernels.device import sm_count
 from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled
 from meshserve.layers.kernels.rotary import load_rotated
 from meshserve.layers.kernels.rounding import to_fp8_e4m3
 
 MAX_SPLITS = 16
+# Keys per block of stage 1. An FP8 pool's key rows are half as many bytes, and 64 of them per
+# load left its kernel no faster than bf16's; 128 keys per block made it 15-17 % faster at 32-64
+# sequences of 3,000 tokens and 3.5 % at 256 (bench.decode_attention, docs/benchmarks.md), while
+# bf16 pools are fastest at 64 (128: 0.6-5 % slower).
 BLOCK_N = 64
+FP8_BLOCK_N = 128
 FUSED_NEW_TOKEN_MAX_BATCH = 2  # see fuses_new_token
 
 
@@ -150,16 +155,11 @@ def _decode_stage2(
     tl.store(Out + b * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Enough splits for about two programs per multiprocessor (a power of two, at most MAX_SPLITS)."""
     if device.type != "cuda":
         return 1  # Triton's interpreter (tests): they choose splits explicitly
-    target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * sm_count(device)
     wanted = triton.cdiv(target, batch * num_kv_heads)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
@@ -190,6 +190,16 @@ def fuses_new_token(batch: int) -> bool:
     return batch <= FUSED_NEW_TOKEN_MAX_BATCH
 
 
+def keys_per_block(query_bytes: int, block_d: int, fp8_pool: bool) -> int:
+    """Stage 1's keys per block for queries of `query_bytes` per element and heads padded to
+    `block_d`. Shared memory holds the query, a key and a value tile: at MLA's width (1024 padded,
+    values 512) 16-bit tiles of 64 keys take ~224 KiB, under the H200's 227; float32 ones would
+    take 448 KiB (the compile fails), so float32 wide heads read 16 keys per block (~160 KiB)."""
+    if query_bytes > 2 and block_d > WIDE_HEAD:
+        return 16
+    return FP8_BLOCK_N if fp8_pool and query_bytes <= 2 and block_d <= 128 else BLOCK_N
+
+
 def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
@@ -218,10 +228,7 @@ def decode_attention(q: torch.Tensor, new: NewTokens | None, k_cache: torch.Tens
     if batch == 0:
         return out
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
-    # Shared memory holds the query, a key and a value tile: at MLA's width (1024 padded, values
-    # 512) 16-bit tiles of 64 keys take ~224 KiB, under the H200's 227; float32 ones would take
-    # 448 KiB (the compile fails), so float32 wide heads read 16 keys per block (~160 KiB).
-    block_n = 16 if q.element_size() > 2 and block_d > WIDE_HEAD else BLOCK_N
+    block_n = keys_per_block(q.element_size(), block_d, is_fp8(k_cache.dtype))
     if splits > 1:
         partial = torch.empty((batch, num_heads, splits, v_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)

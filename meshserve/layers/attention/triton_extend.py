@@ -13,7 +13,6 @@ last key, so the causal half of the new-token square is never read. Blocks run f
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import triton
 import triton.language as tl
 
 from meshserve.layers.attention.triton_paged import WIDE_HEAD, attend_block, dot_precision, is_fp8, reads_fp8_as_bf16
+from meshserve.layers.kernels.device import max_shared_bytes
 
 LOG2E = 1.4426950408889634
 
@@ -69,19 +69,6 @@ def extend_tiles(head_dim: int, element_size: int, max_shared: int | None = None
     wide = element_size <= 2 and head_dim <= 128
     fits = max_shared is None or shared_bytes(WIDE_TILES, head_dim, element_size) <= max_shared
     return WIDE_TILES if wide and fits else NARROW_TILES
-
-
-def max_shared_bytes(device: torch.device) -> int | None:
-    """The shared memory a program may opt in to on `device` (Triton's own limit when it
-    compiles); None off CUDA (Triton's interpreter has none)."""
-    if device.type != "cuda":
-        return None
-    return _max_shared(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _max_shared(device_index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 @triton.jit

@@ -25,7 +25,6 @@ kernels compile without the instructions.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,17 +32,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-
-@functools.lru_cache(maxsize=None)
-def _device_has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+from meshserve.layers.kernels.device import capability
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels on `t`'s device use PDL: CUDA, compiled (not the interpreter), sm_90+."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return _device_has_pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return capability(t.device) >= (9, 0)
 
 
 @triton.jit

@@ -37,13 +37,13 @@ output and, with split_k > 1, a partial-sum buffer, both sized by the shapes.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from meshserve.layers.kernels.device import sm_count
 from meshserve.layers.kernels.pdl import launch_dependents, pdl_enabled, prefetch_rows_l2, wait_for_primary
 from meshserve.layers.kernels.rounding import e4m3_to_bf16
 
@@ -78,14 +78,9 @@ class SkinnyTiles:
     k_per_split: int
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | None = None,
+def skinny_tiles(m: int, n: int, k: int, sms: int, block_k_divides: int | None = None,
                  weight_bytes: int = 1) -> SkinnyTiles:
-    """The tiles for x [m, k] @ W[n, k].T on `sm_count` SMs, W of `weight_bytes` per element. With
+    """The tiles for x [m, k] @ W[n, k].T on `sms` SMs, W of `weight_bytes` per element. With
     block scales, `block_k_divides` is the block's bk: each K step must lie within one block column."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     # With blocks: the largest power of two dividing bk (tl.arange sizes are powers of two).
@@ -96,7 +91,7 @@ def skinny_tiles(m: int, n: int, k: int, sm_count: int, block_k_divides: int | N
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N)
     steps = triton.cdiv(k, block_k)
     split = 1
-    while tiles * split < PROGRAMS_PER_SM * sm_count and split * 2 <= min(MAX_SPLIT_K, steps):
+    while tiles * split < PROGRAMS_PER_SM * sms and split * 2 <= min(MAX_SPLIT_K, steps):
         split *= 2
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)  # no empty slice
@@ -203,9 +198,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None =
     if m == 0:
         return out.reshape(*lead, n)
     if tiles is None:
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if x.is_cuda else 1
-        tiles = skinny_tiles(m, n, k, sms, block[1] if block is not None else None, w_bytes)
+        tiles = skinny_tiles(m, n, k, sm_count(x.device) if x.is_cuda else 1, block[1] if block is not None else None,
+                             w_bytes)
     # Bulk prefetches take whole 16-byte units at 16-byte-aligned addresses (every slice starts
     # on a K step, a multiple of 16 bytes).
     pdl = pdl and pdl_enabled(x) and (k * w_bytes) % 16 == 0 and (w.stride(0) * w_bytes) % 16 == 0 \
