@@ -111,13 +111,13 @@ class LinearStack:
     def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:
         """Median time of one CUDA-graph replay of a decode step's linear layers."""
         if gemm == "read":
-            from meshserve.bench.weight_stream import stream
+            from meshserve.bench.weight_stream import stream as read_weight
 
             def step() -> None:
                 for layer in self.layers:
                     for w in layer:
-                        stream(w)
-                stream(self.lm_head)
+                        read_weight(w)
+                read_weight(self.lm_head)
         else:
             step = self._step(gemm, batch_size)
 
