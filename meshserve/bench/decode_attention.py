@@ -3,7 +3,9 @@ bf16): time per layer (replayed from a CUDA graph, as the engine runs it) for ea
 and context length, with the new tokens brought in two ways — by the attention kernel itself
 ("fused") and by the separate rotate-and-store kernel before it ("separate") — and, for the
 latter, with a single split; GB/s is over the K/V bytes read. `--kv-cache-dtype fp8_e4m3` times
-an FP8 pool (scales 0.5 and 2.0), whose K/V bytes are half as many.
+an FP8 pool (scales 0.5 and 2.0), whose K/V bytes are half as many. `--page-size P` lays each
+sequence out in pages of P contiguous slots, the pages scattered through the pool (the
+allocator's layout with `--page-size P`); 1 scatters every token.
 
   python -m meshserve.bench.decode_attention --batch-size 1 4 16 32 64 256 --context-len 512 3000
 """
@@ -32,18 +34,27 @@ def _graph_time_ms(call: Callable[[], object], repeat: int = 20) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median") / repeat
 
 
+def scattered_pages(batch: int, context: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """A request-to-token table [batch, context] whose sequences take whole pages of
+    `page_size` slots, pages in random order through the pool, as in a busy pool; page 0 (the
+    padding slots) is never used."""
+    pages_per_seq = triton.cdiv(context, page_size)
+    pages = torch.randperm(batch * pages_per_seq, device=device) + 1
+    slots = pages.view(batch, pages_per_seq, 1) * page_size + torch.arange(page_size, device=device)
+    return slots.view(batch, -1)[:, :context].contiguous()
+
+
 def _time_case(bs: int, ctx: int, ns: argparse.Namespace) -> tuple[float, float, float]:
     """(fused, separate, separate with one split) milliseconds for one batch size and context."""
     device = torch.device("cuda")
-    slots = bs * ctx + 1
+    slots = (bs * triton.cdiv(ctx, ns.page_size) + 1) * ns.page_size
     k = torch.randn(slots, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     k_scale, v_scale = 1.0, 1.0
     if ns.kv_cache_dtype == "fp8_e4m3":
         k_scale, v_scale = 0.5, 2.0
         k, v = quantize_kv(k, k_scale, torch.float8_e4m3fn), quantize_kv(v, v_scale, torch.float8_e4m3fn)
-    # Each sequence's slots are a random permutation: pages are scattered, as in a busy pool.
-    table = (torch.randperm(slots - 1, device=device) + 1)[: bs * ctx].view(bs, ctx)
+    table = scattered_pages(bs, ctx, ns.page_size, device)
     rows = torch.arange(bs, device=device)
     lens = torch.full((bs,), ctx, device=device)
     q = torch.randn(bs, ns.heads, ns.head_dim, device=device, dtype=torch.bfloat16)
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default="auto")
+    parser.add_argument("--page-size", type=int, default=1, help="contiguous slots per page (1: every token scattered)")
     ns = parser.parse_args(argv)
     print(f"{'batch':>6} {'context':>8} {'splits':>7} {'fused us':>9} {'separate us':>12} {'GB/s':>7} "
           f"{'1 split us':>11} {'GB/s':>7}")

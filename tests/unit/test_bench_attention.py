@@ -45,3 +45,19 @@ def test_mixed_bench_ways_agree():
                        device=DEVICE)
     torch.testing.assert_close(calls["split"](), calls["all extend"](), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(calls["decodes"](), calls["all extend"]()[9:], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_bench_lays_sequences_out_in_scattered_pages():
+    """Every slot used once, never page 0; within a page a sequence's slots are contiguous; with
+    page size 1 every token is on its own."""
+    from meshserve.bench.decode_attention import scattered_pages
+
+    torch.manual_seed(0)
+    for page_size in (1, 16):
+        table = scattered_pages(5, 37, page_size, torch.device("cpu"))
+        assert table.shape == (5, 37)
+        assert table.unique().numel() == table.numel() and int(table.min()) >= page_size
+        starts = table[:, ::page_size]
+        assert (starts % page_size == 0).all()
+        offsets = torch.arange(37) % page_size
+        assert torch.equal(table - offsets, starts.repeat_interleave(page_size, dim=1)[:, :37])
