@@ -93,8 +93,19 @@ class LinearStack:
             return lambda y, w: skinny_linear(y, w)
         return lambda y, w: skinny_linear(y, w[0], w[1])
 
-    def _step(self, gemm: str, batch_size: int) -> Callable[[], torch.Tensor]:
-        """One decode step's linear layers with `gemm`, each layer's output feeding the next."""
+    def _step(self, gemm: str, batch_size: int) -> Callable[[], object]:
+        """One decode step's linear layers with `gemm`, each layer's output feeding the next; for
+        "read", each weight streamed by a plain read instead (no activations)."""
+        if gemm == "read":
+            from meshserve.bench.weight_stream import stream as read_weight
+
+            def read_step() -> None:
+                for layer in self.layers:
+                    for w in layer:
+                        read_weight(w)
+                read_weight(self.lm_head)
+
+            return read_step
         matmul, h, i = self._matmul(gemm), self.h, self.i
         head = matmul if gemm in DENSE_GEMMS else self._matmul("bf16")
         x = torch.randn(batch_size, h, device="cuda", dtype=torch.bfloat16)
@@ -110,17 +121,7 @@ class LinearStack:
 
     def floor_ms(self, gemm: str, batch_size: int, iters: int = 50) -> float:
         """Median time of one CUDA-graph replay of a decode step's linear layers."""
-        if gemm == "read":
-            from meshserve.bench.weight_stream import stream as read_weight
-
-            def step() -> None:
-                for layer in self.layers:
-                    for w in layer:
-                        read_weight(w)
-                read_weight(self.lm_head)
-        else:
-            step = self._step(gemm, batch_size)
-
+        step = self._step(gemm, batch_size)
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
             step()
